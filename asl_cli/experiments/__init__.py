@@ -1,0 +1,1 @@
+"""Experiments built on the operator, the zoo and the engine; each writes CSVs and figures."""

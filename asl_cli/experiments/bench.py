@@ -1,0 +1,77 @@
+"""Timing and provenance helpers shared by the benchmarks: torch.utils.benchmark medians and the
+columns that say how a number was obtained."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tbench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 1.0) -> float:
+    """Median wall time of fn() in milliseconds (CUDA work is synchronised by the timer)."""
+    fn()  # warm-up: allocator, lazy init, autotuning
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    proc = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                proc = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{proc} ({os.cpu_count()} cores)"
+
+
+def provenance(device: str, threads: int | None) -> dict:
+    """Columns that say how a measured number can be reproduced."""
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["asl"] + sys.argv[1:]) if Path(sys.argv[0]).name in ("asl", "__main__.py") else " ".join(sys.argv),
+    }
+
+
+def append_csv(rows: list[dict], path: Path) -> Path:
+    """Append rows to a CSV (header written once; new columns extend it)."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    if path.exists() and path.stat().st_size > 0:
+        df = pd.concat([pd.read_csv(path), df], ignore_index=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,309 @@
+"""The active shift operator's Python face.
+
+`torch.ops.asl.active_shift(input, shift, stride, padding)` samples every channel c of an
+(N, C, H, W) input bilinearly at (row, col) = (i*sh - ph + beta_c, j*sw - pw + alpha_c), with zeros
+outside the image; `shift` is (C, 2) = (alpha, beta). This module registers its autograd formula
+(two backward operators), fake kernels for `torch.compile`, and a FLOP formula for
+`torch.utils.flop_counter`; it also holds the pure-PyTorch reference and the backend report.
+
+Non-finite shifts are not an error: the channels they belong to come out as NaN (as do their
+gradients), so one bad value is visible without a device synchronisation on every call.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["active_shift", "reference_active_shift", "backends", "output_size", "grid_sample_shift"]
+
+IntPair = Union[int, Sequence[int]]
+_OPS = ("active_shift", "active_shift_grad_input", "active_shift_grad_shift")
+
+_EXT_ERROR: Exception | None = None
+if os.environ.get("ASL_DISABLE_EXTENSION") == "1":
+    _EXT_ERROR = ImportError("disabled by ASL_DISABLE_EXTENSION=1")
+else:
+    try:
+        from . import _C  # noqa: F401  (loading it registers the compiled kernels)
+    except Exception as e:  # ImportError, or OSError for a library it cannot find
+        _EXT_ERROR = e
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (differentiable through autograd): the specification the kernels meet.
+# ----------------------------------------------------------------------------------------------
+def _pair(v: IntPair, name: str) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (a, b)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return (a, b)
+
+
+def output_size(size: int, stride: int, padding: int) -> int:
+    """Output extent of one spatial axis: (size + 2*padding - 1) // stride + 1 (0 when empty)."""
+    return 0 if size == 0 else (size + 2 * padding - 1) // stride + 1
+
+
+def _shift_limit(H, W, Ho, Wo, stride, padding) -> float:
+    # Beyond this |shift| every tap lies outside the image; clamping keeps indices small.
+    return float(max(H + Ho * stride[0] + padding[0], W + Wo * stride[1] + padding[1]) + 4)
+
+
+def reference_active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: IntPair = 0) -> Tensor:
+    """Direct transcription of the operator's formula in PyTorch ops (slow, differentiable)."""
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    N, C, H, W = input.shape
+    Ho, Wo = output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1])
+    if N * C * Ho * Wo == 0:
+        return input.new_zeros((N, C, Ho, Wo))
+    ctype = torch.promote_types(input.dtype, torch.float32)
+    x = input.to(ctype)
+    s = shift.to(ctype)
+    finite = torch.isfinite(s).all(dim=1)
+    lim = _shift_limit(H, W, Ho, Wo, stride, padding)
+    s = torch.where(finite[:, None], s, torch.zeros_like(s)).clamp(-lim, lim)
+    alpha, beta = s[:, 0], s[:, 1]
+    fl_a, fl_b = torch.floor(alpha).detach(), torch.floor(beta).detach()
+    fc, fr = alpha - fl_a, beta - fl_b  # the shift gradient flows through the fractions
+    dev = input.device
+    r0 = (torch.arange(Ho, device=dev) * stride[0] - padding[0])[None, :] + fl_b.long()[:, None]  # (C, Ho)
+    c0 = (torch.arange(Wo, device=dev) * stride[1] - padding[1])[None, :] + fl_a.long()[:, None]  # (C, Wo)
+    flat = x.reshape(N, C, H * W)
+
+    def tap(r: Tensor, c: Tensor) -> Tensor:
+        valid = ((r >= 0) & (r < H))[:, :, None] & ((c >= 0) & (c < W))[:, None, :]
+        idx = r.clamp(0, H - 1)[:, :, None] * W + c.clamp(0, W - 1)[:, None, :]
+        v = flat.gather(2, idx.reshape(1, C, Ho * Wo).expand(N, C, Ho * Wo)).reshape(N, C, Ho, Wo)
+        return torch.where(valid[None], v, torch.zeros((), dtype=ctype, device=dev))
+
+    fr4, fc4 = fr[None, :, None, None], fc[None, :, None, None]
+    out = (1 - fr4) * ((1 - fc4) * tap(r0, c0) + fc4 * tap(r0, c0 + 1)) + fr4 * (
+        (1 - fc4) * tap(r0 + 1, c0) + fc4 * tap(r0 + 1, c0 + 1)
+    )
+    out = torch.where(finite[None, :, None, None], out, torch.full((), math.nan, dtype=ctype, device=dev))
+    return out.to(input.dtype)
+
+
+def grid_sample_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: IntPair = 0) -> Tensor:
+    """The same layer written with F.grid_sample: the obvious pure-PyTorch way, used as a peer."""
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    N, C, H, W = input.shape
+    Ho, Wo = output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1])
+    s = shift.to(input.dtype)
+    rows = torch.arange(Ho, device=input.device, dtype=input.dtype) * stride[0] - padding[0]
+    cols = torch.arange(Wo, device=input.device, dtype=input.dtype) * stride[1] - padding[1]
+    gy = (rows[None, :] + s[:, 1:2]) * (2.0 / max(H - 1, 1)) - 1  # (C, Ho), align_corners=True
+    gx = (cols[None, :] + s[:, 0:1]) * (2.0 / max(W - 1, 1)) - 1  # (C, Wo)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (C, Ho, Wo, 2)
+    grid = grid[None].expand(N, C, Ho, Wo, 2).reshape(N * C, Ho, Wo, 2)
+    out = F.grid_sample(input.reshape(N * C, 1, H, W), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(N, C, Ho, Wo)
+
+
+def _reference_grads(grad, input, shift, stride, padding, wrt: str) -> Tensor:
+    with torch.enable_grad():
+        x = input.detach().requires_grad_(wrt == "input")
+        s = shift.detach().requires_grad_(wrt == "shift")
+        out = reference_active_shift(x, s, tuple(stride), tuple(padding))
+        (g,) = torch.autograd.grad(out, x if wrt == "input" else s, grad.to(out.dtype))
+    if wrt == "input":
+        fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+        return g.contiguous(memory_format=fmt)
+    return g.to(shift.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: schemas come from the extension; without it they are declared here and served
+# by the reference, so the rest of the package works the same either way.
+# ----------------------------------------------------------------------------------------------
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"asl::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def _channels_last(t: Tensor) -> bool:
+    return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+_LIB = None
+if not hasattr(torch.ops.asl, "active_shift"):
+    _LIB = torch.library.Library("asl", "DEF")
+    _LIB.define("active_shift(Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor")
+    _LIB.define(
+        "active_shift_grad_input(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor"
+    )
+    _LIB.define(
+        "active_shift_grad_shift(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor"
+    )
+
+
+def _ref_forward(input, shift, stride, padding):
+    out = reference_active_shift(input, shift, tuple(stride), tuple(padding))
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    return out.contiguous(memory_format=fmt)
+
+
+def _ref_grad_input(grad, input, shift, stride, padding):
+    return _reference_grads(grad, input, shift, stride, padding, "input")
+
+
+def _ref_grad_shift(grad, input, shift, stride, padding):
+    return _reference_grads(grad, input, shift, stride, padding, "shift")
+
+
+_REFERENCE_KERNELS = dict(zip(_OPS, (_ref_forward, _ref_grad_input, _ref_grad_shift)))
+_FALLBACK_LIB = torch.library.Library("asl", "IMPL")
+_BACKEND: dict[str, str] = {}
+for _key, _compiled in (("CPU", "compiled C++"), ("CUDA", "compiled CUDA")):
+    if all(_has_kernel(op, _key) for op in _OPS):
+        _BACKEND[_key.lower()] = _compiled
+    else:
+        for _op, _fn in _REFERENCE_KERNELS.items():
+            _FALLBACK_LIB.impl(_op, _fn, _key)
+        _BACKEND[_key.lower()] = "pure-PyTorch reference"
+
+if _EXT_ERROR is not None:
+    warnings.warn(
+        f"asl: the compiled extension could not be loaded ({_EXT_ERROR}); using the slow pure-PyTorch "
+        "reference. Reinstall with `pip install --no-build-isolation -e .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+elif torch.cuda.is_available() and _BACKEND["cuda"] != "compiled CUDA":
+    warnings.warn(
+        "asl: a GPU is visible but the extension was built without CUDA kernels; CUDA tensors use the "
+        "slow pure-PyTorch reference. Rebuild with nvcc on PATH (or FORCE_CUDA=1).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def backends() -> dict[str, str]:
+    """Which implementation serves CPU and CUDA tensors, plus the reason a build is missing."""
+    report = dict(_BACKEND)
+    if _EXT_ERROR is not None:
+        report["extension_error"] = str(_EXT_ERROR)
+    return report
+
+
+@torch.library.register_fake("asl::active_shift")
+def _fake_forward(input, shift, stride, padding):
+    N, C, H, W = input.shape
+    Ho, Wo = output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1])
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    return torch.empty((N, C, Ho, Wo), dtype=input.dtype, device=input.device, memory_format=fmt)
+
+
+@torch.library.register_fake("asl::active_shift_grad_input")
+def _fake_grad_input(grad_output, input, shift, stride, padding):
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+
+@torch.library.register_fake("asl::active_shift_grad_shift")
+def _fake_grad_shift(grad_output, input, shift, stride, padding):
+    return shift.new_empty(shift.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, shift, stride, padding = inputs
+    ctx.save_for_backward(input, shift)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _backward(ctx, grad):
+    input, shift = ctx.saved_tensors
+    grad_input = grad_shift = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.asl.active_shift_grad_input(grad, input, shift, ctx.stride, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        grad_shift = torch.ops.asl.active_shift_grad_shift(grad, input, shift, ctx.stride, ctx.padding)
+    return grad_input, grad_shift, None, None
+
+
+torch.library.register_autograd("asl::active_shift", _backward, setup_context=_setup_context)
+
+
+# FLOPs follow FlopCounterMode's convention (2 per multiply-add): 4 multiply-adds per output
+# element forward, as counted in the paper; 4 per input element for the input gradient and 8 per
+# output element for the two shift-gradient sums.
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+
+@register_flop_formula(torch.ops.asl.active_shift)
+def _flops_forward(input_shape, shift_shape, stride, padding, *args, out_shape=None, **kwargs) -> int:
+    return 2 * 4 * _numel(out_shape)
+
+
+@register_flop_formula(torch.ops.asl.active_shift_grad_input)
+def _flops_grad_input(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * 4 * _numel(input_shape)
+
+
+@register_flop_formula(torch.ops.asl.active_shift_grad_shift)
+def _flops_grad_shift(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * 8 * _numel(grad_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The user-facing function.
+# ----------------------------------------------------------------------------------------------
+_DTYPES = {"cpu": (torch.float32, torch.float64)}
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: IntPair = 0) -> Tensor:
+    """Shift every channel of `input` by its own real (alpha, beta) with bilinear interpolation.
+
+    Args:
+        input: (N, C, H, W) tensor, contiguous or channels_last. float32/float64 on CPU; also
+            float16/bfloat16 on CUDA (computed in float32).
+        shift: (C, 2) tensor; shift[:, 0] = alpha moves along W, shift[:, 1] = beta along H. May stay
+            float32 when the input is half precision.
+        stride, padding: int or (h, w). Output size is (H + 2*padding - 1) // stride + 1.
+
+    Returns the (N, C, H_out, W_out) output in the input's dtype and memory format.
+    """
+    if not isinstance(input, Tensor) or not isinstance(shift, Tensor):
+        raise TypeError(f"active_shift: input and shift must be tensors, got {type(input).__name__} and {type(shift).__name__}")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if input.dim() != 4:
+        raise ValueError(f"active_shift: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    C = input.shape[1]
+    if shift.dim() != 2 or shift.shape[0] != C or shift.shape[1] != 2:
+        raise ValueError(
+            f"active_shift: shift must have shape (C, 2) = ({C}, 2) for an input with {C} channels, got {tuple(shift.shape)}"
+        )
+    if input.device != shift.device:
+        raise ValueError(f"active_shift: input is on {input.device} but shift is on {shift.device}; move both to one device")
+    allowed = _CUDA_DTYPES if input.device.type == "cuda" else _DTYPES.get(input.device.type, (torch.float32, torch.float64))
+    if input.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"active_shift: input dtype {str(input.dtype).replace('torch.', '')} is not supported on {input.device.type}; use one of {names}")
+    if not shift.is_floating_point():
+        raise TypeError(f"active_shift: shift must be floating point, got {shift.dtype}")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"active_shift: stride must be >= 1, got {(sh, sw)}")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"active_shift: padding must be >= 0, got {(ph, pw)}")
+    return torch.ops.asl.active_shift(input, shift, [sh, sw], [ph, pw])

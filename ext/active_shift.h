@@ -1,0 +1,73 @@
+// Shared definitions of the active shift operator: shape rules, argument checks and the
+// per-channel sampling parameters used by every device's kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace asl {
+
+// Floor division that is correct for negative numerators.
+C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// Output extent of one spatial axis: (size + 2 * pad - 1) // stride + 1, and 0 for an empty axis.
+inline int64_t out_size(int64_t size, int64_t stride, int64_t pad) {
+  return size == 0 ? 0 : floor_div(size + 2 * pad - 1, stride) + 1;
+}
+
+// One channel's shift split into the integer and fractional parts of the sampling position.
+// Shifts so large that every tap falls outside the image are clamped (the result is zero either
+// way), which keeps the integer part representable. A non-finite shift marks the channel so
+// that kernels can write NaN for it.
+template <typename opmath_t>
+struct ChannelShift {
+  int64_t dr, dc;     // floor(beta), floor(alpha)
+  opmath_t fr, fc;    // beta - floor(beta), alpha - floor(alpha)
+  bool finite;
+
+  C10_HOST_DEVICE static ChannelShift make(opmath_t alpha, opmath_t beta, opmath_t limit) {
+    ChannelShift s;
+    s.finite = isfinite_(alpha) && isfinite_(beta);
+    if (!s.finite) {
+      alpha = 0;
+      beta = 0;
+    }
+    alpha = alpha < -limit ? -limit : (alpha > limit ? limit : alpha);
+    beta = beta < -limit ? -limit : (beta > limit ? limit : beta);
+    opmath_t fa = ::floor(alpha), fb = ::floor(beta);
+    s.dc = static_cast<int64_t>(fa);
+    s.dr = static_cast<int64_t>(fb);
+    s.fc = alpha - fa;
+    s.fr = beta - fb;
+    return s;
+  }
+
+ private:
+  C10_HOST_DEVICE static bool isfinite_(opmath_t v) {
+    return v == v && v - v == v - v;  // false for NaN and +-inf; works in host and device code
+  }
+};
+
+// Any |shift| beyond this puts all four taps outside the image for every output position.
+inline double shift_limit(int64_t H, int64_t W, int64_t Ho, int64_t Wo, at::IntArrayRef stride,
+                          at::IntArrayRef padding) {
+  int64_t a = H + Ho * stride[0] + padding[0];
+  int64_t b = W + Wo * stride[1] + padding[1];
+  return static_cast<double>((a > b ? a : b) + 4);
+}
+
+// Validates the operator's arguments; shared by the forward and backward entry points.
+void check_args(const at::Tensor& input, const at::Tensor& shift, at::IntArrayRef stride,
+                at::IntArrayRef padding, const char* op);
+
+// Output memory format follows the input: channels_last stays channels_last.
+bool use_channels_last(const at::Tensor& input);
+
+}  // namespace asl

@@ -1,0 +1,371 @@
+// CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
+// shift is constant, so every output row blends two input rows with fixed weights and the
+// interior of a row is a branch-free loop the compiler vectorizes. Channels_last tensors are
+// walked in place with their strides (no copy), which is correct but slower than NCHW.
+#include "../active_shift.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace asl {
+namespace {
+
+inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+
+// Strided 2-D view of one (n, c) plane.
+template <typename T>
+struct Plane {
+  T* p;
+  int64_t H, W, sH, sW;
+  T* row(int64_t r) const { return (r >= 0 && r < H) ? p + r * sH : nullptr; }
+};
+
+template <typename T, typename acc_t>
+inline acc_t tap(const T* row, int64_t c, int64_t W, int64_t sW) {
+  return (row != nullptr && c >= 0 && c < W) ? static_cast<acc_t>(row[c * sW]) : acc_t(0);
+}
+
+// Contiguous interior loops: the hot path of NCHW tensors with unit column stride. They are
+// compiled twice, for AVX2+FMA and for the baseline, and picked at load time by the CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ASL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ASL_MULTIVERSION
+#endif
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void blend2_unit(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+                 acc_t w00, acc_t w01, acc_t w10, acc_t w11) {
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = static_cast<T>(w00 * static_cast<acc_t>(a[i]) + w01 * static_cast<acc_t>(a[i + 1]) +
+                          w10 * static_cast<acc_t>(b[i]) + w11 * static_cast<acc_t>(b[i + 1]));
+  }
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void blend1_unit(T* __restrict__ o, const T* __restrict__ a, int64_t n, acc_t w0, acc_t w1) {
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = static_cast<T>(w0 * static_cast<acc_t>(a[i]) + w1 * static_cast<acc_t>(a[i + 1]));
+  }
+}
+
+// out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
+// with zeros outside src. The forward pass is this with the layer's stride; the input gradient
+// at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
+template <typename T, typename acc_t>
+void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, int64_t off_r,
+                  int64_t off_c, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1) {
+  // Columns whose two taps are both inside src.
+  const int64_t q_lo = clamp64(-floor_div(off_c, s_c), 0, out.W);
+  const int64_t q_hi = clamp64(floor_div(src.W - 2 - off_c, s_c) + 1, q_lo, out.W);
+  const bool unit = s_c == 1 && src.sW == 1 && out.sW == 1;
+  // Rows whose two taps are both inside src.
+  const int64_t p_lo = clamp64(-floor_div(off_r, s_r), 0, out.H);
+  const int64_t p_hi = clamp64(floor_div(src.H - 2 - off_r, s_r) + 1, p_lo, out.H);
+  // Dense planes of equal width (NCHW, stride 1, no column padding): the interior rows form one
+  // long run in memory, so they are blended in a single loop (the row-wrapping columns it also
+  // writes are overwritten with their true values below).
+  const bool flat = unit && s_r == 1 && src.sH == src.W && out.sH == out.W && src.W == out.W &&
+                    p_hi > p_lo && q_hi > q_lo;
+  if (flat) {
+    const int64_t k0 = p_lo * out.W + q_lo, k1 = (p_hi - 1) * out.W + q_hi;
+    const T* a = src.p + k0 + off_r * src.W + off_c;
+    blend2_unit<T, acc_t>(out.p + k0, a, a + src.W, k1 - k0, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+  }
+  for (int64_t p = 0; p < out.H; ++p) {
+    const int64_t r = p * s_r + off_r;
+    const T* a = src.row(r);
+    const T* b = src.row(r + 1);
+    T* o = out.p + p * out.sH;
+    auto edge = [&](int64_t q) {
+      const int64_t c = q * s_c + off_c;
+      acc_t v = acc_t(0);
+      if (a) v += wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, src.sW) + wc1 * tap<T, acc_t>(a, c + 1, src.W, src.sW));
+      if (b) v += wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, src.sW) + wc1 * tap<T, acc_t>(b, c + 1, src.W, src.sW));
+      o[q * out.sW] = static_cast<T>(v);
+    };
+    for (int64_t q = 0; q < q_lo; ++q) edge(q);
+    for (int64_t q = q_hi; q < out.W; ++q) edge(q);
+    const int64_t n = q_hi - q_lo;
+    if (n <= 0 || (flat && p >= p_lo && p < p_hi)) continue;
+    const int64_t c0 = q_lo * s_c + off_c;
+    if (unit && a && b) {
+      blend2_unit<T, acc_t>(o + q_lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+    } else if (unit && (a || b)) {
+      const acc_t w = a ? wr0 : wr1;
+      blend1_unit<T, acc_t>(o + q_lo, (a ? a : b) + c0, n, w * wc0, w * wc1);
+    } else if (!a && !b) {
+      for (int64_t q = q_lo; q < q_hi; ++q) o[q * out.sW] = T(0);
+    } else {
+      for (int64_t q = q_lo; q < q_hi; ++q) edge(q);
+    }
+  }
+}
+
+// Input gradient for any stride, as a gather (each input pixel collects the output pixels whose
+// taps touch it), so no two threads ever write the same element.
+template <typename T, typename acc_t>
+void grad_input_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s,
+                      at::IntArrayRef stride, at::IntArrayRef padding) {
+  struct Taps {
+    int64_t idx[2];
+    acc_t w[2];
+  };
+  auto taps = [](int64_t x, int64_t st, int64_t pad, int64_t d, acc_t f, int64_t n) {
+    Taps t;
+    for (int k = 0; k < 2; ++k) {
+      const int64_t num = x + pad - d - k;
+      const bool ok = num >= 0 && num % st == 0 && num / st < n;
+      t.idx[k] = ok ? num / st : -1;
+      t.w[k] = ok ? (k == 0 ? acc_t(1) - f : f) : acc_t(0);
+    }
+    return t;
+  };
+  std::vector<Taps> cols(gx.W);
+  for (int64_t c = 0; c < gx.W; ++c) cols[c] = taps(c, stride[1], padding[1], s.dc, s.fc, g.W);
+  for (int64_t r = 0; r < gx.H; ++r) {
+    const Taps rt = taps(r, stride[0], padding[0], s.dr, s.fr, g.H);
+    T* o = gx.p + r * gx.sH;
+    for (int64_t c = 0; c < gx.W; ++c) {
+      const Taps& ct = cols[c];
+      acc_t v = acc_t(0);
+      for (int k = 0; k < 2; ++k) {
+        if (rt.idx[k] < 0) continue;
+        const T* grow = g.p + rt.idx[k] * g.sH;
+        acc_t h = acc_t(0);
+        for (int l = 0; l < 2; ++l) {
+          if (ct.idx[l] >= 0) h += ct.w[l] * static_cast<acc_t>(grow[ct.idx[l] * g.sW]);
+        }
+        v += rt.w[k] * h;
+      }
+      o[c * gx.sW] = static_cast<T>(v);
+    }
+  }
+}
+
+// Row sums of grad_output * d(out)/d(alpha) and d(out)/d(beta) where all four taps are inside.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void shift_grad_unit(const T* __restrict__ g, const T* __restrict__ a,
+                                      const T* __restrict__ b, int64_t n, acc_t fr, acc_t fc,
+                                      acc_t* ra, acc_t* rb) {
+  acc_t sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
+    const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    sa += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
+    sb += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
+  }
+  *ra += sa;
+  *rb += sb;
+}
+
+// Sum over one plane of grad_output times d(output)/d(alpha) and d(output)/d(beta).
+template <typename T, typename acc_t>
+void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc_t>& s,
+                      at::IntArrayRef stride, at::IntArrayRef padding, double* out2) {
+  const acc_t fr = s.fr, fc = s.fc;
+  const int64_t sw = stride[1], off_c = s.dc - padding[1];
+  const int64_t q_lo = clamp64(-floor_div(off_c, sw), 0, g.W);
+  const int64_t q_hi = clamp64(floor_div(x.W - 2 - off_c, sw) + 1, q_lo, g.W);
+  const bool unit = sw == 1 && x.sW == 1 && g.sW == 1;
+  double da = 0, db = 0;
+  for (int64_t p = 0; p < g.H; ++p) {
+    const int64_t r = p * stride[0] - padding[0] + s.dr;
+    const T* a = x.row(r);
+    const T* b = x.row(r + 1);
+    if (!a && !b) continue;
+    const T* grow = g.p + p * g.sH;
+    acc_t ra = 0, rb = 0;  // row sums in opmath, plane sums in double
+    auto generic = [&](int64_t q) {
+      const int64_t c = q * sw + off_c;
+      const acc_t v00 = tap<T, acc_t>(a, c, x.W, x.sW), v01 = tap<T, acc_t>(a, c + 1, x.W, x.sW);
+      const acc_t v10 = tap<T, acc_t>(b, c, x.W, x.sW), v11 = tap<T, acc_t>(b, c + 1, x.W, x.sW);
+      const acc_t gv = static_cast<acc_t>(grow[q * g.sW]);
+      ra += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
+      rb += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
+    };
+    for (int64_t q = 0; q < q_lo; ++q) generic(q);
+    if (unit && a && b && q_hi > q_lo) {
+      const int64_t c0 = q_lo + off_c;
+      shift_grad_unit<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, fr, fc, &ra, &rb);
+    } else {
+      for (int64_t q = q_lo; q < q_hi; ++q) generic(q);
+    }
+    for (int64_t q = q_hi; q < g.W; ++q) generic(q);
+    da += ra;
+    db += rb;
+  }
+  out2[0] = da;
+  out2[1] = db;
+}
+
+void check_cpu_dtype(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": on CPU the input must be float32 or float64, got ", input.scalar_type(),
+              " (float16 and bfloat16 are supported on CUDA)");
+}
+
+at::MemoryFormat format_of(const at::Tensor& input) {
+  return use_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+template <typename T>
+Plane<T> plane(T* base, const at::Tensor& t, int64_t n, int64_t c) {
+  return Plane<T>{base + n * t.stride(0) + c * t.stride(1), t.size(2), t.size(3), t.stride(2),
+                  t.stride(3)};
+}
+
+template <typename acc_t>
+std::vector<ChannelShift<acc_t>> channel_shifts(const at::Tensor& shift, double limit) {
+  const at::Tensor s = shift.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = s.data_ptr<acc_t>();
+  std::vector<ChannelShift<acc_t>> out(s.size(0));
+  for (int64_t c = 0; c < s.size(0); ++c) {
+    out[c] = ChannelShift<acc_t>::make(p[2 * c], p[2 * c + 1], static_cast<acc_t>(limit));
+  }
+  return out;
+}
+
+template <typename T>
+void fill_nan(Plane<T> pl) {
+  for (int64_t r = 0; r < pl.H; ++r)
+    for (int64_t c = 0; c < pl.W; ++c) pl.p[r * pl.sH + c * pl.sW] = std::numeric_limits<T>::quiet_NaN();
+}
+
+int64_t grain(int64_t plane_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_elems)); }
+
+at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
+                            at::IntArrayRef padding) {
+  check_args(input_, shift, stride, padding, "active_shift");
+  check_cpu_dtype(input_, "active_shift");
+  const auto fmt = format_of(input_);
+  const at::Tensor input = input_.contiguous(fmt);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
+  at::Tensor out = at::empty({N, C, Ho, Wo}, input.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, grain(Ho * Wo), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / C, c = i % C;
+        const auto& s = shifts[c];
+        auto dst = plane(yp, out, n, c);
+        if (!s.finite) {
+          fill_nan(dst);
+          continue;
+        }
+        sample_plane<scalar_t, acc_t>(plane(xp, input, n, c), dst, stride[0], stride[1],
+                                      s.dr - padding[0], s.dc - padding[1], acc_t(1) - s.fr, s.fr,
+                                      acc_t(1) - s.fc, s.fc);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad_, const at::Tensor& input_,
+                                       const at::Tensor& shift, at::IntArrayRef stride,
+                                       at::IntArrayRef padding) {
+  check_args(input_, shift, stride, padding, "active_shift_grad_input");
+  check_cpu_dtype(input_, "active_shift_grad_input");
+  const auto fmt = format_of(input_);
+  const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
+  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
+  TORCH_CHECK(grad_.sizes() == at::IntArrayRef({N, C, Ho, Wo}),
+              "active_shift_grad_input: grad_output must have shape ", at::IntArrayRef({N, C, Ho, Wo}),
+              ", got ", grad_.sizes());
+  const at::Tensor grad = grad_.to(input_.scalar_type()).contiguous(fmt);
+  at::Tensor gx = at::empty(input_.sizes(), input_.options().memory_format(fmt));
+  if (gx.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "active_shift_grad_input_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = gx.data_ptr<scalar_t>();
+    const bool s1 = stride[0] == 1 && stride[1] == 1;
+    at::parallel_for(0, N * C, grain(H * W), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / C, c = i % C;
+        const auto& s = shifts[c];
+        auto dst = plane(op, gx, n, c);
+        if (!s.finite) {
+          fill_nan(dst);
+        } else if (s1) {
+          // Transposed sampling at stride 1 is sampling at the mirrored shift.
+          sample_plane<scalar_t, acc_t>(plane(gp, grad, n, c), dst, 1, 1, padding[0] - s.dr - 1,
+                                        padding[1] - s.dc - 1, s.fr, acc_t(1) - s.fr, s.fc,
+                                        acc_t(1) - s.fc);
+        } else {
+          grad_input_plane<scalar_t, acc_t>(plane(gp, grad, n, c), dst, s, stride, padding);
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor& input_,
+                                       const at::Tensor& shift, at::IntArrayRef stride,
+                                       at::IntArrayRef padding) {
+  check_args(input_, shift, stride, padding, "active_shift_grad_shift");
+  check_cpu_dtype(input_, "active_shift_grad_shift");
+  const auto fmt = format_of(input_);
+  const at::Tensor input = input_.contiguous(fmt);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
+  TORCH_CHECK(grad_.sizes() == at::IntArrayRef({N, C, Ho, Wo}),
+              "active_shift_grad_shift: grad_output must have shape ", at::IntArrayRef({N, C, Ho, Wo}),
+              ", got ", grad_.sizes());
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(fmt);
+  // Per-plane partial sums, then a fixed-order sum over the batch: deterministic for any
+  // number of threads.
+  std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0);
+  if (grad.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_grad_shift_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      const scalar_t* xp = input.const_data_ptr<scalar_t>();
+      at::parallel_for(0, N * C, grain(Ho * Wo), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t n = i / C, c = i % C;
+          const auto& s = shifts[c];
+          if (!s.finite) {
+            partial[2 * i] = partial[2 * i + 1] = std::numeric_limits<double>::quiet_NaN();
+            continue;
+          }
+          grad_shift_plane<scalar_t, acc_t>(plane(gp, grad, n, c), plane(xp, input, n, c), s, stride,
+                                            padding, &partial[2 * i]);
+        }
+      });
+    });
+  }
+  at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
+  double* tp = total.data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < 2 * C; ++k) tp[k] += partial[n * 2 * C + k];
+  return total.to(shift.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(asl, CPU, m) {
+  m.impl("active_shift", &active_shift_cpu);
+  m.impl("active_shift_grad_input", &active_shift_grad_input_cpu);
+  m.impl("active_shift_grad_shift", &active_shift_grad_shift_cpu);
+}
+
+}  // namespace asl

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Creates .venv with torch and the project's dependencies, and (re)builds the compiled extension
+# when its sources changed. Safe to run repeatedly; used by quickstart.sh, test.sh and CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${ASL_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+DEPS_STAMP="$VENV/.asl-deps"
+DEPS="torch==2.14.1 torchvision==0.29.1 typer rich pandas pyyaml matplotlib pytest scikit-image ninja setuptools wheel"
+if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS" ]; then
+  echo "[setup] installing dependencies (torch 2.14.1, torchvision 0.29.1, ...)"
+  python -m pip install -q --upgrade pip
+  # shellcheck disable=SC2086
+  python -m pip install -q $DEPS
+  echo "$DEPS" > "$DEPS_STAMP"
+fi
+
+# Rebuild the extension when the C++/CUDA sources, the build script or torch changed.
+BUILD_STAMP="$VENV/.asl-build"
+HAVE_NVCC=$(command -v nvcc >/dev/null 2>&1 && echo yes || echo no)
+KEY=$( (cat setup.py pyproject.toml; find ext -type f | sort | xargs cat; python -c "import torch; print(torch.__version__)"; echo "nvcc=$HAVE_NVCC ${FORCE_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$KEY" ] || ! ls asl_cli/_C*.so >/dev/null 2>&1; then
+  echo "[setup] building the extension (CUDA kernels too: $HAVE_NVCC)"
+  python -m pip install -v --no-build-isolation --no-deps -e . > "$VENV/build.log" 2>&1 || {
+    tail -n 60 "$VENV/build.log"; echo "[setup] build failed; full log in $VENV/build.log"; exit 1; }
+  grep "asl build:" "$VENV/build.log" | sed 's/^ */[setup] /' || true
+  echo "$KEY" > "$BUILD_STAMP"
+fi
+python -c "import asl_cli; print('[setup] backends:', asl_cli.backends())"

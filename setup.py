@@ -1,0 +1,86 @@
+"""Builds the `asl_cli._C` extension against the installed torch.
+
+The C++ CPU kernels are always compiled. The CUDA kernels are compiled when nvcc is found or
+FORCE_CUDA=1; with no visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX".
+Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The toolkit folder holding lib64/libcudart.so (torch sometimes guesses nvcc's parent)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "cuda"))
+    candidates += ["/usr/local/cuda", cpp_extension.CUDA_HOME]
+    for c in candidates:
+        if c and glob.glob(os.path.join(c, "lib64", "libcudart.so*")) and os.path.exists(
+            os.path.join(c, "bin", "nvcc")
+        ):
+            return c
+    return None
+
+
+def want_cuda():
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True
+    if os.environ.get("ASL_NO_CUDA") == "1":
+        return False
+    return shutil.which("nvcc") is not None or find_cuda_home() is not None
+
+
+def nvidia_pip_includes():
+    """Headers shipped by torch's nvidia-* wheels (cublas, cusparse...) that a bare toolkit lacks."""
+    out = []
+    for p in sys.path:
+        out += glob.glob(os.path.join(p, "nvidia", "cu*", "include"))
+        out += glob.glob(os.path.join(p, "nvidia", "*", "include"))
+    return sorted(set(d for d in out if os.path.isdir(d)))
+
+
+def extensions():
+    cxx = ["-O3", "-fopenmp-simd"]
+    sources = [os.path.join("ext", "active_shift.cpp"), os.path.join("ext", "cpu", "active_shift_cpu.cpp")]
+    backends = ["cpu"]
+    if want_cuda():
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            sys.exit("asl build: CUDA requested but no toolkit with lib64/libcudart.so and bin/nvcc found; set CUDA_HOME")
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+        import torch
+
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        sources.append(os.path.join("ext", "cuda", "active_shift_cuda.cu"))
+        backends.append("cuda")
+        ext = cpp_extension.CUDAExtension(
+            "asl_cli._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "ext")] + nvidia_pip_includes(),
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
+        print(f"asl build: CUDA_HOME={cuda_home} TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected)')}")
+    else:
+        ext = cpp_extension.CppExtension(
+            "asl_cli._C", sources, include_dirs=[os.path.join(ROOT, "ext")], extra_compile_args={"cxx": cxx}
+        )
+    print(f"asl build: compiling backends: {', '.join(backends)}")
+    return [ext]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,324 @@
+"""The operator against its reference: values, gradients, registration, compile, errors."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import asl_cli
+from asl_cli.ops import active_shift, grid_sample_shift, output_size, reference_active_shift
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+# (N, C, H, W, stride, padding, shift scale): odd and unequal sizes, C = 1, shifts larger than
+# the image, strides 1 and 2, padding.
+CASES = [
+    (2, 3, 7, 9, 1, 0, 1.5),
+    (1, 1, 5, 4, 1, 0, 0.7),
+    (3, 5, 8, 5, 2, 1, 2.5),
+    (2, 4, 6, 6, 1, 2, 1.0),
+    (2, 3, 9, 7, 2, 0, 1.2),
+    (1, 2, 4, 6, 1, 0, 12.0),
+    (2, 6, 1, 1, 1, 0, 0.8),
+    (1, 3, 11, 3, (2, 1), (0, 1), 1.7),
+]
+
+
+def rand_shift(C, scale, dtype=torch.float64, device="cpu"):
+    return ((torch.rand(C, 2, dtype=dtype) * 2 - 1) * scale).to(device)
+
+
+def ref_grads(x, s, stride, padding, g):
+    xx = x.detach().clone().requires_grad_(True)
+    ss = s.detach().clone().requires_grad_(True)
+    reference_active_shift(xx, ss, stride, padding).backward(g)
+    return xx.grad, ss.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, channels_last, dtype, device):
+    N, C, H, W, stride, padding, scale = case
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(N, C, H, W, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    s = rand_shift(C, scale, dtype, device)
+    y = active_shift(x, s, stride, padding)
+    r = reference_active_shift(x, s, stride, padding)
+    sp = (stride, stride) if isinstance(stride, int) else stride
+    pp = (padding, padding) if isinstance(padding, int) else padding
+    assert y.shape == (N, C, output_size(H, sp[0], pp[0]), output_size(W, sp[1], pp[1]))
+    assert y.dtype == dtype
+    if channels_last and C > 1 and H * W > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, r, **tol)
+
+    g = torch.randn_like(y)
+    x2 = x.detach().requires_grad_(True)
+    s2 = s.detach().requires_grad_(True)
+    active_shift(x2, s2, stride, padding).backward(g)
+    gx, gs = ref_grads(x, s, stride, padding, g)
+    torch.testing.assert_close(x2.grad, gx, **tol)
+    gtol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(s2.grad, gs, **gtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_integer_and_negative_shifts(device):
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=device)
+    s = torch.tensor([[0.0, 0.0], [-2.0, 1.0], [3.0, -1.0], [-1.0, -3.0]], dtype=torch.float64, device=device)
+    torch.testing.assert_close(active_shift(x, s), reference_active_shift(x, s))
+
+
+def zero_filled_roll(x, dx, dy):
+    """y[i, j] = x[i + dy, j + dx], zero where that is outside."""
+    H, W = x.shape[-2:]
+    y = torch.zeros_like(x)
+    for i in range(H):
+        for j in range(W):
+            if 0 <= i + dy < H and 0 <= j + dx < W:
+                y[..., i, j] = x[..., i + dy, j + dx]
+    return y
+
+
+def test_integer_shift_is_zero_filled_roll():
+    x = torch.randn(2, 3, 5, 6)
+    shifts = [(1, 0), (-2, 1), (0, -3)]
+    s = torch.tensor(shifts, dtype=torch.float32)
+    y = active_shift(x, s)
+    for c, (dx, dy) in enumerate(shifts):
+        torch.testing.assert_close(y[:, c], zero_filled_roll(x[:, c], dx, dy), atol=0, rtol=0)
+
+
+def test_stride_two_samples_at_2i_plus_shift():
+    # The authors' stride-2 layers sample at (2i + beta, 2j + alpha) with no padding.
+    x = torch.arange(64, dtype=torch.float64).reshape(1, 1, 8, 8)
+    s = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    y = active_shift(x, s, stride=2)
+    assert y.shape == (1, 1, 4, 4)
+    expected = torch.tensor([[x[0, 0, 2 * i + 1, 2 * j + 1].item() if 2 * i + 1 < 8 and 2 * j + 1 < 8 else 0 for j in range(4)] for i in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(y[0, 0], expected)
+
+
+def test_half_pixel_is_average_of_neighbours():
+    x = torch.randn(1, 1, 4, 5, dtype=torch.float64)
+    s = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
+    y = active_shift(x, s)
+    torch.testing.assert_close(y[0, 0, :, :-1], 0.5 * (x[0, 0, :, :-1] + x[0, 0, :, 1:]))
+    torch.testing.assert_close(y[0, 0, :, -1], 0.5 * x[0, 0, :, -1])
+
+
+def test_grid_sample_peer_agrees():
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    s = rand_shift(3, 2.0)
+    torch.testing.assert_close(grid_sample_shift(x, s), reference_active_shift(x, s))
+
+
+def away_from_integers(C, device="cpu"):
+    base = torch.randint(-2, 2, (C, 2), dtype=torch.float64)
+    return (base + 0.2 + 0.6 * torch.rand(C, 2, dtype=torch.float64)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((1, 2), (1, 0))])
+def test_gradcheck(stride, padding, device):
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    s = away_from_integers(3, device).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: active_shift(a, b, stride, padding), (x, s))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_channels_last(device):
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    s = away_from_integers(3, device).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: active_shift(a, b), (x, s))
+
+
+def test_integer_position_gradient_is_right_difference():
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    s = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    active_shift(x, s).sum().backward()
+    xp = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    d_alpha = (xp[..., :-1, 1:] - xp[..., :-1, :-1]).sum()
+    d_beta = (xp[..., 1:, :-1] - xp[..., :-1, :-1]).sum()
+    torch.testing.assert_close(s.grad[0], torch.stack([d_alpha, d_beta]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
+    s = away_from_integers(3, device).float().requires_grad_(True)
+    for args in [(x, s, [1, 1], [0, 0]), (x, s, [2, 2], [1, 1])]:
+        torch.library.opcheck(torch.ops.asl.active_shift.default, args)
+        y = torch.ops.asl.active_shift(*args)
+        g = torch.randn_like(y)
+        for op in (torch.ops.asl.active_shift_grad_input.default, torch.ops.asl.active_shift_grad_shift.default):
+            torch.library.opcheck(op, (g, x.detach(), s.detach(), args[2], args[3]))
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(torch.ops.asl.active_shift.default, (xc, s, [1, 1], [0, 0]))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from asl_cli.nn import ActiveShift2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ActiveShift2d(8, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 9, 10)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    g_compiled = model[1].shift.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(g_compiled, model[1].shift.grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    from asl_cli.nn import ActiveShift2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ActiveShift2d(8), torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def test_shift_gradient_is_deterministic_across_threads():
+    x = torch.randn(4, 16, 20, 20)
+    s = torch.rand(16, 2) * 4 - 2
+    g = torch.randn(4, 16, 20, 20)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 1):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.asl.active_shift_grad_shift(g, x, s, [1, 1], [0, 0]))
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(outs[0], o) for o in outs)
+
+
+def test_flop_counter_counts_four_macs_per_output():
+    x = torch.randn(2, 8, 10, 12)
+    s = torch.zeros(8, 2)
+    with FlopCounterMode(display=False) as fc:
+        active_shift(x, s, stride=2)
+    assert fc.get_total_flops() == 2 * 4 * 2 * 8 * 5 * 6
+
+
+def test_empty_batch():
+    y = active_shift(torch.randn(0, 3, 5, 5), torch.zeros(3, 2))
+    assert y.shape == (0, 3, 5, 5)
+
+
+def test_non_finite_shift_gives_nan_channel():
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    s = torch.tensor([[0.3, 0.1], [math.nan, 0.0], [0.0, math.inf]], requires_grad=True)
+    y = active_shift(x, s)
+    assert torch.isfinite(y[:, 0]).all()
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(y[:, 2]).all()
+    y.sum().backward()
+    assert torch.isfinite(s.grad[0]).all() and torch.isnan(s.grad[1:]).all()
+
+
+def test_huge_shift_gives_zeros():
+    x = torch.randn(1, 2, 5, 5)
+    s = torch.tensor([[1e30, 0.0], [0.0, -1e30]])
+    assert torch.equal(active_shift(x, s), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "args,exc,words",
+    [
+        ((torch.randn(3, 5, 5), torch.zeros(3, 2)), ValueError, "4-D"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(4, 2)), ValueError, "(C, 2)"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3)), ValueError, "(C, 2)"),
+        ((torch.randn(1, 3, 5, 5).half(), torch.zeros(3, 2)), TypeError, "float16"),
+        ((torch.randint(0, 5, (1, 3, 5, 5)), torch.zeros(3, 2)), TypeError, "int64"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3, 2, dtype=torch.long)), TypeError, "shift"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3, 2), 0), ValueError, "stride"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3, 2), 1, -1), ValueError, "padding"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3, 2), (1, 2, 3)), TypeError, "stride"),
+        ((torch.randn(1, 3, 5, 5), torch.zeros(3, 2, device="meta")), ValueError, "device"),
+    ],
+)
+def test_bad_input_errors(args, exc, words):
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        active_shift(*args)
+
+
+def test_raw_op_checks_arguments():
+    with pytest.raises(RuntimeError, match="4-D"):
+        torch.ops.asl.active_shift(torch.randn(3, 5, 5), torch.zeros(3, 2), [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="stride"):
+        torch.ops.asl.active_shift(torch.randn(1, 3, 5, 5), torch.zeros(3, 2), [0, 1], [0, 0])
+
+
+def test_backend_report():
+    b = asl_cli.backends()
+    assert b["cpu"] in ("compiled C++", "pure-PyTorch reference")
+    assert "cuda" in b
+
+
+def test_reference_fallback_without_extension():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import asl_cli\n"
+        "assert any('pure-PyTorch reference' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert asl_cli.backends()['cpu'] == 'pure-PyTorch reference'\n"
+        "x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)\n"
+        "s = (torch.rand(3, 2, dtype=torch.float64) * 0.6 + 0.2).requires_grad_(True)\n"
+        "assert torch.autograd.gradcheck(lambda a, b: asl_cli.active_shift(a, b, 2, 1), (x, s))\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, ASL_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_half_precision(dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 8, 13, 10, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    s = rand_shift(8, 2.0, torch.float32, "cuda")
+    y = active_shift(x, s)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), reference_active_shift(x.float(), s), atol=2e-2, rtol=2e-2)
+    xr = x.detach().requires_grad_(True)
+    sr = s.detach().requires_grad_(True)
+    active_shift(xr, sr).float().sum().backward()
+    assert sr.grad.dtype == torch.float32 and xr.grad.dtype == dtype
+    _, gs = ref_grads(x.float(), s, 1, 0, torch.ones(4, 8, 13, 10, device="cuda"))
+    torch.testing.assert_close(sr.grad, gs, atol=0.5, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_kernel_and_is_deterministic():
+    x = torch.randn(8, 16, 17, 19)
+    s = rand_shift(16, 3.0, torch.float32)
+    g = torch.randn(8, 16, 9, 10)
+    cpu = [torch.ops.asl.active_shift(x, s, [2, 2], [1, 1]), torch.ops.asl.active_shift_grad_shift(g, x, s, [2, 2], [1, 1])]
+    xc, sc, gc = x.cuda(), s.cuda(), g.cuda()
+    gpu = [torch.ops.asl.active_shift(xc, sc, [2, 2], [1, 1]), torch.ops.asl.active_shift_grad_shift(gc, xc, sc, [2, 2], [1, 1])]
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], atol=1e-3, rtol=1e-4)
+    again = torch.ops.asl.active_shift_grad_shift(gc, xc, sc, [2, 2], [1, 1])
+    assert torch.equal(again, gpu[1])
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    from asl_cli.nn import ActiveShift2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ActiveShift2d(8), torch.nn.ReLU()).cuda()
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))

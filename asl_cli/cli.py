@@ -125,6 +125,37 @@ def profile(
     console.print(f"appended {len(rows)} rows to {path}")
 
 
+@app.command()
+def zoo(
+    family: Optional[str] = typer.Option(None, "--family", help="Only this family: asnet, shiftresnet, as_resnet, mobilenet_v2."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the table to this CSV."),
+) -> None:
+    """List the model zoo with parameters and MACs (FlopCounterMode) beside the paper's figures."""
+    from asl_cli.zoo import list_models, model_summary
+
+    names = list_models(family)
+    if not names:
+        fail(f"no models in family {family!r}; families: asnet, shiftresnet, as_resnet, mobilenet_v2", code=2)
+    rows = [model_summary(n) for n in names]
+    t = Table(title="asl model zoo")
+    for col in ("model", "dataset", "input", "params (M)", "paper", "MACs (M)", "paper"):
+        t.add_column(col, justify="left" if col in ("model", "dataset") else "right")
+    for r in rows:
+        t.add_row(r["name"], r["dataset"], f"{r['input_size']}", f"{r['params'] / 1e6:.4f}", _fmt(r["paper_params_m"]),
+                  f"{r['macs'] / 1e6:.1f}", _fmt(r["paper_macs_m"]))
+    console.print(t)
+    if csv is not None:
+        import pandas as pd
+
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(csv, index=False)
+        console.print(f"wrote {csv}")
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:g}"
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context) -> None:
     """Train a zoo model from a YAML recipe (not available yet)."""

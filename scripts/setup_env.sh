@@ -17,9 +17,9 @@ DEPS_STAMP="$VENV/.asl-deps"
 DEPS="torch==2.14.1 torchvision==0.29.1 typer rich pandas pyyaml matplotlib pytest scikit-image ninja setuptools wheel"
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS" ]; then
   echo "[setup] installing dependencies (torch 2.14.1, torchvision 0.29.1, ...)"
-  python -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
-  python -m pip install -q $DEPS
+  python -m pip install $DEPS > "$VENV/deps.log" 2>&1 || {
+    tail -n 40 "$VENV/deps.log"; echo "[setup] dependency install failed; full log in $VENV/deps.log"; exit 1; }
   echo "$DEPS" > "$DEPS_STAMP"
 fi
 

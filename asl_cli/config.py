@@ -1,0 +1,233 @@
+"""Recipes: YAML files in `recipes/` (or any path) merged over built-in defaults, then dotted
+`key=value` overrides (values parsed as YAML scalars), validated with helpful errors."""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what to change."""
+
+
+# Every key a recipe may set, with its default. None means "no default / optional"; its type is
+# then taken from TYPES below.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "description": "",
+    "model": {"name": "asnet20_16x1", "args": {}},
+    "data": {
+        "dataset": "synthetic",  # synthetic | cifar10 | cifar100 | imagenet | npz
+        "root": "data",
+        "path": None,  # the .npz file for dataset npz
+        "download": True,
+        "augment": True,
+        "train_size": 10000,  # synthetic only
+        "test_size": 2000,  # synthetic only
+        "seed": 0,  # synthetic only
+        "image_size": 224,  # imagenet crop
+        "resize": 256,  # imagenet resize
+        "workers": 4,  # imagenet loader processes
+        "on_device": True,  # keep tensor datasets and their augmentation on the training device
+    },
+    "train": {
+        "iterations": None,  # total optimizer steps; or give epochs
+        "epochs": None,
+        "batch_size": 128,
+        "eval_every": 1000,
+        "ckpt_every": 1000,
+        "log_every": 20,
+        "eval_batch_size": 500,
+        "seed": 0,
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "amp": "none",  # none | bf16 | fp16 (CUDA)
+        "channels_last": False,
+        "compile": False,
+        "sync_bn": True,  # synchronised BatchNorm statistics under DistributedDataParallel
+        "deterministic": False,
+    },
+    "optim": {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "shift_lr_mult": 0.01,
+        "normalize_shift_grad": True,
+    },
+    "schedule": {
+        "type": "multistep",  # multistep | linear | cosine | constant
+        "milestones": [],  # iterations
+        "gamma": 0.1,
+        "warmup": 0,  # iterations of linear warm-up
+    },
+    "output": {"dir": None, "runs_root": "runs"},
+}
+
+TYPES: dict[str, tuple] = {
+    "data.path": (str,),
+    "train.iterations": (int,),
+    "train.epochs": (int, float),
+    "output.dir": (str,),
+}
+
+CHOICES = {
+    "data.dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "npz"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "optim.name": ("sgd",),
+    "schedule.type": ("multistep", "linear", "cosine", "constant"),
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in ("model.args",):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+VALID_KEYS = set(_flatten(DEFAULTS))
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(VALID_KEYS), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key.startswith("model.args."):
+        return
+    default = _flatten(DEFAULTS).get(key)
+    allowed = TYPES.get(key) or ((type(default),) if default is not None else None)
+    if value is None or allowed is None:
+        return
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if int in allowed and isinstance(value, bool):
+        raise ConfigError(f"{key} must be {allowed[0].__name__}, got {value!r}")
+    if not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+
+
+def _merge(base: dict, new: dict, prefix: str = "") -> dict:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if key.startswith("model.args"):
+            if key == "model.args" and not isinstance(v, dict):
+                raise ConfigError(f"model.args must be a mapping of create_model overrides, got {v!r}")
+            base[k] = copy.deepcopy(v) if key == "model.args" else v
+            continue
+        if k not in base:
+            raise ConfigError(f"unknown key {key!r}{_suggest(key)}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be a mapping, got {v!r}")
+            _merge(base[k], v, key + ".")
+        else:
+            _check_value(key, v)
+            base[k] = v
+    return base
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"recipe file {p} does not exist")
+        return p
+    candidate = RECIPES_DIR / f"{recipe}.yaml"
+    if candidate.exists():
+        return candidate
+    close = difflib.get_close_matches(recipe, list_recipes(), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(list_recipes())}"
+    raise ConfigError(f"unknown recipe {recipe!r}{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value of {key}: {e}") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | Path | dict | None = "quick", overrides: list[str] | tuple = ()) -> dict:
+    """Defaults <- recipe <- overrides, validated. `recipe` is a name in recipes/, a path, or a dict."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if isinstance(recipe, dict):
+        data, source = recipe, "<dict>"
+    elif recipe is not None:
+        path = resolve_recipe_path(str(recipe))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping at the top level")
+        source = str(path)
+        data.setdefault("name", path.stem)
+    else:
+        data, source = {}, "<defaults>"
+    _merge(cfg, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        if not key.startswith("model.args.") and key not in VALID_KEYS:
+            raise ConfigError(f"unknown key {key!r}{_suggest(key)}")
+        _merge(cfg, _nest(key, value))
+    validate(cfg)
+    cfg["_source"] = source
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    t = cfg["train"]
+    if t["iterations"] is None and t["epochs"] is None:
+        raise ConfigError("set train.iterations or train.epochs")
+    for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
+    if cfg["optim"]["lr"] <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
+    if cfg["data"]["dataset"] == "npz" and not cfg["data"]["path"]:
+        raise ConfigError("data.dataset=npz needs data.path=/path/to/file.npz")
+    from .zoo import get_entry
+
+    try:
+        get_entry(cfg["model"]["name"])
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from None
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=False)

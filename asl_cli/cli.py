@@ -21,7 +21,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -156,16 +156,124 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:g}"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context) -> None:
-    """Train a zoo model from a YAML recipe (not available yet)."""
-    not_available("train")
+def _split_recipe(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """The first argument without '=' is the recipe; the rest are key=value overrides."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_(ctx: typer.Context) -> None:
-    """Evaluate a run folder or checkpoint (not available yet)."""
-    not_available("eval")
+@app.command()
+def train(
+    args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
+                                               help="A recipe name in recipes/ or a YAML path (default: quick), then dotted overrides such as optim.lr=0.05 data.root=/data."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this checkpoint or run folder (fine-tuning)."),
+) -> None:
+    """Train a zoo model from a YAML recipe; writes a run folder (config, metrics.csv, checkpoints, shifts)."""
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.config import ConfigError, load_config
+    from asl_cli.data import DataError
+    from asl_cli.engine import Interrupted, NonFiniteLoss, TrainingError
+    from asl_cli.engine import train as run_training
+
+    recipe, overrides = _split_recipe(args)
+    try:
+        if resume is not None:
+            if recipe or overrides:
+                fail("--resume continues the run's own recipe (its config.yaml); give no recipe or overrides", code=2)
+            if not (resume / "config.yaml").exists():
+                fail(f"{resume} is not a run folder (no config.yaml)", code=2)
+            cfg = load_config(str(resume / "config.yaml"))
+        else:
+            cfg = load_config(recipe or "quick", overrides)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    import os
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = _train_with_progress(run_training, cfg, resume, init_from, show=main_rank)
+    except Interrupted as e:
+        fail(f"{e}. Resume with: asl train --resume {e.run_dir}", code=130)
+    except NonFiniteLoss as e:
+        fail(str(e), code=3)
+    except (TrainingError, DataError, ckpt_io.CheckpointError, ConfigError) as e:
+        fail(str(e))
+    if main_rank:
+        _render_summary(summary)
+
+
+def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from asl_cli.engine import Callbacks
+
+    if not show:
+        return run_training(cfg, resume=resume, init_from=init_from)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = {}
+
+    def on_start(info):
+        console.print(f"run folder: [bold]{info['run_dir']}[/]  model {info['model']} on {info['device']}"
+                      f" x{info['world']}  ({info['steps_per_epoch']} steps/epoch)")
+        task["id"] = progress.add_task("train", total=info["total"], completed=info["start"], stats="")
+
+    def on_step(step, total, st):
+        progress.update(task["id"], completed=step,
+                        stats=f"loss {st['loss']:.3f}  top1 {st['top1']:.1f}%  lr {st['lr']:.3g}  {st['images_per_s']:.0f} img/s")
+
+    def on_eval(row):
+        progress.console.print(f"step {row['step']:>7}  test top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  "
+                               f"loss {row['test_loss']:.4f}  ({row['images_per_s']:.0f} img/s)")
+
+    with progress:
+        return run_training(cfg, resume=resume, init_from=init_from, callbacks=Callbacks(on_start, on_step, on_eval))
+
+
+def _render_summary(summary: dict) -> None:
+    last = summary.get("last") or {}
+    t = Table(title="training summary", show_header=False)
+    t.add_row("run folder", summary["run_dir"])
+    t.add_row("steps", str(summary["steps"]))
+    for k in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5"):
+        if k in last:
+            t.add_row(k, f"{last[k]:.4f}")
+    t.add_row("best test top1", f"{summary['best_top1']:.2f}")
+    console.print(t)
+
+
+@app.command(name="eval")
+def eval_(
+    target: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (uses checkpoints/best.pt) or a checkpoint file."),
+    overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Data overrides, e.g. data.root=/data."),
+    split: str = typer.Option("test", "--split", help="test or train."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    csv: Path = typer.Option(Path("results/eval.csv"), "--csv", help="CSV the result row is appended to."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurements."),
+) -> None:
+    """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row."""
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.config import ConfigError
+    from asl_cli.data import DataError
+    from asl_cli.experiments.bench import append_csv
+    from asl_cli.experiments.evaluate import run
+
+    if split not in ("test", "train"):
+        fail(f"--split must be test or train, got {split!r}", code=2)
+    try:
+        row = run(target, split, device, not no_latency, tuple(overrides or ()))
+    except (ckpt_io.CheckpointError, ConfigError, DataError) as e:
+        fail(str(e))
+    t = Table(title=f"eval: {row['model']} ({row['dataset']} {split})", show_header=False)
+    for k in ("checkpoint", "step", "top1", "top5", "loss", "params", "macs", "cpu_ms_batch1", "gpu_ms_batch1", "gpu_images_per_s_batch256"):
+        if k in row:
+            t.add_row(k, str(row[k]))
+    console.print(t)
+    append_csv([row], csv)
+    console.print(f"appended to {csv}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

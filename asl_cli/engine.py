@@ -402,9 +402,14 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             scaler.step(opt)
             scaler.update()
             sched.step()
-            acc.loss += loss.item() * len(y)
-            acc.correct += (out.argmax(1) == y).sum().item()
-            acc.count += len(y)
+            stats = torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            if d.world > 1:  # log the global batch, not this rank's slice
+                stats = stats.to(device)
+                dist.all_reduce(stats)
+                stats = stats.cpu()
+            acc.loss += stats[0].item()
+            acc.correct += stats[1].item()
+            acc.count += stats[2].item()
             acc.steps += 1
             interval_steps += 1
             done = step + 1

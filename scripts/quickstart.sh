@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 source "${ASL_VENV:-.venv}/bin/activate"
-exec asl profile --op asl "$@"
+exec asl train "$@"

@@ -10,8 +10,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import logging
+
 import torch
-import torch.utils.benchmark as tbench
+
+# torch.utils.benchmark imports cpp_extension, which logs a warning on machines without a CUDA
+# toolkit runtime; it is irrelevant to timing.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+import torch.utils.benchmark as tbench  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,213 @@
+"""asl train / asl eval: recipes, run folders, exact resume, errors, distributed training."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from asl_cli import checkpoint as ckpt_io
+from asl_cli.cli import app
+from asl_cli.config import ConfigError, list_recipes, load_config
+from asl_cli.data import TensorBatches, make_synthetic
+from asl_cli.engine import Callbacks, NonFiniteLoss, Interrupted, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.train_size=256", "data.test_size=128", "train.batch_size=32", "train.iterations=12", "train.eval_every=4",
+        "train.ckpt_every=4", "train.log_every=2", "train.eval_batch_size=128"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config("quick", TINY + [f"output.dir={tmp_path}"] + list(extra))
+
+
+def weights(run_dir):
+    return ckpt_io.load(run_dir, prefer="last")["model_state"]
+
+
+def test_recipes_all_load():
+    names = list_recipes()
+    assert "quick" in names
+    for n in names:
+        cfg = load_config(n)
+        assert cfg["model"]["name"]
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = load_config("quick", ["optim.lr=0.05", "train.channels_last=true", "schedule.milestones=[10, 20]"])
+    assert cfg["optim"]["lr"] == 0.05 and cfg["train"]["channels_last"] is True
+    assert cfg["schedule"]["milestones"] == [10, 20]
+    with pytest.raises(ConfigError, match="did you mean optim.lr"):
+        load_config("quick", ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="train.batch_size must be int"):
+        load_config("quick", ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="did you mean quick"):
+        load_config("quik")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("quick", ["optim.lr"])
+    with pytest.raises(ConfigError, match="data.dataset must be one of"):
+        load_config("quick", ["data.dataset=mnist"])
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config("quick", ["model.name=resnet50"])
+
+
+def test_broken_recipe_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("trian:\n  iterations: 3\n")
+    with pytest.raises(ConfigError, match="did you mean train"):
+        load_config(str(bad))
+
+
+def test_augmentation_is_a_function_of_step_and_rank_slices_agree():
+    x, y = make_synthetic(64, 0)
+    one = TensorBatches(x, y, 16, (0.5,) * 3, (0.25,) * 3, True, 3, torch.device("cpu"))
+    a0 = TensorBatches(x, y, 16, (0.5,) * 3, (0.25,) * 3, True, 3, torch.device("cpu"), rank=0, world=2)
+    a1 = TensorBatches(x, y, 16, (0.5,) * 3, (0.25,) * 3, True, 3, torch.device("cpu"), rank=1, world=2)
+    for k in (0, 5):
+        xb, yb = one.batch(k)
+        assert torch.equal(torch.cat([a0.batch(k)[0], a1.batch(k)[0]]), xb)
+        assert torch.equal(torch.cat([a0.batch(k)[1], a1.batch(k)[1]]), yb)
+        assert torch.equal(one.batch(k)[0], xb)
+
+
+def test_run_folder_contents(tmp_path):
+    run = tmp_path / "run"
+    out = train(tiny_cfg(run))
+    assert (run / "config.yaml").exists()
+    m = pd.read_csv(run / "metrics.csv")
+    assert list(m.columns) == ["step", "epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds", "images_per_s"]
+    assert m["step"].tolist() == [4, 8, 12]
+    s = pd.read_csv(run / "shifts.csv")
+    assert set(s["step"]) == {4, 8, 12} and set(s.columns) == {"step", "layer", "channel", "alpha", "beta"}
+    ck = ckpt_io.load(run, prefer="last")
+    assert ck["step"] == 12 and ck["preprocessing"]["kind"] == "tensor" and ck["shifts"]
+    assert out["best_top1"] == pytest.approx(m["test_top1"].max())
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    train(tiny_cfg(full))
+
+    cut = tmp_path / "cut"
+
+    def stop_at_6(step, total, stats):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        train(tiny_cfg(cut), callbacks=Callbacks(on_step=stop_at_6))
+    assert info.value.step == 7 or info.value.step == 6
+    assert ckpt_io.load(cut, prefer="last")["step"] == info.value.step
+    train(load_config(str(cut / "config.yaml")), resume=cut)
+
+    a, b = weights(full), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cols = ["step", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5"]
+    pd.testing.assert_frame_equal(pd.read_csv(full / "metrics.csv")[cols], pd.read_csv(cut / "metrics.csv")[cols])
+    sf, sc = pd.read_csv(full / "shifts.csv"), pd.read_csv(cut / "shifts.csv")
+    # the interrupted run also recorded the shifts of its extra (interrupt) checkpoint
+    assert set(sc["step"]) == set(sf["step"]) | {info.value.step}
+    pd.testing.assert_frame_equal(sf, sc[sc["step"].isin(sf["step"])].reset_index(drop=True))
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, "train.iterations=4"))
+    last = run / "checkpoints" / "last.pt"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ckpt_io.CheckpointError, match="truncated or corrupt"):
+        ckpt_io.load(broken)
+    other = tmp_path / "other.pt"
+    torch.save({"hello": 1}, other)
+    with pytest.raises(ckpt_io.CheckpointError, match="not an asl checkpoint"):
+        ckpt_io.load(other)
+    with pytest.raises(ckpt_io.CheckpointError, match="does not fit"):
+        train(tiny_cfg(tmp_path / "ft", "model.name=asnet20_16x3"), init_from=run)
+
+
+def test_init_from_fine_tunes(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, "train.iterations=4"))
+    out = train(tiny_cfg(tmp_path / "ft", "train.iterations=4"), init_from=run / "checkpoints" / "last.pt")
+    assert out["steps"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss) as info:
+        train(tiny_cfg(run, "optim.lr=1.0e+30", "schedule.warmup=0", "train.iterations=50", "train.ckpt_every=1"))
+    good = info.value.last_good
+    if good is not None:
+        ck = ckpt_io.load(run, prefer="last")
+        assert ck["step"] == good
+        assert all(torch.isfinite(v).all() for v in ck["model_state"].values() if v.is_floating_point())
+
+
+def test_npz_dataset(tmp_path):
+    x, y = make_synthetic(96, 1)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=x[:64].permute(0, 2, 3, 1).numpy(), y_train=y[:64].numpy(),
+             x_test=x[64:].permute(0, 2, 3, 1).numpy(), y_test=y[64:].numpy())
+    out = train(load_config("quick", ["data.dataset=npz", f"data.path={path}", "train.iterations=2", "train.batch_size=16",
+                                      f"output.dir={tmp_path / 'run'}"]))
+    assert out["steps"] == 2
+    np.savez(path, x_train=x[:4].numpy())
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "quick", "data.dataset=npz", f"data.path={path}", f"output.dir={tmp_path / 'r2'}"])
+    assert res.exit_code == 1 and "lacks" in res.output
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "nosuchrecipe"])
+    assert res.exit_code == 2 and "unknown recipe" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "quick", "optim.lrr=1"])
+    assert res.exit_code == 2 and "did you mean" in res.output
+    res = runner.invoke(app, ["train", "quick", "data.dataset=cifar10", f"data.root={tmp_path}", "data.download=false"])
+    assert res.exit_code == 1 and "cifar-10-batches-py" in res.output
+    res = runner.invoke(app, ["eval", str(tmp_path / "nothing")])
+    assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_cli_train_then_eval(tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "quick", *TINY, "train.iterations=4", f"output.dir={run}"])
+    assert res.exit_code == 0, res.output
+    assert "training summary" in res.output
+    csv = tmp_path / "eval.csv"
+    res = runner.invoke(app, ["eval", str(run), "--csv", str(csv)])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(csv).iloc[-1]
+    assert row["model"] == "asnet20_16x1" and row["params"] == 35386 and 0 <= row["top1"] <= 100
+    assert row["cpu_ms_batch1"] > 0 and isinstance(row["commit"], str)
+
+
+@pytest.mark.slow
+def test_distributed_gloo_matches_single_process(tmp_path):
+    common = TINY + ["train.iterations=6", "train.eval_every=6", "train.ckpt_every=6"]
+    single = tmp_path / "single"
+    train(load_config("quick", common + [f"output.dir={single}"]))
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "asl_cli", "train", "quick",
+           *common, f"output.dir={ddp}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    a, b = weights(single), weights(ddp)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=k)
+    ma, mb = pd.read_csv(single / "metrics.csv"), pd.read_csv(ddp / "metrics.csv")
+    assert ma["test_top1"].tolist() == pytest.approx(mb["test_top1"].tolist(), abs=1.0)
+    assert ma["train_loss"].tolist() == pytest.approx(mb["train_loss"].tolist(), rel=1e-3)

@@ -310,6 +310,64 @@ def eval_(
     console.print(f"appended to {csv}")
 
 
+@app.command(name="import-caffe")
+def import_caffe(
+    model_file: Path = typer.Argument(..., metavar="MODEL.caffemodel", help="The authors' trained AS-ResNet in Caffe's binary format."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Zoo architecture (default: from the file's base width, e.g. as_resnet_w32)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: checkpoints/<arch>-caffe.pt)."),
+) -> None:
+    """Convert a Caffe AS-ResNet model into a checkpoint for eval, predict, profile, plot-shifts and fine-tuning."""
+    from asl_cli.caffe import CaffeFormatError
+    from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
+
+    try:
+        model, report = import_model(model_file, arch)
+    except (CaffeFormatError, ImportError_) as e:
+        fail(str(e))
+    except (KeyError, TypeError) as e:
+        fail(f"--arch: {e.args[0]}", code=2)
+    path = to_checkpoint(model, report, out or Path("checkpoints") / f"{report['arch']}-caffe.pt")
+    t = Table(title=f"imported {model_file.name} as {report['arch']}", show_header=False)
+    t.add_row("layers (with weights)", f"{report['layers']} ({report['weighted_layers']})")
+    t.add_row("stored values", f"{report['values']:,}")
+    for k, label in (("conv", "convolutions"), ("fc", "classifier"), ("shift", "shifts"), ("scale", "Scale (BN gamma, beta)"),
+                     ("stale_bn", "stale BatchNorm statistics (set aside)")):
+        t.add_row(f"  {label}", f"{report.get('values_' + k, 0):,}")
+    t.add_row("checkpoint", str(path))
+    console.print(t)
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint file or run folder."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (any format Pillow reads)."),
+    topk: int = typer.Option(5, "--topk", min=1, help="How many classes to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Classify images with a checkpoint, using the preprocessing recorded in it."""
+    import json
+
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.experiments.predict import predict as run_predict
+    from asl_cli.preprocess import ImageError
+
+    try:
+        rows = run_predict(checkpoint, images, topk)
+    except (ckpt_io.CheckpointError, ImageError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        t = Table(title=r["image"])
+        t.add_column("#", justify="right")
+        t.add_column("class")
+        t.add_column("probability", justify="right")
+        for i, c in enumerate(r["top"], 1):
+            t.add_row(str(i), c["class"], f"{c['probability']:.3f}")
+        console.print(t)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ablate(ctx: typer.Context) -> None:
     """Train the GS/SI/SR/TR shift variants of one recipe (not available yet)."""

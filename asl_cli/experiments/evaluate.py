@@ -44,8 +44,15 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
     if d["dataset"] == "imagenet":
         from torch.utils.data import DataLoader
 
-        tr, te = imagenet_folders(d["root"], d["image_size"], d["resize"])
-        batches = iter(DataLoader(te if split == "test" else tr, batch_size=t["eval_batch_size"], num_workers=d["workers"]))
+        from torchvision.datasets import ImageFolder
+
+        from ..preprocess import FolderTransform
+
+        imagenet_folders(d["root"], d["image_size"], d["resize"])  # checks the layout
+        folder = Path(d["root"]) / ("val" if split == "test" else "train")
+        # the checkpoint's own preprocessing (an imported Caffe model expects BGR, 0-255 scale)
+        ds = ImageFolder(str(folder), FolderTransform(ckpt["preprocessing"]))
+        batches = iter(DataLoader(ds, batch_size=t["eval_batch_size"], num_workers=d["workers"]))
     else:
         data = load_tensor_data(cfg)
         tb = TensorBatches(data.x_train, data.y_train, min(t["batch_size"], len(data.x_train)), data.mean, data.std, False, 0, dev)

@@ -1,0 +1,104 @@
+"""The authors' trained AS-ResNet-w32: import, predictions on real photos, kernel agreement."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import asl_cli.nn as asl_nn
+from asl_cli import checkpoint as ckpt_io
+from asl_cli.caffe import CaffeFormatError
+from asl_cli.cli import app
+from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
+from asl_cli.ops import reference_active_shift
+
+SHARED = Path(os.environ.get("ASL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MODEL = SHARED / "data" / "as-resnet-w32" / "AS-ResNet-w32_iter_450360.caffemodel"
+pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"the authors' model is not at {MODEL}")
+
+CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    model, report = import_model(MODEL)
+    path = to_checkpoint(model, report, tmp_path_factory.mktemp("ck") / "w32.pt")
+    return model, report, path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("photos")
+    out = {}
+    for name, arr in (("chelsea", skdata.chelsea()), ("coffee", skdata.coffee())):
+        out[name] = d / f"{name}.png"
+        Image.fromarray(arr).save(out[name])
+    return out
+
+
+def test_every_stored_value_is_accounted_for(imported):
+    _, r, _ = imported
+    assert r["values"] == 909_035
+    assert (r["values_conv"], r["values_fc"], r["values_shift"], r["values_scale"], r["values_stale_bn"]) == (632_672, 257_000, 3_840, 7_744, 7_779)
+    assert r["arch"] == "as_resnet_w32"
+
+
+def test_predictions_on_real_photos(imported, photos):
+    runner = CliRunner()
+    _, _, path = imported
+    res = runner.invoke(app, ["predict", str(path), str(photos["chelsea"]), str(photos["coffee"]), "--json", "--topk", "3"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    rows = json.loads(res.output)
+    assert rows[0]["top"][0]["class"] in CAT_CLASSES
+    assert rows[1]["top"][0]["class"] == "espresso"
+    res = runner.invoke(app, ["predict", str(path), str(photos["chelsea"])])
+    assert res.exit_code == 0 and "Egyptian cat" in res.output
+
+
+def test_compiled_kernel_and_reference_give_the_same_logits(imported, photos, monkeypatch):
+    from asl_cli.preprocess import load_image, to_input
+
+    model, _, path = imported
+    x = torch.cat([to_input(load_image(p), ckpt_io.load(path)["preprocessing"]) for p in photos.values()])
+    with torch.no_grad():
+        compiled = model(x)
+        monkeypatch.setattr(asl_nn, "active_shift", reference_active_shift)
+        reference = model(x)
+    torch.testing.assert_close(compiled, reference, atol=1e-4, rtol=1e-4)
+    if torch.cuda.is_available():
+        monkeypatch.undo()
+        with torch.no_grad():
+            cuda = model.cuda()(x.cuda()).cpu()
+        model.cpu()
+        torch.testing.assert_close(cuda, compiled, atol=1e-3, rtol=1e-3)
+
+
+def test_checkpoint_round_trip_and_fine_tune(imported, tmp_path):
+    _, _, path = imported
+    ck = ckpt_io.load(path)
+    assert ck["preprocessing"]["kind"] == "caffe" and ck["source"]["values"] == 909_035
+    m = ckpt_io.build_model(ck)
+    assert len(ck["shifts"]) == 17
+    # fine-tuning starts from these weights (a few steps on the synthetic data at 224 px would be slow; load only)
+    from asl_cli.zoo import create_model
+
+    ckpt_io.load_model_state(create_model("as_resnet_w32"), ck["model_state"], "test")
+
+
+def test_wrong_width_and_broken_files(tmp_path):
+    with pytest.raises(ImportError_, match="use --arch as_resnet_w32"):
+        import_model(MODEL, "as_resnet_w50")
+    truncated = tmp_path / "cut.caffemodel"
+    truncated.write_bytes(MODEL.read_bytes()[:100_000])
+    with pytest.raises((CaffeFormatError, ImportError_)):
+        import_model(truncated)
+    with pytest.raises(CaffeFormatError, match="not a readable Caffe model"):
+        import_model(MODEL.parent / "LICENSE")
+    res = CliRunner().invoke(app, ["import-caffe", str(truncated), "--out", str(tmp_path / "x.pt")])
+    assert res.exit_code == 1 and "Traceback" not in res.output

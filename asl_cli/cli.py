@@ -25,10 +25,6 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def not_available(command: str) -> None:
-    fail(f"`asl {command}` is not available in this version yet.", code=2)
-
-
 @app.command()
 def info() -> None:
     """Print versions and which implementation serves CPU and CUDA tensors."""
@@ -84,15 +80,23 @@ def _render_op_rows(rows: list[dict], device: str) -> None:
 def profile(
     op: Optional[str] = typer.Option(None, "--op", help="Benchmark an operator against its peers: 'asl'."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Per-layer timing and FLOPs (paper Table 1): dw3|pw|bn|relu|add|asl|all."),
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Zoo models to compare (paper Table 5)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Zoo models or checkpoints to compare (paper Table 5); more may follow: --model a b c."),
+    more: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="Further models for --model."),
     train_speed: Optional[str] = typer.Option(None, "--train-speed", help="Training images/s of this zoo model with ASL vs 3x3 depthwise blocks (paper Table 2)."),
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size for --train-speed."),
+    shape: str = typer.Option("1x64x224x224", "--shape", help="NxCxHxW for --layer (C is also the conv output width)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16 for --layer."),
+    backward: bool = typer.Option(False, "--backward", help="Time forward + backward for --layer."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: int = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one)."),
     min_run_time: float = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement."),
     out: Optional[Path] = typer.Option(None, "--out", help="CSV to append to (default results/profile_op_<device>.csv)."),
 ) -> None:
     """Measure speed against peers timed in the same run; print ratios and append a CSV."""
+    if more:
+        if not model:
+            fail(f"unexpected arguments {' '.join(more)}; did you mean --model {' '.join(more)}?", code=2)
+        model = list(model) + list(more)
     if op is None and layer is None and not model and train_speed is None:
         fail("say what to profile: --op asl, --layer NAME, --model NAME or --train-speed MODEL", code=2)
     if device not in ("cpu", "cuda"):
@@ -102,10 +106,16 @@ def profile(
 
         if not torch.cuda.is_available():
             fail("--device cuda was asked for but no CUDA device is visible")
+    if device == "cpu":
+        import torch
+
+        torch.set_num_threads(threads)  # the whole process, so every library sees the same thread count
     if train_speed is not None:
         return _profile_train_speed(train_speed, batch, device, threads, min_run_time, out)
-    if layer is not None or model:
-        not_available("profile --layer/--model")
+    if layer is not None:
+        return _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out)
+    if model:
+        return _profile_models(model, device, threads, min_run_time, out)
     if op != "asl":
         fail(f"unknown --op {op!r}; the only operator is 'asl'", code=2)
     from rich.progress import Progress
@@ -131,6 +141,80 @@ def profile(
     _render_op_rows(rows, device)
     path = out or REPO / "results" / f"profile_op_{device}.csv"
     append_csv(rows, path)
+    console.print(f"appended {len(rows)} rows to {path}")
+
+
+def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
+    import torch
+
+    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.profile_layers import LAYERS, figure, run
+
+    names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
+    bad = [n for n in names if n not in LAYERS]
+    if bad:
+        fail(f"--layer must be one of {', '.join(LAYERS)} or all; got {', '.join(bad)}", code=2)
+    try:
+        dims = tuple(int(v) for v in shape.lower().split("x"))
+        assert len(dims) == 4 and min(dims) > 0
+    except (ValueError, AssertionError):
+        fail(f"--shape must look like 1x64x224x224, got {shape!r}", code=2)
+    dt = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}.get(dtype)
+    if dt is None:
+        fail(f"--dtype must be float32, float64 or bfloat16, got {dtype!r}", code=2)
+    with console.status(f"timing {', '.join(names)} at {shape} on {device}"):
+        try:
+            rows = run(names, dims, device, threads, dt, backward, min_run_time)
+        except (TypeError, RuntimeError) as e:
+            fail(str(e))
+    t = Table(title=f"layers at {shape} {dtype} ({'fwd+bwd' if backward else 'fwd'}), {rows[0]['device_name']}, {rows[0]['threads']} thread(s)")
+    for c in ("layer", "ms", "MFLOPs", "ms/MFLOP", "paper ms", "paper MFLOPs"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for r in rows:
+        t.add_row(r["description"], f"{r['ms']:.3f}", f"{r['mflops']:.1f}", f"{r['ms_per_mflop']:.4f}", _fmt(r["paper_ms"]), _fmt(r["paper_mflops"]))
+    console.print(t)
+    by = {r["layer"]: r for r in rows}
+    if "pw" in by and "dw3" in by:
+        console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
+                      f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: 7.1x the FLOPs, 3.5x faster)")
+    path = out or REPO / "results" / f"profile_layers_{device}.csv"
+    append_csv(rows, path)
+    for f in figure(rows, path.with_name(path.stem + "_time_per_mflop")):
+        console.print(f"wrote {f}")
+    console.print(f"appended {len(rows)} rows to {path}")
+
+
+def _profile_models(specs, device, threads, min_run_time, out) -> None:
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.profile_models import figure, ratios, run
+
+    with console.status(f"timing {', '.join(specs)}"):
+        try:
+            rows = run(list(specs), device, threads, min_run_time)
+        except KeyError as e:
+            fail(e.args[0], code=2)
+        except ckpt_io.CheckpointError as e:
+            fail(str(e))
+    t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s)")
+    cols = ["model", "params (M)", "MACs (M)", "CPU ms", "paper CPU ms", "top-1", "paper top-1"]
+    if device == "cuda":
+        cols[4:4] = ["GPU ms", "GPU img/s (b256)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+    for r in rows:
+        vals = [r["model"], f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}", f"{r['cpu_ms_batch1']:.2f}", _fmt(r["paper_cpu_ms"]),
+                _fmt(r["top1"]), _fmt(r["paper_top1"])]
+        if device == "cuda":
+            vals[4:4] = [f"{r['gpu_ms_batch1']:.3f}", f"{r['gpu_images_per_s_batch256']:.0f}"]
+        t.add_row(*vals)
+    console.print(t)
+    for rr in ratios(rows):
+        console.print(f"CPU latency {rr['pair']}: [bold]{rr['ratio']:.3f}x[/] (paper: {rr['paper_ratio']:.3f}x)")
+    path = out or REPO / "results" / f"profile_models_{device}.csv"
+    append_csv(rows, path)
+    for f in figure(rows, path.with_name(path.stem + "_accuracy_vs_latency")):
+        console.print(f"wrote {f}")
     console.print(f"appended {len(rows)} rows to {path}")
 
 
@@ -368,16 +452,82 @@ def predict(
         console.print(t)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ablate(ctx: typer.Context) -> None:
-    """Train the GS/SI/SR/TR shift variants of one recipe (not available yet)."""
-    not_available("ablate")
+@app.command()
+def ablate(
+    args: List[str] = typer.Argument(..., metavar="RECIPE [KEY=VALUE]...", help="The recipe to ablate and its overrides."),
+    variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per variant (mean and std are reported)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of the variant runs (default runs/ablate-<recipe>)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV (default results/ablate_<recipe>.csv)."),
+) -> None:
+    """Train the shift variants of one recipe and write a Table-4-style CSV; finished runs are reused."""
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.config import ConfigError
+    from asl_cli.data import DataError
+    from asl_cli.engine import Interrupted, NonFiniteLoss, TrainingError
+    from asl_cli.engine import train as run_training
+    from asl_cli.experiments.ablate import VARIANTS, run
+    from asl_cli.experiments.bench import REPO
+
+    recipe, overrides = _split_recipe(args)
+    if recipe is None:
+        fail("name the recipe to ablate first, e.g. asl ablate quick --variant all", code=2)
+    chosen = list(VARIANTS) if variant.lower() == "all" else [v.strip().upper() for v in variant.split(",")]
+    bad = [v for v in chosen if v not in VARIANTS]
+    if bad:
+        fail(f"--variant must be GS, SI, SR, TR or all; got {', '.join(bad)}", code=2)
+    name = Path(recipe).stem
+    root = root or Path("runs") / f"ablate-{name}"
+
+    def train_one(cfg, resume):
+        return _train_with_progress(run_training, cfg, resume, None, show=True)
+
+    try:
+        summary = run(recipe, chosen, seeds, overrides, root, train_one, on_status=lambda m: console.print(f"[bold]{m}[/]"))
+    except Interrupted as e:
+        fail(f"{e}. Run the same command again to continue.", code=130)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (NonFiniteLoss, TrainingError, DataError, ckpt_io.CheckpointError) as e:
+        fail(str(e))
+    t = Table(title=f"shift ablation: {name} ({seeds} seed(s))")
+    for c in ("variant", "domain", "init", "learned", "top-1", "top-5", "params", "paper (w32 ImageNet)"):
+        t.add_column(c)
+    for _, r in summary.iterrows():
+        t.add_row(r["variant"], r["shifting_domain"], r["initialisation"], "yes" if r["learned"] else "no",
+                  f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}", f"{r['top5_mean']:.2f} ± {r['top5_std']:.2f}", str(r["params"]),
+                  f"{r['paper_top1_as_resnet_w32_imagenet']}")
+    console.print(t)
+    path = csv or REPO / "results" / f"ablate_{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(path, index=False)
+    console.print(f"wrote {path}")
 
 
-@app.command(name="plot-shifts", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def plot_shifts(ctx: typer.Context) -> None:
-    """Scatter the learned shifts of every ASL layer (not available yet)."""
-    not_available("plot-shifts")
+@app.command(name="plot-shifts")
+def plot_shifts(
+    target: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (last checkpoint and shifts.csv) or a checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>)."),
+) -> None:
+    """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training, and per-layer statistics."""
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.experiments.bench import REPO
+    from asl_cli.experiments.plot_shifts import run
+
+    out = out or REPO / "results" / "shifts" / (target.stem if target.is_file() else target.name)
+    try:
+        res = run(target, out)
+    except ckpt_io.CheckpointError as e:
+        fail(str(e))
+    st = res["stats"]
+    t = Table(title=f"shift statistics ({len(st)} layers)")
+    for c in ("layer", "channels", "mean |shift|", "max |shift|", "beyond 1 px"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for _, r in st.iterrows():
+        t.add_row(r["layer"], str(r["channels"]), f"{r['mean_abs_shift']:.3f}", f"{r['max_abs_shift']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%")
+    console.print(t)
+    for f in res["files"]:
+        console.print(f"wrote {f}")
 
 
 def main() -> None:

@@ -24,7 +24,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 1.0) -> float:
     """Median wall time of fn() in milliseconds (CUDA work is synchronised by the timer)."""
-    fn()  # warm-up: allocator, lazy init, autotuning
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)  # warm up with the thread count that is timed (oneDNN caches per setting)
+    try:
+        fn()
+        fn()
+    finally:
+        torch.set_num_threads(prev)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 

@@ -1,0 +1,109 @@
+"""`asl plot-shifts`: paper Fig. 3 (each ASL layer's channels as points (alpha, beta)), how the
+shifts moved during training, and per-layer statistics."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import checkpoint as ckpt_io
+from . import figures
+
+STATS_COLUMNS = ["layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
+
+
+def layer_stats(shifts: dict[str, torch.Tensor]) -> pd.DataFrame:
+    rows = []
+    for name, s in shifts.items():
+        s = s.float()
+        mag = s.abs().max(dim=1).values  # a channel is "beyond 1 px" when either component is
+        rows.append({"layer": name, "channels": s.shape[0], "mean_abs_shift": round(s.abs().mean().item(), 5),
+                     "max_abs_shift": round(s.abs().max().item(), 5), "share_beyond_1px": round((mag > 1).float().mean().item(), 5),
+                     "mean_alpha": round(s[:, 0].mean().item(), 5), "mean_beta": round(s[:, 1].mean().item(), 5)})
+    return pd.DataFrame(rows, columns=STATS_COLUMNS)
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(6, max(1, math.ceil(math.sqrt(n))))
+    return math.ceil(n / cols), cols
+
+
+def scatter_figure(shifts: dict[str, torch.Tensor], title: str, stem: Path) -> list[Path]:
+    plt = figures.plt()
+    names = list(shifts)
+    r, c = _grid(len(names))
+    fig, axes = plt.subplots(r, c, figsize=(2.6 * c, 2.6 * r), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        s = shifts[name].float()
+        lim = max(1.5, math.ceil(s.abs().max().item() + 0.25))
+        ax.scatter(s[:, 0], s[:, 1], s=6, alpha=0.7)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(lim, -lim)  # image convention: beta (down) grows downwards
+        ax.set_aspect("equal")
+        ax.set_xticks(range(-int(lim), int(lim) + 1))
+        ax.set_yticks(range(-int(lim), int(lim) + 1))
+        ax.grid(True, color="0.8", linewidth=0.6)  # the integer pixel grid
+        ax.set_title(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("alpha: horizontal shift (px)", fontsize=9)
+    fig.supylabel("beta: vertical shift (px)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figures.save(fig, stem)
+
+
+def movement_figure(history: pd.DataFrame, title: str, stem: Path) -> list[Path]:
+    """Each channel's path from the first to the last recorded step, per layer."""
+    plt = figures.plt()
+    names = list(dict.fromkeys(history["layer"]))
+    r, c = _grid(len(names))
+    fig, axes = plt.subplots(r, c, figsize=(2.6 * c, 2.6 * r), squeeze=False)
+    first, last = history["step"].min(), history["step"].max()
+    for ax, name in zip(axes.flat, names):
+        h = history[history["layer"] == name].sort_values(["channel", "step"])
+        for _, ch in h.groupby("channel"):
+            ax.plot(ch["alpha"], ch["beta"], color="0.6", linewidth=0.5)
+        a, b = h[h["step"] == first], h[h["step"] == last]
+        ax.scatter(a["alpha"], a["beta"], s=4, color="tab:blue", label=f"step {first}")
+        ax.scatter(b["alpha"], b["beta"], s=4, color="tab:red", label=f"step {last}")
+        lim = max(1.5, math.ceil(h[["alpha", "beta"]].abs().max().max() + 0.25))
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(lim, -lim)
+        ax.set_aspect("equal")
+        ax.grid(True, color="0.85", linewidth=0.5)
+        ax.set_title(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("alpha (px)", fontsize=9)
+    fig.supylabel("beta (px)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figures.save(fig, stem)
+
+
+def run(target: str | Path, out_dir: Path) -> dict:
+    ckpt = ckpt_io.load(target, prefer="last")
+    shifts = ckpt.get("shifts") or {}
+    if not shifts:
+        raise ckpt_io.CheckpointError(f"{ckpt['_path']} holds no active shift layers (model {ckpt['model_name']})")
+    label = f"{ckpt['model_name']}, " + ("imported from " + Path(ckpt["source"]["file"]).name if ckpt.get("source") else f"step {ckpt.get('step')}")
+    out_dir = Path(out_dir)
+    files = scatter_figure(shifts, f"Shifts of every ASL layer: {label}", out_dir / "shifts")
+    stats = layer_stats(shifts)
+    stats.insert(0, "step", ckpt.get("step"))
+    stats.insert(0, "model", ckpt["model_name"])
+    stats_path = out_dir / "shift_stats.csv"
+    stats.to_csv(stats_path, index=False)
+    files.append(stats_path)
+    hist_path = Path(target) / "shifts.csv" if Path(target).is_dir() else None
+    if hist_path is not None and hist_path.exists():
+        hist = pd.read_csv(hist_path)
+        if hist["step"].nunique() > 1:
+            files += movement_figure(hist, f"Shift movement during training: {ckpt['model_name']}", out_dir / "shift_movement")
+    return {"files": [str(f) for f in files], "stats": stats}

@@ -1,0 +1,106 @@
+"""asl ablate, asl profile and asl plot-shifts: files written, documented columns, sane numbers."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from asl_cli.cli import app
+from asl_cli.experiments.bench import provenance
+
+PROV = list(provenance("cpu", 1))
+TINY = ["data.train_size=256", "data.test_size=128", "train.batch_size=32", "train.iterations=6", "train.eval_every=3",
+        "train.ckpt_every=3", "train.eval_batch_size=128"]
+runner = CliRunner()
+
+
+def invoke(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_ablate_all_variants_and_reuse(tmp_path):
+    csv = tmp_path / "ablate.csv"
+    out = invoke("ablate", "quick", *TINY, "--variant", "all", "--seeds", "2", "--root", tmp_path / "runs", "--csv", csv)
+    assert "training" in out
+    df = pd.read_csv(csv)
+    assert df["variant"].tolist() == ["GS", "SI", "SR", "TR"]
+    for col in ["shifting_domain", "initialisation", "learned", "top1_mean", "top1_std", "top5_mean", "top5_std", "params", "run_dirs", *PROV]:
+        assert col in df.columns, col
+    assert df["learned"].tolist() == [False, False, False, True]
+    assert (df["seeds"] == 2).all() and df["params"].nunique() == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 8
+    # a second call trains nothing and reports the same numbers
+    out2 = invoke("ablate", "quick", *TINY, "--variant", "all", "--seeds", "2", "--root", tmp_path / "runs", "--csv", csv)
+    assert "reused" in out2 and "training in" not in out2
+    pd.testing.assert_frame_equal(pd.read_csv(csv)[["variant", "top1_mean", "top5_mean"]], df[["variant", "top1_mean", "top5_mean"]])
+
+
+def test_ablate_bad_variant():
+    res = runner.invoke(app, ["ablate", "quick", "--variant", "XY"])
+    assert res.exit_code == 2 and "GS, SI, SR, TR" in res.output
+
+
+def test_profile_layers_writes_table_and_figure(tmp_path):
+    csv = tmp_path / "layers.csv"
+    invoke("profile", "--layer", "all", "--shape", "1x8x32x32", "--min-run-time", "0.05", "--out", csv)
+    df = pd.read_csv(csv)
+    assert df["layer"].tolist() == ["dw3", "pw", "bn", "relu", "add", "asl"]
+    for col in ["ms", "mflops", "ms_per_mflop", "paper_ms", *PROV]:
+        assert col in df.columns
+    by = df.set_index("layer")
+    assert by.loc["pw", "mflops"] == pytest.approx(8 * 8 * 32 * 32 / 1e6, rel=1e-3)
+    assert by.loc["dw3", "mflops"] == pytest.approx(9 * 8 * 32 * 32 / 1e6, rel=1e-3)
+    assert by.loc["asl", "mflops"] == pytest.approx(4 * 8 * 32 * 32 / 1e6, rel=1e-3)
+    assert (tmp_path / "layers_time_per_mflop.png").stat().st_size > 1000
+    assert (tmp_path / "layers_time_per_mflop.svg").exists()
+    invoke("profile", "--layer", "asl,relu", "--shape", "1x8x16x16", "--backward", "--min-run-time", "0.05", "--out", tmp_path / "b.csv")
+
+
+def test_profile_models_and_pairs(tmp_path):
+    csv = tmp_path / "models.csv"
+    out = invoke("profile", "--model", "as_resnet_w32", "mobilenet_v2_x0.5", "--min-run-time", "0.05", "--out", csv)
+    assert "as_resnet_w32 / mobilenet_v2_x0.5" in out
+    df = pd.read_csv(csv)
+    for col in ["model", "params", "macs", "cpu_ms_batch1", "top1", "paper_top1", "paper_cpu_ms", *PROV]:
+        assert col in df.columns
+    assert (tmp_path / "models_accuracy_vs_latency.png").exists()
+
+
+def test_profile_op_cpu(tmp_path):
+    csv = tmp_path / "op.csv"
+    out = invoke("profile", "--op", "asl", "--min-run-time", "0.05", "--out", csv)
+    assert "forward / ReLU" in out and "grid_sample" in out
+    df = pd.read_csv(csv)
+    assert set(df["op"]) == {"copy", "relu", "dw3", "grid_sample_asl", "asl"}
+    for col in ["fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", *PROV]:
+        assert col in df.columns
+
+
+def test_profile_errors():
+    res = runner.invoke(app, ["profile"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["profile", "--layer", "conv7"])
+    assert res.exit_code == 2 and "dw3" in res.output
+    res = runner.invoke(app, ["profile", "--model", "as_resnet_w33"])
+    assert res.exit_code == 2 and "did you mean" in res.output
+
+
+def test_plot_shifts_from_run(tmp_path):
+    run = tmp_path / "run"
+    invoke("train", "quick", *TINY, f"output.dir={run}")
+    out_dir = tmp_path / "fig"
+    invoke("plot-shifts", run, "--out", out_dir)
+    for f in ["shifts.png", "shifts.svg", "shift_movement.png", "shift_movement.svg", "shift_stats.csv"]:
+        assert (out_dir / f).exists(), f
+    st = pd.read_csv(out_dir / "shift_stats.csv")
+    assert list(st.columns) == ["model", "step", "layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
+    assert len(st) == 9 and (st["share_beyond_1px"].between(0, 1)).all()
+
+
+def test_plot_shifts_needs_asl_layers(tmp_path):
+    run = tmp_path / "run"
+    invoke("train", "quick", *TINY, "model.args.spatial=dw3", f"output.dir={run}")
+    res = runner.invoke(app, ["plot-shifts", str(run), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "no active shift layers" in res.output

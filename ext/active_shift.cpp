@@ -30,6 +30,32 @@ bool use_channels_last(const at::Tensor& input) {
   return !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayRef stride,
+                 at::IntArrayRef padding, const char* op, const at::Tensor* grad) {
+  check_args(input, shift, stride, padding, op);
+  Geometry g;
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.Ho = out_size(g.H, g.sh, g.ph);
+  g.Wo = out_size(g.W, g.sw, g.pw);
+  g.channels_last = use_channels_last(input);
+  g.limit = shift_limit(g.H, g.W, g.Ho, g.Wo, stride, padding);
+  if (grad != nullptr) {
+    const std::vector<int64_t> expected{g.N, g.C, g.Ho, g.Wo};
+    TORCH_CHECK(grad->sizes() == at::IntArrayRef(expected), op, ": grad_output must have shape ",
+                at::IntArrayRef(expected), ", got ", grad->sizes());
+    TORCH_CHECK(grad->device() == input.device(), op, ": grad_output is on ", grad->device(),
+                " but input is on ", input.device());
+  }
+  return g;
+}
+
 }  // namespace asl
 
 TORCH_LIBRARY(asl, m) {

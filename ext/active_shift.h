@@ -70,4 +70,21 @@ void check_args(const at::Tensor& input, const at::Tensor& shift, at::IntArrayRe
 // Output memory format follows the input: channels_last stays channels_last.
 bool use_channels_last(const at::Tensor& input);
 
+// Sizes, stride, padding and memory format of one call (plain data, passed to device kernels).
+struct Geometry {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t sh, sw, ph, pw;
+  bool channels_last;
+  double limit;  // |shift| beyond which every tap is outside (see shift_limit)
+
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+// Checks the arguments (and grad_output's shape and device, when given) and returns the call's
+// geometry. Every entry point of every device starts here.
+Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayRef stride,
+                 at::IntArrayRef padding, const char* op, const at::Tensor* grad = nullptr);
+
 }  // namespace asl

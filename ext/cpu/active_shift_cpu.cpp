@@ -214,10 +214,6 @@ void check_cpu_dtype(const at::Tensor& input, const char* op) {
               " (float16 and bfloat16 are supported on CUDA)");
 }
 
-at::MemoryFormat format_of(const at::Tensor& input) {
-  return use_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 template <typename T>
 Plane<T> plane(T* base, const at::Tensor& t, int64_t n, int64_t c) {
   return Plane<T>{base + n * t.stride(0) + c * t.stride(1), t.size(2), t.size(3), t.stride(2),
@@ -245,20 +241,18 @@ int64_t grain(int64_t plane_elems) { return std::max<int64_t>(1, 32768 / std::ma
 
 at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
                             at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift");
   check_cpu_dtype(input_, "active_shift");
-  const auto fmt = format_of(input_);
-  const at::Tensor input = input_.contiguous(fmt);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
-  at::Tensor out = at::empty({N, C, Ho, Wo}, input.options().memory_format(fmt));
+  const at::Tensor input = input_.contiguous(g.format());
+  const int64_t N = g.N, C = g.C;
+  at::Tensor out = at::empty({N, C, g.Ho, g.Wo}, input.options().memory_format(g.format()));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+    const auto shifts = channel_shifts<acc_t>(shift, g.limit);
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, grain(Ho * Wo), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain(g.Ho * g.Wo), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / C, c = i % C;
         const auto& s = shifts[c];
@@ -279,24 +273,19 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
 at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad_, const at::Tensor& input_,
                                        const at::Tensor& shift, at::IntArrayRef stride,
                                        at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift_grad_input");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift_grad_input", &grad_);
   check_cpu_dtype(input_, "active_shift_grad_input");
-  const auto fmt = format_of(input_);
-  const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
-  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
-  TORCH_CHECK(grad_.sizes() == at::IntArrayRef({N, C, Ho, Wo}),
-              "active_shift_grad_input: grad_output must have shape ", at::IntArrayRef({N, C, Ho, Wo}),
-              ", got ", grad_.sizes());
-  const at::Tensor grad = grad_.to(input_.scalar_type()).contiguous(fmt);
-  at::Tensor gx = at::empty(input_.sizes(), input_.options().memory_format(fmt));
+  const int64_t N = g.N, C = g.C;
+  const at::Tensor grad = grad_.to(input_.scalar_type()).contiguous(g.format());
+  at::Tensor gx = at::empty(input_.sizes(), input_.options().memory_format(g.format()));
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES(input_.scalar_type(), "active_shift_grad_input_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+    const auto shifts = channel_shifts<acc_t>(shift, g.limit);
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
     const bool s1 = stride[0] == 1 && stride[1] == 1;
-    at::parallel_for(0, N * C, grain(H * W), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain(g.H * g.W), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / C, c = i % C;
         const auto& s = shifts[c];
@@ -320,26 +309,21 @@ at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad_, const at::Tensor
 at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor& input_,
                                        const at::Tensor& shift, at::IntArrayRef stride,
                                        at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift_grad_shift");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift_grad_shift", &grad_);
   check_cpu_dtype(input_, "active_shift_grad_shift");
-  const auto fmt = format_of(input_);
-  const at::Tensor input = input_.contiguous(fmt);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t Ho = out_size(H, stride[0], padding[0]), Wo = out_size(W, stride[1], padding[1]);
-  TORCH_CHECK(grad_.sizes() == at::IntArrayRef({N, C, Ho, Wo}),
-              "active_shift_grad_shift: grad_output must have shape ", at::IntArrayRef({N, C, Ho, Wo}),
-              ", got ", grad_.sizes());
-  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(fmt);
+  const at::Tensor input = input_.contiguous(g.format());
+  const int64_t N = g.N, C = g.C;
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
   // Per-plane partial sums, then a fixed-order sum over the batch: deterministic for any
   // number of threads.
   std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0);
   if (grad.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_grad_shift_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto shifts = channel_shifts<acc_t>(shift, shift_limit(H, W, Ho, Wo, stride, padding));
+      const auto shifts = channel_shifts<acc_t>(shift, g.limit);
       const scalar_t* gp = grad.const_data_ptr<scalar_t>();
       const scalar_t* xp = input.const_data_ptr<scalar_t>();
-      at::parallel_for(0, N * C, grain(Ho * Wo), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * C, grain(g.Ho * g.Wo), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t n = i / C, c = i % C;
           const auto& s = shifts[c];

@@ -17,11 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Geometry {
-  int64_t N, C, H, W, Ho, Wo;
-  int64_t sh, sw, ph, pw;
-};
-
 // Element offset of (n, c, r, col) in a dense NCHW or channels_last tensor of spatial size HxW.
 template <bool CL>
 __device__ __forceinline__ int64_t offset(int64_t n, int64_t c, int64_t r, int64_t col, int64_t C,
@@ -191,55 +186,25 @@ __global__ void grad_shift_final_kernel(const acc_t* __restrict__ partial, acc_t
   }
 }
 
-Geometry geometry(const at::Tensor& input, at::IntArrayRef stride, at::IntArrayRef padding) {
-  Geometry g;
-  g.N = input.size(0);
-  g.C = input.size(1);
-  g.H = input.size(2);
-  g.W = input.size(3);
-  g.Ho = out_size(g.H, stride[0], padding[0]);
-  g.Wo = out_size(g.W, stride[1], padding[1]);
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  return g;
-}
-
 int blocks_for(int64_t total) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = (total + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 32)));
 }
 
-at::MemoryFormat format_of(const at::Tensor& input) {
-  return use_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 at::Tensor opmath_shift(const at::Tensor& shift, at::ScalarType input_type) {
   return shift.to(at::toOpMathType(input_type)).contiguous();
 }
 
-void check_grad(const at::Tensor& grad, const Geometry& g, const char* op) {
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}), op,
-              ": grad_output must have shape ", at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}), ", got ",
-              grad.sizes());
-  TORCH_CHECK(grad.device() == at::Device(at::kCUDA, grad.device().index()), op,
-              ": grad_output must be on CUDA");
-}
-
 at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
                              at::IntArrayRef stride, at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift");
   c10::cuda::CUDAGuard guard(input_.device());
-  const auto fmt = format_of(input_);
-  const at::Tensor input = input_.contiguous(fmt);
-  const Geometry g = geometry(input, stride, padding);
-  at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, input.options().memory_format(fmt));
+  const at::Tensor input = input_.contiguous(g.format());
+  at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, input.options().memory_format(g.format()));
   const int64_t total = out.numel();
   if (total == 0) return out;
   const at::Tensor s = opmath_shift(shift, input.scalar_type());
-  const double limit = shift_limit(g.H, g.W, g.Ho, g.Wo, stride, padding);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -247,9 +212,9 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
       kernel<<<blocks_for(total), kThreads, 0, stream>>>(input.const_data_ptr<scalar_t>(),
                                                          s.const_data_ptr<acc_t>(),
                                                          out.data_ptr<scalar_t>(), total, g,
-                                                         static_cast<acc_t>(limit));
+                                                         static_cast<acc_t>(g.limit));
     };
-    if (fmt == at::MemoryFormat::ChannelsLast) launch(forward_kernel<scalar_t, acc_t, true>);
+    if (g.channels_last) launch(forward_kernel<scalar_t, acc_t, true>);
     else launch(forward_kernel<scalar_t, acc_t, false>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -259,17 +224,13 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
 at::Tensor active_shift_grad_input_cuda(const at::Tensor& grad_, const at::Tensor& input_,
                                         const at::Tensor& shift, at::IntArrayRef stride,
                                         at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift_grad_input");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift_grad_input", &grad_);
   c10::cuda::CUDAGuard guard(input_.device());
-  const auto fmt = format_of(input_);
-  const Geometry g = geometry(input_, stride, padding);
-  check_grad(grad_, g, "active_shift_grad_input");
-  const at::Tensor grad = grad_.to(input_.scalar_type()).contiguous(fmt);
-  at::Tensor gx = at::empty(input_.sizes(), input_.options().memory_format(fmt));
+  const at::Tensor grad = grad_.to(input_.scalar_type()).contiguous(g.format());
+  at::Tensor gx = at::empty(input_.sizes(), input_.options().memory_format(g.format()));
   const int64_t total = gx.numel();
   if (total == 0) return gx;
   const at::Tensor s = opmath_shift(shift, input_.scalar_type());
-  const double limit = shift_limit(g.H, g.W, g.Ho, g.Wo, stride, padding);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_.scalar_type(), "active_shift_grad_input_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -277,9 +238,9 @@ at::Tensor active_shift_grad_input_cuda(const at::Tensor& grad_, const at::Tenso
       kernel<<<blocks_for(total), kThreads, 0, stream>>>(grad.const_data_ptr<scalar_t>(),
                                                          s.const_data_ptr<acc_t>(),
                                                          gx.data_ptr<scalar_t>(), total, g,
-                                                         static_cast<acc_t>(limit));
+                                                         static_cast<acc_t>(g.limit));
     };
-    if (fmt == at::MemoryFormat::ChannelsLast) launch(grad_input_kernel<scalar_t, acc_t, true>);
+    if (g.channels_last) launch(grad_input_kernel<scalar_t, acc_t, true>);
     else launch(grad_input_kernel<scalar_t, acc_t, false>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -289,13 +250,10 @@ at::Tensor active_shift_grad_input_cuda(const at::Tensor& grad_, const at::Tenso
 at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tensor& input_,
                                         const at::Tensor& shift, at::IntArrayRef stride,
                                         at::IntArrayRef padding) {
-  check_args(input_, shift, stride, padding, "active_shift_grad_shift");
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift_grad_shift", &grad_);
   c10::cuda::CUDAGuard guard(input_.device());
-  const auto fmt = format_of(input_);
-  const at::Tensor input = input_.contiguous(fmt);
-  const Geometry g = geometry(input, stride, padding);
-  check_grad(grad_, g, "active_shift_grad_shift");
-  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(fmt);
+  const at::Tensor input = input_.contiguous(g.format());
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t M = g.N * g.Ho * g.Wo;
   if (M == 0 || g.C == 0) return at::zeros_like(shift);
@@ -305,7 +263,6 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
   at::Tensor partial = at::empty({g.C, slices, 2}, input.options().dtype(acc_type));
   at::Tensor total = at::empty({g.C, 2}, input.options().dtype(acc_type));
   const at::Tensor s = opmath_shift(shift, input.scalar_type());
-  const double limit = shift_limit(g.H, g.W, g.Ho, g.Wo, stride, padding);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_grad_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -314,9 +271,9 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
       kernel<<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<scalar_t>(),
                                             input.const_data_ptr<scalar_t>(),
                                             s.const_data_ptr<acc_t>(), partial.data_ptr<acc_t>(), g,
-                                            chunk, static_cast<acc_t>(limit));
+                                            chunk, static_cast<acc_t>(g.limit));
     };
-    if (fmt == at::MemoryFormat::ChannelsLast) launch(grad_shift_partial_kernel<scalar_t, acc_t, true>);
+    if (g.channels_last) launch(grad_shift_partial_kernel<scalar_t, acc_t, true>);
     else launch(grad_shift_partial_kernel<scalar_t, acc_t, false>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_shift_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(

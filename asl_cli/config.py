@@ -128,7 +128,10 @@ def _merge(base: dict, new: dict, prefix: str = "") -> dict:
         if key.startswith("model.args"):
             if key == "model.args" and not isinstance(v, dict):
                 raise ConfigError(f"model.args must be a mapping of create_model overrides, got {v!r}")
-            base[k] = copy.deepcopy(v) if key == "model.args" else v
+            if key == "model.args":  # merge, so several model.args.* overrides add up
+                base[k] = {**base.get(k, {}), **copy.deepcopy(v)}
+            else:
+                base[k] = v
             continue
         if k not in base:
             raise ConfigError(f"unknown key {key!r}{_suggest(key)}")

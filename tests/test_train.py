@@ -211,3 +211,8 @@ def test_distributed_gloo_matches_single_process(tmp_path):
     ma, mb = pd.read_csv(single / "metrics.csv"), pd.read_csv(ddp / "metrics.csv")
     assert ma["test_top1"].tolist() == pytest.approx(mb["test_top1"].tolist(), abs=1.0)
     assert ma["train_loss"].tolist() == pytest.approx(mb["train_loss"].tolist(), rel=1e-3)
+
+
+def test_several_model_args_overrides_add_up():
+    cfg = load_config("quick", ["model.args.shift_mode=GS", "model.args.shift_seed=3"])
+    assert cfg["model"]["args"] == {"shift_mode": "GS", "shift_seed": 3}

@@ -1,6 +1,7 @@
 // CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
 // shift is constant, so every output row blends two input rows with fixed weights and the
-// interior of a row is a branch-free loop the compiler vectorizes. Channels_last tensors are
+// interior of a row is a branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the
+// one-element offset split every cache line and measured slower). Channels_last tensors are
 // walked in place with their strides (no copy), which is correct but slower than NCHW.
 #include "../active_shift.h"
 
@@ -35,7 +36,7 @@ inline acc_t tap(const T* row, int64_t c, int64_t W, int64_t sW) {
 // Contiguous interior loops: the hot path of NCHW tensors with unit column stride. They are
 // compiled twice, for AVX2+FMA and for the baseline, and picked at load time by the CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ASL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define ASL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define ASL_MULTIVERSION
 #endif
@@ -59,6 +60,40 @@ ASL_MULTIVERSION void blend1_unit(T* __restrict__ o, const T* __restrict__ a, in
 // out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
 // with zeros outside src. The forward pass is this with the layer's stride; the input gradient
 // at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
+// The columns outside [q_lo, q_hi) of the rows [p_lo, p_hi) whose two row taps are inside, for
+// dense equal-width planes at stride 1: their column taps are fixed per column, so they are
+// resolved once (index and inside/outside) instead of bounds-checked at every row.
+template <typename T, typename acc_t>
+void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p_hi, int64_t q_lo,
+                       int64_t q_hi, int64_t off_r, int64_t off_c, acc_t wr0, acc_t wr1, acc_t wc0,
+                       acc_t wc1) {
+  struct Col {
+    int64_t q, c0, c1;
+    bool in0, in1;
+  };
+  std::vector<Col> cols;
+  cols.reserve(static_cast<size_t>(q_lo + out.W - q_hi));
+  auto add = [&](int64_t q) {
+    const int64_t c = q + off_c;
+    const bool in0 = c >= 0 && c < src.W, in1 = c + 1 >= 0 && c + 1 < src.W;
+    cols.push_back(Col{q, in0 ? c : 0, in1 ? c + 1 : 0, in0, in1});
+  };
+  for (int64_t q = 0; q < q_lo; ++q) add(q);
+  for (int64_t q = q_hi; q < out.W; ++q) add(q);
+  for (int64_t p = p_lo; p < p_hi; ++p) {
+    const T* a = src.p + (p + off_r) * src.W;
+    const T* b = a + src.W;
+    T* o = out.p + p * out.W;
+    for (const Col& col : cols) {
+      const acc_t a0 = col.in0 ? static_cast<acc_t>(a[col.c0]) : acc_t(0);
+      const acc_t a1 = col.in1 ? static_cast<acc_t>(a[col.c1]) : acc_t(0);
+      const acc_t b0 = col.in0 ? static_cast<acc_t>(b[col.c0]) : acc_t(0);
+      const acc_t b1 = col.in1 ? static_cast<acc_t>(b[col.c1]) : acc_t(0);
+      o[col.q] = static_cast<T>(wr0 * (wc0 * a0 + wc1 * a1) + wr1 * (wc0 * b0 + wc1 * b1));
+    }
+  }
+}
+
 template <typename T, typename acc_t>
 void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, int64_t off_r,
                   int64_t off_c, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1) {
@@ -78,8 +113,10 @@ void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, in
     const int64_t k0 = p_lo * out.W + q_lo, k1 = (p_hi - 1) * out.W + q_hi;
     const T* a = src.p + k0 + off_r * src.W + off_c;
     blend2_unit<T, acc_t>(out.p + k0, a, a + src.W, k1 - k0, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+    flat_edge_columns<T, acc_t>(src, out, p_lo, p_hi, q_lo, q_hi, off_r, off_c, wr0, wr1, wc0, wc1);
   }
   for (int64_t p = 0; p < out.H; ++p) {
+    if (flat && p >= p_lo && p < p_hi) continue;  // done above
     const int64_t r = p * s_r + off_r;
     const T* a = src.row(r);
     const T* b = src.row(r + 1);
@@ -94,7 +131,7 @@ void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, in
     for (int64_t q = 0; q < q_lo; ++q) edge(q);
     for (int64_t q = q_hi; q < out.W; ++q) edge(q);
     const int64_t n = q_hi - q_lo;
-    if (n <= 0 || (flat && p >= p_lo && p < p_hi)) continue;
+    if (n <= 0) continue;
     const int64_t c0 = q_lo * s_c + off_c;
     if (unit && a && b) {
       blend2_unit<T, acc_t>(o + q_lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);

@@ -17,17 +17,26 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Sizes in the kernels' index type: 32-bit whenever the tensors allow (64-bit integer division
+// is several times slower on GPUs), 64-bit otherwise.
+template <typename index_t>
+struct Geom {
+  index_t N, C, H, W, Ho, Wo, sh, sw, ph, pw;
+  explicit Geom(const Geometry& g)
+      : N(g.N), C(g.C), H(g.H), W(g.W), Ho(g.Ho), Wo(g.Wo), sh(g.sh), sw(g.sw), ph(g.ph), pw(g.pw) {}
+};
+
 // Element offset of (n, c, r, col) in a dense NCHW or channels_last tensor of spatial size HxW.
-template <bool CL>
-__device__ __forceinline__ int64_t offset(int64_t n, int64_t c, int64_t r, int64_t col, int64_t C,
-                                          int64_t H, int64_t W) {
+template <bool CL, typename index_t>
+__device__ __forceinline__ index_t offset(index_t n, index_t c, index_t r, index_t col, index_t C,
+                                          index_t H, index_t W) {
   return CL ? ((n * H + r) * W + col) * C + c : ((n * C + c) * H + r) * W + col;
 }
 
 // Splits a linear index in memory order into (n, c, r, col).
-template <bool CL>
-__device__ __forceinline__ void split(int64_t idx, int64_t C, int64_t H, int64_t W, int64_t& n,
-                                      int64_t& c, int64_t& r, int64_t& col) {
+template <bool CL, typename index_t>
+__device__ __forceinline__ void split(index_t idx, index_t C, index_t H, index_t W, index_t& n,
+                                      index_t& c, index_t& r, index_t& col) {
   if (CL) {
     c = idx % C;
     idx /= C;
@@ -45,33 +54,33 @@ __device__ __forceinline__ void split(int64_t idx, int64_t C, int64_t H, int64_t
   }
 }
 
-template <typename scalar_t, typename acc_t, bool CL>
+template <typename scalar_t, typename acc_t, bool CL, typename index_t>
 struct Taps4 {
   acc_t v00, v01, v10, v11;
-  __device__ __forceinline__ Taps4(const scalar_t* __restrict__ x, int64_t n, int64_t c, int64_t r,
-                                   int64_t col, const Geometry& g) {
+  __device__ __forceinline__ Taps4(const scalar_t* __restrict__ x, index_t n, index_t c, index_t r,
+                                   index_t col, const Geom<index_t>& g) {
     const bool r0 = r >= 0 && r < g.H, r1 = r + 1 >= 0 && r + 1 < g.H;
     const bool c0 = col >= 0 && col < g.W, c1 = col + 1 >= 0 && col + 1 < g.W;
-    v00 = (r0 && c0) ? static_cast<acc_t>(x[offset<CL>(n, c, r, col, g.C, g.H, g.W)]) : acc_t(0);
-    v01 = (r0 && c1) ? static_cast<acc_t>(x[offset<CL>(n, c, r, col + 1, g.C, g.H, g.W)]) : acc_t(0);
-    v10 = (r1 && c0) ? static_cast<acc_t>(x[offset<CL>(n, c, r + 1, col, g.C, g.H, g.W)]) : acc_t(0);
-    v11 = (r1 && c1) ? static_cast<acc_t>(x[offset<CL>(n, c, r + 1, col + 1, g.C, g.H, g.W)]) : acc_t(0);
+    v00 = (r0 && c0) ? static_cast<acc_t>(x[offset<CL, index_t>(n, c, r, col, g.C, g.H, g.W)]) : acc_t(0);
+    v01 = (r0 && c1) ? static_cast<acc_t>(x[offset<CL, index_t>(n, c, r, col + 1, g.C, g.H, g.W)]) : acc_t(0);
+    v10 = (r1 && c0) ? static_cast<acc_t>(x[offset<CL, index_t>(n, c, r + 1, col, g.C, g.H, g.W)]) : acc_t(0);
+    v11 = (r1 && c1) ? static_cast<acc_t>(x[offset<CL, index_t>(n, c, r + 1, col + 1, g.C, g.H, g.W)]) : acc_t(0);
   }
 };
 
-template <typename scalar_t, typename acc_t, bool CL>
+template <typename scalar_t, typename acc_t, bool CL, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ shift,
-                               scalar_t* __restrict__ y, int64_t total, Geometry g, acc_t limit) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    int64_t n, c, p, q;
-    split<CL>(idx, g.C, g.Ho, g.Wo, n, c, p, q);
+                               scalar_t* __restrict__ y, index_t total, Geom<index_t> g, acc_t limit) {
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t n, c, p, q;
+    split<CL, index_t>(idx, g.C, g.Ho, g.Wo, n, c, p, q);
     const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
     if (!s.finite) {
       y[idx] = static_cast<scalar_t>(static_cast<acc_t>(NAN));
       continue;
     }
-    const Taps4<scalar_t, acc_t, CL> t(x, n, c, p * g.sh - g.ph + s.dr, q * g.sw - g.pw + s.dc, g);
+    const Taps4<scalar_t, acc_t, CL, index_t> t(x, n, c, p * g.sh - g.ph + static_cast<index_t>(s.dr), q * g.sw - g.pw + static_cast<index_t>(s.dc), g);
     const acc_t fr = s.fr, fc = s.fc;
     y[idx] = static_cast<scalar_t>((acc_t(1) - fr) * ((acc_t(1) - fc) * t.v00 + fc * t.v01) +
                                    fr * ((acc_t(1) - fc) * t.v10 + fc * t.v11));
@@ -79,23 +88,24 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
 }
 
 // Output index along one axis that reads input index x through tap k, or -1.
-__device__ __forceinline__ int64_t source_of(int64_t x, int64_t k, int64_t stride, int64_t pad,
-                                             int64_t d, int64_t n_out) {
-  const int64_t num = x + pad - d - k;
+template <typename index_t>
+__device__ __forceinline__ index_t source_of(index_t x, index_t k, index_t stride, index_t pad,
+                                             index_t d, index_t n_out) {
+  const index_t num = x + pad - d - k;
   if (num < 0 || num % stride != 0) return -1;
-  const int64_t i = num / stride;
+  const index_t i = num / stride;
   return i < n_out ? i : -1;
 }
 
 // Input gradient as a gather over the (at most 2x2) output pixels whose taps touch each input
 // pixel: no atomics, no races.
-template <typename scalar_t, typename acc_t, bool CL>
+template <typename scalar_t, typename acc_t, bool CL, typename index_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ go, const acc_t* __restrict__ shift,
-                                  scalar_t* __restrict__ gx, int64_t total, Geometry g, acc_t limit) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    int64_t n, c, r, col;
-    split<CL>(idx, g.C, g.H, g.W, n, c, r, col);
+                                  scalar_t* __restrict__ gx, index_t total, Geom<index_t> g, acc_t limit) {
+  for (index_t idx = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t n, c, r, col;
+    split<CL, index_t>(idx, g.C, g.H, g.W, n, c, r, col);
     const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
     if (!s.finite) {
       gx[idx] = static_cast<scalar_t>(static_cast<acc_t>(NAN));
@@ -104,16 +114,16 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ go, const acc_t* 
     acc_t v = acc_t(0);
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      const int64_t p = source_of(r, k, g.sh, g.ph, s.dr, g.Ho);
+      const index_t p = source_of<index_t>(r, k, g.sh, g.ph, static_cast<index_t>(s.dr), g.Ho);
       if (p < 0) continue;
       const acc_t wr = k == 0 ? acc_t(1) - s.fr : s.fr;
       acc_t h = acc_t(0);
 #pragma unroll
       for (int l = 0; l < 2; ++l) {
-        const int64_t q = source_of(col, l, g.sw, g.pw, s.dc, g.Wo);
+        const index_t q = source_of<index_t>(col, l, g.sw, g.pw, static_cast<index_t>(s.dc), g.Wo);
         if (q < 0) continue;
         const acc_t wc = l == 0 ? acc_t(1) - s.fc : s.fc;
-        h += wc * static_cast<acc_t>(go[offset<CL>(n, c, p, q, g.C, g.Ho, g.Wo)]);
+        h += wc * static_cast<acc_t>(go[offset<CL, index_t>(n, c, p, q, g.C, g.Ho, g.Wo)]);
       }
       v += wr * h;
     }
@@ -141,23 +151,23 @@ __device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b) {
 
 // Stage 1: block (c, b) sums grad_output * d(output)/d(shift) over the b-th slice of channel
 // c's N*Ho*Wo output pixels into partial[c, b].
-template <typename scalar_t, typename acc_t, bool CL>
+template <typename scalar_t, typename acc_t, bool CL, typename index_t>
 __global__ void grad_shift_partial_kernel(const scalar_t* __restrict__ go,
                                           const scalar_t* __restrict__ x,
                                           const acc_t* __restrict__ shift,
-                                          acc_t* __restrict__ partial, Geometry g, int64_t chunk,
+                                          acc_t* __restrict__ partial, Geom<index_t> g, index_t chunk,
                                           acc_t limit) {
-  const int64_t c = blockIdx.x;
-  const int64_t slices = gridDim.y;
-  const int64_t M = g.N * g.Ho * g.Wo;
-  const int64_t begin = blockIdx.y * chunk;
-  const int64_t end = begin + chunk < M ? begin + chunk : M;
+  const index_t c = blockIdx.x;
+  const index_t slices = gridDim.y;
+  const index_t M = g.N * g.Ho * g.Wo;
+  const index_t begin = blockIdx.y * chunk;
+  const index_t end = begin + chunk < M ? begin + chunk : M;
   const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
   acc_t da = 0, db = 0;
-  for (int64_t m = begin + threadIdx.x; m < end; m += blockDim.x) {
-    const int64_t q = m % g.Wo, p = (m / g.Wo) % g.Ho, n = m / (g.Wo * g.Ho);
-    const Taps4<scalar_t, acc_t, CL> t(x, n, c, p * g.sh - g.ph + s.dr, q * g.sw - g.pw + s.dc, g);
-    const acc_t gv = static_cast<acc_t>(go[offset<CL>(n, c, p, q, g.C, g.Ho, g.Wo)]);
+  for (index_t m = begin + threadIdx.x; m < end; m += blockDim.x) {
+    const index_t q = m % g.Wo, p = (m / g.Wo) % g.Ho, n = m / (g.Wo * g.Ho);
+    const Taps4<scalar_t, acc_t, CL, index_t> t(x, n, c, p * g.sh - g.ph + static_cast<index_t>(s.dr), q * g.sw - g.pw + static_cast<index_t>(s.dc), g);
+    const acc_t gv = static_cast<acc_t>(go[offset<CL, index_t>(n, c, p, q, g.C, g.Ho, g.Wo)]);
     da += gv * ((acc_t(1) - s.fr) * (t.v01 - t.v00) + s.fr * (t.v11 - t.v10));
     db += gv * ((acc_t(1) - s.fc) * (t.v10 - t.v00) + s.fc * (t.v11 - t.v01));
   }
@@ -186,6 +196,12 @@ __global__ void grad_shift_final_kernel(const acc_t* __restrict__ partial, acc_t
   }
 }
 
+// 32-bit indices when every element index (plus a grid-stride step) stays below 2^31.
+bool fits_int32(const Geometry& g) {
+  const int64_t in = g.N * g.C * g.H * g.W, out = g.N * g.C * g.Ho * g.Wo;
+  return std::max(in, out) < (int64_t{1} << 31) - (int64_t{1} << 26);
+}
+
 int blocks_for(int64_t total) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = (total + kThreads - 1) / kThreads;
@@ -208,14 +224,16 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(total), kThreads, 0, stream>>>(input.const_data_ptr<scalar_t>(),
-                                                         s.const_data_ptr<acc_t>(),
-                                                         out.data_ptr<scalar_t>(), total, g,
-                                                         static_cast<acc_t>(g.limit));
+    auto launch = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      auto kernel = g.channels_last ? forward_kernel<scalar_t, acc_t, true, index_t>
+                                    : forward_kernel<scalar_t, acc_t, false, index_t>;
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
+          static_cast<index_t>(total), Geom<index_t>(g), static_cast<acc_t>(g.limit));
     };
-    if (g.channels_last) launch(forward_kernel<scalar_t, acc_t, true>);
-    else launch(forward_kernel<scalar_t, acc_t, false>);
+    if (fits_int32(g)) launch(int32_t{});
+    else launch(int64_t{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -234,14 +252,16 @@ at::Tensor active_shift_grad_input_cuda(const at::Tensor& grad_, const at::Tenso
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_.scalar_type(), "active_shift_grad_input_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(total), kThreads, 0, stream>>>(grad.const_data_ptr<scalar_t>(),
-                                                         s.const_data_ptr<acc_t>(),
-                                                         gx.data_ptr<scalar_t>(), total, g,
-                                                         static_cast<acc_t>(g.limit));
+    auto launch = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      auto kernel = g.channels_last ? grad_input_kernel<scalar_t, acc_t, true, index_t>
+                                    : grad_input_kernel<scalar_t, acc_t, false, index_t>;
+      kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), gx.data_ptr<scalar_t>(),
+          static_cast<index_t>(total), Geom<index_t>(g), static_cast<acc_t>(g.limit));
     };
-    if (g.channels_last) launch(grad_input_kernel<scalar_t, acc_t, true>);
-    else launch(grad_input_kernel<scalar_t, acc_t, false>);
+    if (fits_int32(g)) launch(int32_t{});
+    else launch(int64_t{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx;
@@ -267,14 +287,16 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_grad_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(slices));
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<scalar_t>(),
-                                            input.const_data_ptr<scalar_t>(),
-                                            s.const_data_ptr<acc_t>(), partial.data_ptr<acc_t>(), g,
-                                            chunk, static_cast<acc_t>(g.limit));
+    auto launch = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      auto kernel = g.channels_last ? grad_shift_partial_kernel<scalar_t, acc_t, true, index_t>
+                                    : grad_shift_partial_kernel<scalar_t, acc_t, false, index_t>;
+      kernel<<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                            s.const_data_ptr<acc_t>(), partial.data_ptr<acc_t>(), Geom<index_t>(g),
+                                            static_cast<index_t>(chunk), static_cast<acc_t>(g.limit));
     };
-    if (g.channels_last) launch(grad_shift_partial_kernel<scalar_t, acc_t, true>);
-    else launch(grad_shift_partial_kernel<scalar_t, acc_t, false>);
+    if (fits_int32(g)) launch(int32_t{});
+    else launch(int64_t{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_shift_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), slices);

@@ -282,7 +282,13 @@ def _split_recipe(args: list[str]) -> tuple[Optional[str], list[str]]:
     return None, args
 
 
-@app.command()
+def _recipes_epilog() -> str:
+    from asl_cli.config import list_recipes
+
+    return "Recipes: " + ", ".join(list_recipes()) + ". Examples: asl train; asl train asnet20_16x1 data.dataset=cifar100; asl train --resume runs/RUN"
+
+
+@app.command(epilog=_recipes_epilog())
 def train(
     args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
                                                help="A recipe name in recipes/ or a YAML path (default: quick), then dotted overrides such as optim.lr=0.05 data.root=/data."),

@@ -120,10 +120,12 @@ def test_default_classes():
     assert create_model("mobilenet_v2_x0.5").classifier[-1].out_features == 1000
 
 
-@pytest.mark.parametrize("name", ["asnet20_16x1", "shiftresnet20_x1", "as_resnet_w32"])
+@pytest.mark.parametrize("name", ["asnet20_16x1", "asnet20_16x1:dw3_bn", "shiftresnet20_x1", "as_resnet_w32", "mobilenet_v2_x0.5"])
 def test_torch_compile(name):
+    """One model of each family (the family's code is shared across depths and widths)."""
+    name, _, spatial = name.partition(":")
     entry = get_entry(name)
     size = entry.input_size if entry.dataset == "cifar" else SMALL_INPUT
-    m = create_model(name).eval()
+    m = create_model(name, **({"spatial": spatial} if spatial else {})).eval()
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(torch.compile(m, fullgraph=True, backend="aot_eager")(x), m(x), atol=1e-4, rtol=1e-4)

@@ -361,6 +361,9 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             ckpt_io.save_atomic(obj, run_dir / "checkpoints" / "best.pt")
         _append_shifts(run_dir / "shifts.csv", step, obj["shifts"])
 
+    if state is None and d.main:
+        _append_shifts(run_dir / "shifts.csv", 0, shift_values(model))  # the starting point of every shift
+
     cb.on_start({"run_dir": str(run_dir), "total": total, "start": start, "device": str(device), "world": d.world,
                  "model": cfg["model"]["name"], "steps_per_epoch": spe, "train_images": n_train})
 

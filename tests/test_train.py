@@ -87,7 +87,7 @@ def test_run_folder_contents(tmp_path):
     assert list(m.columns) == ["step", "epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds", "images_per_s"]
     assert m["step"].tolist() == [4, 8, 12]
     s = pd.read_csv(run / "shifts.csv")
-    assert set(s["step"]) == {4, 8, 12} and set(s.columns) == {"step", "layer", "channel", "alpha", "beta"}
+    assert set(s["step"]) == {0, 4, 8, 12} and set(s.columns) == {"step", "layer", "channel", "alpha", "beta"}
     ck = ckpt_io.load(run, prefer="last")
     assert ck["step"] == 12 and ck["preprocessing"]["kind"] == "tensor" and ck["shifts"]
     assert out["best_top1"] == pytest.approx(m["test_top1"].max())

@@ -336,7 +336,7 @@ def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
 
     if not show:
         return run_training(cfg, resume=resume, init_from=init_from)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+    progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     task = {}
 

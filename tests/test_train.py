@@ -216,3 +216,10 @@ def test_distributed_gloo_matches_single_process(tmp_path):
 def test_several_model_args_overrides_add_up():
     cfg = load_config("quick", ["model.args.shift_mode=GS", "model.args.shift_seed=3"])
     assert cfg["model"]["args"] == {"shift_mode": "GS", "shift_seed": 3}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_mixed_precision_channels_last(tmp_path, amp):
+    out = train(tiny_cfg(tmp_path / amp, "train.device=cuda", f"train.amp={amp}", "train.channels_last=true", "train.iterations=4"))
+    assert out["steps"] == 4 and out["last"]["test_top1"] >= 0

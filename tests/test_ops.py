@@ -322,3 +322,25 @@ def test_cuda_compile_fullgraph():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), ActiveShift2d(8), torch.nn.ReLU()).cuda()
     x = torch.randn(2, 3, 16, 16, device="cuda")
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def test_random_cases_against_reference():
+    """Random sizes, strides, paddings, layouts and shift magnitudes (integer ones too), float64."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        N, C, H, W = rng.randint(1, 2), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 9)
+        stride, padding = [rng.randint(1, 3), rng.randint(1, 3)], [rng.randint(0, 2), rng.randint(0, 2)]
+        x = torch.randn(N, C, H, W, dtype=torch.float64)
+        if rng.random() < 0.3:
+            x = x.contiguous(memory_format=torch.channels_last)
+        s = (torch.rand(C, 2, dtype=torch.float64) - 0.5) * rng.choice([1, 3, 8, 20])
+        if rng.random() < 0.2:
+            s = s.round()
+        y = torch.ops.asl.active_shift(x, s, stride, padding)
+        g = torch.randn_like(y)
+        gx, gs = ref_grads(x, s, tuple(stride), tuple(padding), g)
+        torch.testing.assert_close(y, reference_active_shift(x, s, tuple(stride), tuple(padding)), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(torch.ops.asl.active_shift_grad_input(g, x, s, stride, padding), gx, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding), gs, atol=1e-10, rtol=1e-10)

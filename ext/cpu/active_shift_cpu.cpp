@@ -57,11 +57,28 @@ ASL_MULTIVERSION void blend1_unit(T* __restrict__ o, const T* __restrict__ a, in
   }
 }
 
+// Horizontal blend of one input row into h, then the vertical blend of each next row with the
+// previous one: every input row is read and blended horizontally once instead of twice.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void hblend_unit(acc_t* __restrict h, const T* __restrict x, int64_t n, acc_t c0, acc_t c1) {
+  for (int64_t i = 0; i < n; ++i) h[i] = c0 * static_cast<acc_t>(x[i]) + c1 * static_cast<acc_t>(x[i + 1]);
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void vblend_row_unit(T* __restrict o, acc_t* __restrict h, const T* __restrict x, int64_t n,
+                                      acc_t c0, acc_t c1, acc_t r0, acc_t r1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t hb = c0 * static_cast<acc_t>(x[i]) + c1 * static_cast<acc_t>(x[i + 1]);
+    o[i] = static_cast<T>(r0 * h[i] + r1 * hb);
+    h[i] = hb;
+  }
+}
+
 // out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
 // with zeros outside src. The forward pass is this with the layer's stride; the input gradient
 // at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
-// The columns outside [q_lo, q_hi) of the rows [p_lo, p_hi) whose two row taps are inside, for
-// dense equal-width planes at stride 1: their column taps are fixed per column, so they are
+// The columns outside [q_lo, q_hi) of the rows [p_lo, p_hi) whose two row taps are inside, at
+// stride 1 with unit column strides: their column taps are fixed per column, so they are
 // resolved once (index and inside/outside) instead of bounds-checked at every row.
 template <typename T, typename acc_t>
 void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p_hi, int64_t q_lo,
@@ -81,9 +98,9 @@ void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p
   for (int64_t q = 0; q < q_lo; ++q) add(q);
   for (int64_t q = q_hi; q < out.W; ++q) add(q);
   for (int64_t p = p_lo; p < p_hi; ++p) {
-    const T* a = src.p + (p + off_r) * src.W;
-    const T* b = a + src.W;
-    T* o = out.p + p * out.W;
+    const T* a = src.p + (p + off_r) * src.sH;
+    const T* b = a + src.sH;
+    T* o = out.p + p * out.sH;
     for (const Col& col : cols) {
       const acc_t a0 = col.in0 ? static_cast<acc_t>(a[col.c0]) : acc_t(0);
       const acc_t a1 = col.in1 ? static_cast<acc_t>(a[col.c1]) : acc_t(0);
@@ -104,15 +121,18 @@ void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, in
   // Rows whose two taps are both inside src.
   const int64_t p_lo = clamp64(-floor_div(off_r, s_r), 0, out.H);
   const int64_t p_hi = clamp64(floor_div(src.H - 2 - off_r, s_r) + 1, p_lo, out.H);
-  // Dense planes of equal width (NCHW, stride 1, no column padding): the interior rows form one
-  // long run in memory, so they are blended in a single loop (the row-wrapping columns it also
-  // writes are overwritten with their true values below).
-  const bool flat = unit && s_r == 1 && src.sH == src.W && out.sH == out.W && src.W == out.W &&
-                    p_hi > p_lo && q_hi > q_lo;
+  // Stride 1 with unit column strides (NCHW): the interior rows are blended row after row,
+  // each input row blended horizontally once (see vblend_row_unit).
+  const bool flat = unit && s_r == 1 && p_hi > p_lo && q_hi > q_lo;
   if (flat) {
-    const int64_t k0 = p_lo * out.W + q_lo, k1 = (p_hi - 1) * out.W + q_hi;
-    const T* a = src.p + k0 + off_r * src.W + off_c;
-    blend2_unit<T, acc_t>(out.p + k0, a, a + src.W, k1 - k0, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+    const int64_t n = q_hi - q_lo;
+    std::vector<acc_t> h(static_cast<size_t>(n));
+    const T* row = src.p + (p_lo + off_r) * src.sH + q_lo + off_c;
+    hblend_unit<T, acc_t>(h.data(), row, n, wc0, wc1);
+    for (int64_t p = p_lo; p < p_hi; ++p) {
+      row += src.sH;
+      vblend_row_unit<T, acc_t>(out.p + p * out.sH + q_lo, h.data(), row, n, wc0, wc1, wr0, wr1);
+    }
     flat_edge_columns<T, acc_t>(src, out, p_lo, p_hi, q_lo, q_hi, off_r, off_c, wr0, wr1, wc0, wc1);
   }
   for (int64_t p = 0; p < out.H; ++p) {

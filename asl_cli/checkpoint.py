@@ -53,13 +53,20 @@ def load(path: str | Path, prefer: str = "best") -> dict:
     return ckpt
 
 
-def load_model_state(model: nn.Module, state: dict, source: str) -> None:
-    """Strict load with a message that names what did not fit."""
+def load_model_state(model: nn.Module, state: dict, source: str, skip_mismatched: bool = False) -> list[str]:
+    """Strict load with a message that names what did not fit. With skip_mismatched, entries whose
+    shapes differ (a new classifier when fine-tuning on another dataset) keep their fresh
+    initialisation; their names are returned."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
+    if skip_mismatched and mismatched and not missing and not unexpected:
+        model.load_state_dict({k: (own[k] if k in mismatched else v) for k, v in state.items()})
+        return mismatched
     if missing or unexpected or shapes:
+        hint = " (to fine-tune on another number of classes, set train.init_skip_mismatched=true)" if shapes and not (missing or unexpected) else ""
         parts = []
         if shapes:
             parts.append("shape mismatches: " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
@@ -67,8 +74,9 @@ def load_model_state(model: nn.Module, state: dict, source: str) -> None:
             parts.append(f"missing in checkpoint: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
         if unexpected:
             parts.append(f"not in model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts))
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts) + hint)
     model.load_state_dict(state)
+    return []
 
 
 def build_model(ckpt: dict) -> nn.Module:

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,
         "sync_bn": True,  # synchronised BatchNorm statistics under DistributedDataParallel
         "deterministic": False,
+        "init_skip_mismatched": False,  # --init-from: keep fresh weights where shapes differ (new classifier)
     },
     "optim": {
         "name": "sgd",

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -296,7 +297,10 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         raise TrainingError(f"model {cfg['model']['name']}: {e}") from None
     if init_from is not None and state is None:
         src = ckpt_io.load(init_from, prefer="best")
-        ckpt_io.load_model_state(model, src["model_state"], f"--init-from {src['_path']}")
+        fresh = ckpt_io.load_model_state(model, src["model_state"], f"--init-from {src['_path']}", t["init_skip_mismatched"])
+        if fresh:
+            cb_note = f"--init-from: kept fresh initialisation for {', '.join(fresh)} (shapes differ)"
+            warnings.warn(cb_note, stacklevel=2)
     if d.world > 1 and t["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_allreduce_bn(model)
     model.to(device)

@@ -102,3 +102,34 @@ def test_wrong_width_and_broken_files(tmp_path):
         import_model(MODEL.parent / "LICENSE")
     res = CliRunner().invoke(app, ["import-caffe", str(truncated), "--out", str(tmp_path / "x.pt")])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+def test_imported_model_evaluates_on_an_imagefolder_and_fine_tunes(imported, photos, tmp_path):
+    """The caffe preprocessing path through `asl eval` on an ImageFolder, and --init-from with a
+    new classifier (the synthetic task has 10 classes, the checkpoint 1000)."""
+    import shutil
+
+    _, _, path = imported
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for name, photo in photos.items():
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(photo, root / split / name / "a.png")
+    csv = tmp_path / "eval.csv"
+    res = CliRunner().invoke(app, ["eval", str(path), f"data.root={root}", "data.workers=0", "--no-latency", "--csv", str(csv)])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    row = pd.read_csv(csv).iloc[0]
+    assert row["dataset"] == "imagenet" and row["params"] == 901_256 and 0 <= row["top1"] <= 100
+
+    from asl_cli.config import load_config
+    from asl_cli.engine import train
+
+    tiny = ["model.name=as_resnet_w32", "data.train_size=16", "data.test_size=8", "train.batch_size=8", "train.iterations=1",
+            "train.eval_batch_size=8", f"output.dir={tmp_path / 'ft'}"]
+    with pytest.raises(ckpt_io.CheckpointError, match="init_skip_mismatched"):
+        train(load_config("quick", tiny), init_from=path)
+    with pytest.warns(UserWarning, match="fc.weight"):
+        out = train(load_config("quick", tiny + ["train.init_skip_mismatched=true", f"output.dir={tmp_path / 'ft2'}"]), init_from=path)
+    assert out["steps"] == 1

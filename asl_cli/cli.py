@@ -1,7 +1,6 @@
 """The `asl` command line: parses arguments, calls the library, renders results with rich."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 

@@ -2,7 +2,6 @@
 shifts: a per-channel normalized gradient and optimizer parameter groups."""
 from __future__ import annotations
 
-import math
 from typing import Iterable, Iterator
 
 import torch

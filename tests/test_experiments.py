@@ -1,5 +1,4 @@
 """asl ablate, asl profile and asl plot-shifts: files written, documented columns, sane numbers."""
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -1,6 +1,5 @@
 """asl train / asl eval: recipes, run folders, exact resume, errors, distributed training."""
 import os
-import shutil
 import signal
 import subprocess
 import sys

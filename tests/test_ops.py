@@ -215,8 +215,10 @@ def test_empty_batch():
     assert y.shape == (0, 3, 5, 5)
 
 
-def test_non_finite_shift_gives_nan_channel():
-    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_non_finite_shift_gives_nan_channel(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=fmt).requires_grad_(True)
     s = torch.tensor([[0.3, 0.1], [math.nan, 0.0], [0.0, math.inf]], requires_grad=True)
     y = active_shift(x, s)
     assert torch.isfinite(y[:, 0]).all()

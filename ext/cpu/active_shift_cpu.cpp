@@ -1,8 +1,8 @@
 // CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
 // shift is constant, so every output row blends two input rows with fixed weights and the
 // interior of a row is a branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the
-// one-element offset split every cache line and measured slower). Channels_last tensors are
-// walked in place with their strides (no copy), which is correct but slower than NCHW.
+// one-element offset split every cache line and measured slower). The channels_last forward has
+// its own kernel; the channels_last backward walks the planes in place with their strides.
 #include "../active_shift.h"
 
 #include <ATen/ATen.h>
@@ -296,6 +296,102 @@ void fill_nan(Plane<T> pl) {
 
 int64_t grain(int64_t plane_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_elems)); }
 
+// All channels of one channels_last output pixel whose four taps are inside: one gather of four
+// values per channel at the channel's fixed offset (vectorized with AVX2 gathers where available).
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void cl_pixel_unit(T* __restrict o, const T* __restrict xq, const int32_t* __restrict off,
+                                    const acc_t* __restrict w00, const acc_t* __restrict w01,
+                                    const acc_t* __restrict w10, const acc_t* __restrict w11, int64_t C,
+                                    int64_t WC) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* px = xq + off[c];
+    o[c] = static_cast<T>(w00[c] * static_cast<acc_t>(px[0]) + w01[c] * static_cast<acc_t>(px[C]) +
+                          w10[c] * static_cast<acc_t>(px[WC]) + w11[c] * static_cast<acc_t>(px[WC + C]));
+  }
+}
+
+// channels_last forward: one output row (n, p) at a time with the channels innermost, so the
+// taps of neighbouring pixels stay in cache. Each channel's taps sit at a fixed offset from the
+// output pixel, so inside the region where every channel's four taps are in the image the inner
+// loop over channels has no bounds checks; the border goes through the checked path.
+template <typename T, typename acc_t>
+void forward_channels_last(const T* x, T* y, const Geometry& g, const std::vector<ChannelShift<acc_t>>& shifts) {
+  const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+  std::vector<acc_t> w00(C), w01(C), w10(C), w11(C);
+  int64_t p_lo = 0, p_hi = Ho, q_lo = 0, q_hi = Wo;  // the region where every channel is inside
+  for (int64_t c = 0; c < C; ++c) {
+    const auto& s = shifts[c];
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();  // NaN weights give NaN outputs
+    w00[c] = s.finite ? (acc_t(1) - s.fr) * (acc_t(1) - s.fc) : nan;
+    w01[c] = s.finite ? (acc_t(1) - s.fr) * s.fc : nan;
+    w10[c] = s.finite ? s.fr * (acc_t(1) - s.fc) : nan;
+    w11[c] = s.finite ? s.fr * s.fc : nan;
+    p_lo = std::max(p_lo, -floor_div(s.dr - g.ph, g.sh));
+    p_hi = std::min(p_hi, floor_div(H - 2 - (s.dr - g.ph), g.sh) + 1);
+    q_lo = std::max(q_lo, -floor_div(s.dc - g.pw, g.sw));
+    q_hi = std::min(q_hi, floor_div(W - 2 - (s.dc - g.pw), g.sw) + 1);
+  }
+  const int64_t WC = W * C;
+  const bool small = H * WC < (int64_t{1} << 30);
+  at::parallel_for(0, g.N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rowoff(C);
+    std::vector<int32_t> off32(C);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / Ho, p = i % Ho;
+      const T* xn = x + n * H * WC;
+      T* o_row = y + i * Wo * C;
+      auto checked = [&](int64_t q) {
+        for (int64_t c = 0; c < C; ++c) {
+          const auto& s = shifts[c];
+          if (!s.finite) {
+            o_row[q * C + c] = std::numeric_limits<T>::quiet_NaN();
+            continue;
+          }
+          const int64_t r = p * g.sh - g.ph + s.dr, col = q * g.sw - g.pw + s.dc;
+          acc_t v = acc_t(0);
+          for (int k = 0; k < 2; ++k) {
+            if (r + k < 0 || r + k >= H) continue;
+            for (int l = 0; l < 2; ++l) {
+              if (col + l < 0 || col + l >= W) continue;
+              const acc_t w = k == 0 ? (l == 0 ? w00[c] : w01[c]) : (l == 0 ? w10[c] : w11[c]);
+              v += w * static_cast<acc_t>(xn[((r + k) * W + col + l) * C + c]);
+            }
+          }
+          o_row[q * C + c] = static_cast<T>(v);
+        }
+      };
+      if (p < p_lo || p >= p_hi || q_lo >= q_hi) {
+        for (int64_t q = 0; q < Wo; ++q) checked(q);
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const auto& s = shifts[c];
+        rowoff[c] = ((p * g.sh - g.ph + s.dr) * W + s.dc - g.pw) * C + c;
+      }
+      for (int64_t q = 0; q < q_lo; ++q) checked(q);
+      for (int64_t q = q_hi; q < Wo; ++q) checked(q);
+      if (small) {
+        // offsets from the lowest channel's tap fit 32 bits whenever one image does
+        const int64_t base = *std::min_element(rowoff.begin(), rowoff.end());
+        for (int64_t c = 0; c < C; ++c) off32[c] = static_cast<int32_t>(rowoff[c] - base);
+        for (int64_t q = q_lo; q < q_hi; ++q)
+          cl_pixel_unit<T, acc_t>(o_row + q * C, xn + base + q * g.sw * C, off32.data(), w00.data(), w01.data(),
+                                  w10.data(), w11.data(), C, WC);
+        continue;
+      }
+      for (int64_t q = q_lo; q < q_hi; ++q) {
+        const T* xq = xn + q * g.sw * C;
+        T* o = o_row + q * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const T* px = xq + rowoff[c];
+          o[c] = static_cast<T>(w00[c] * static_cast<acc_t>(px[0]) + w01[c] * static_cast<acc_t>(px[C]) +
+                                w10[c] * static_cast<acc_t>(px[WC]) + w11[c] * static_cast<acc_t>(px[WC + C]));
+        }
+      }
+    }
+  });
+}
+
 at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
                             at::IntArrayRef padding) {
   const Geometry g = prepare(input_, shift, stride, padding, "active_shift");
@@ -309,6 +405,10 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
     const auto shifts = channel_shifts<acc_t>(shift, g.limit);
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
+    if (g.channels_last) {
+      forward_channels_last<scalar_t, acc_t>(xp, yp, g, shifts);
+      return;
+    }
     at::parallel_for(0, N * C, grain(g.Ho * g.Wo), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / C, c = i % C;

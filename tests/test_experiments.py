@@ -69,9 +69,12 @@ def test_profile_models_and_pairs(tmp_path):
 
 def test_profile_op_cpu(tmp_path):
     csv = tmp_path / "op.csv"
+    csv.write_text("commit,op\n12363e220724,old\n")  # an earlier row whose hash looks like a number
     out = invoke("profile", "--op", "asl", "--min-run-time", "0.05", "--out", csv)
     assert "forward / ReLU" in out and "grid_sample" in out
-    df = pd.read_csv(csv)
+    df = pd.read_csv(csv, dtype={"commit": str})
+    assert df["commit"].iloc[0] == "12363e220724"
+    df = df.iloc[1:]
     assert set(df["op"]) == {"copy", "relu", "dw3", "grid_sample_asl", "asl"}
     for col in ["fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", *PROV]:
         assert col in df.columns

@@ -187,10 +187,12 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
 
 
-def test_shift_gradient_is_deterministic_across_threads():
-    x = torch.randn(4, 16, 20, 20)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shift_gradient_is_deterministic_across_threads(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 16, 20, 20).contiguous(memory_format=fmt)
     s = torch.rand(16, 2) * 4 - 2
-    g = torch.randn(4, 16, 20, 20)
+    g = torch.randn(4, 16, 20, 20).contiguous(memory_format=fmt)
     prev = torch.get_num_threads()
     try:
         outs = []

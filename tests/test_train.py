@@ -187,9 +187,10 @@ def test_cli_train_then_eval(tmp_path):
     csv = tmp_path / "eval.csv"
     res = runner.invoke(app, ["eval", str(run), "--csv", str(csv)])
     assert res.exit_code == 0, res.output
-    row = pd.read_csv(csv).iloc[-1]
-    assert row["model"] == "asnet20_16x1" and row["params"] == 35386 and 0 <= row["top1"] <= 100
-    assert row["cpu_ms_batch1"] > 0 and isinstance(row["commit"], str)
+    row = pd.read_csv(csv, dtype={"commit": str}).iloc[-1]
+    assert row["model"] == "asnet20_16x1"
+    assert row["params"] == 35386 and 0 <= row["top1"] <= 100
+    assert row["cpu_ms_batch1"] > 0 and isinstance(row["commit"], str) and row["commit"]
 
 
 @pytest.mark.slow

@@ -84,7 +84,8 @@ def append_csv(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     if path.exists() and path.stat().st_size > 0:
-        df = pd.concat([pd.read_csv(path), df], ignore_index=True)
+        # earlier rows are kept as text: a commit hash such as 12363e220724 must not turn into a float
+        df = pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False), df], ignore_index=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)

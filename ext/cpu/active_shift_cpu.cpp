@@ -1,8 +1,9 @@
 // CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
 // shift is constant, so every output row blends two input rows with fixed weights and the
 // interior of a row is a branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the
-// one-element offset split every cache line and measured slower). The channels_last forward has
-// its own kernel; the channels_last backward walks the planes in place with their strides.
+// one-element offset split every cache line and measured slower). channels_last has kernels of its
+// own with the channels innermost; only its input gradient at stride > 1 walks the planes with
+// their strides.
 #include "../active_shift.h"
 
 #include <ATen/ATen.h>
@@ -310,51 +311,60 @@ ASL_MULTIVERSION void cl_pixel_unit(T* __restrict o, const T* __restrict xq, con
   }
 }
 
-// channels_last forward: one output row (n, p) at a time with the channels innermost, so the
-// taps of neighbouring pixels stay in cache. Each channel's taps sit at a fixed offset from the
-// output pixel, so inside the region where every channel's four taps are in the image the inner
-// loop over channels has no bounds checks; the border goes through the checked path.
+// One channel's taps for sample_channels_last: rows p*s_r + off_r (+1), columns q*s_c + off_c (+1).
+template <typename acc_t>
+struct ClChannel {
+  int64_t off_r, off_c;
+  acc_t wr0, wr1, wc0, wc1;
+  bool finite;
+};
+
+// The channels_last counterpart of sample_plane: one output row (n, p) at a time with the
+// channels innermost, so the taps of neighbouring pixels stay in cache. Each channel's taps sit at
+// a fixed offset from the output pixel, so inside the region where every channel's four taps are
+// in the image the inner loop over channels has no bounds checks; the border goes through the
+// checked path. Used by the forward pass and, at stride 1, by the input gradient.
 template <typename T, typename acc_t>
-void forward_channels_last(const T* x, T* y, const Geometry& g, const std::vector<ChannelShift<acc_t>>& shifts) {
-  const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+void sample_channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho,
+                          int64_t Wo, int64_t s_r, int64_t s_c, const std::vector<ClChannel<acc_t>>& ch) {
   std::vector<acc_t> w00(C), w01(C), w10(C), w11(C);
   int64_t p_lo = 0, p_hi = Ho, q_lo = 0, q_hi = Wo;  // the region where every channel is inside
   for (int64_t c = 0; c < C; ++c) {
-    const auto& s = shifts[c];
+    const auto& t = ch[c];
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();  // NaN weights give NaN outputs
-    w00[c] = s.finite ? (acc_t(1) - s.fr) * (acc_t(1) - s.fc) : nan;
-    w01[c] = s.finite ? (acc_t(1) - s.fr) * s.fc : nan;
-    w10[c] = s.finite ? s.fr * (acc_t(1) - s.fc) : nan;
-    w11[c] = s.finite ? s.fr * s.fc : nan;
-    p_lo = std::max(p_lo, -floor_div(s.dr - g.ph, g.sh));
-    p_hi = std::min(p_hi, floor_div(H - 2 - (s.dr - g.ph), g.sh) + 1);
-    q_lo = std::max(q_lo, -floor_div(s.dc - g.pw, g.sw));
-    q_hi = std::min(q_hi, floor_div(W - 2 - (s.dc - g.pw), g.sw) + 1);
+    w00[c] = t.finite ? t.wr0 * t.wc0 : nan;
+    w01[c] = t.finite ? t.wr0 * t.wc1 : nan;
+    w10[c] = t.finite ? t.wr1 * t.wc0 : nan;
+    w11[c] = t.finite ? t.wr1 * t.wc1 : nan;
+    p_lo = std::max(p_lo, -floor_div(t.off_r, s_r));
+    p_hi = std::min(p_hi, floor_div(Hs - 2 - t.off_r, s_r) + 1);
+    q_lo = std::max(q_lo, -floor_div(t.off_c, s_c));
+    q_hi = std::min(q_hi, floor_div(Ws - 2 - t.off_c, s_c) + 1);
   }
-  const int64_t WC = W * C;
-  const bool small = H * WC < (int64_t{1} << 30);
-  at::parallel_for(0, g.N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
+  const int64_t WC = Ws * C;
+  const bool small = Hs * WC < (int64_t{1} << 30);
+  at::parallel_for(0, N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rowoff(C);
     std::vector<int32_t> off32(C);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / Ho, p = i % Ho;
-      const T* xn = x + n * H * WC;
+      const T* xn = x + n * Hs * WC;
       T* o_row = y + i * Wo * C;
       auto checked = [&](int64_t q) {
         for (int64_t c = 0; c < C; ++c) {
-          const auto& s = shifts[c];
-          if (!s.finite) {
+          const auto& t = ch[c];
+          if (!t.finite) {
             o_row[q * C + c] = std::numeric_limits<T>::quiet_NaN();
             continue;
           }
-          const int64_t r = p * g.sh - g.ph + s.dr, col = q * g.sw - g.pw + s.dc;
+          const int64_t r = p * s_r + t.off_r, col = q * s_c + t.off_c;
           acc_t v = acc_t(0);
           for (int k = 0; k < 2; ++k) {
-            if (r + k < 0 || r + k >= H) continue;
+            if (r + k < 0 || r + k >= Hs) continue;
             for (int l = 0; l < 2; ++l) {
-              if (col + l < 0 || col + l >= W) continue;
+              if (col + l < 0 || col + l >= Ws) continue;
               const acc_t w = k == 0 ? (l == 0 ? w00[c] : w01[c]) : (l == 0 ? w10[c] : w11[c]);
-              v += w * static_cast<acc_t>(xn[((r + k) * W + col + l) * C + c]);
+              v += w * static_cast<acc_t>(xn[((r + k) * Ws + col + l) * C + c]);
             }
           }
           o_row[q * C + c] = static_cast<T>(v);
@@ -364,10 +374,7 @@ void forward_channels_last(const T* x, T* y, const Geometry& g, const std::vecto
         for (int64_t q = 0; q < Wo; ++q) checked(q);
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const auto& s = shifts[c];
-        rowoff[c] = ((p * g.sh - g.ph + s.dr) * W + s.dc - g.pw) * C + c;
-      }
+      for (int64_t c = 0; c < C; ++c) rowoff[c] = ((p * s_r + ch[c].off_r) * Ws + ch[c].off_c) * C + c;
       for (int64_t q = 0; q < q_lo; ++q) checked(q);
       for (int64_t q = q_hi; q < Wo; ++q) checked(q);
       if (small) {
@@ -375,12 +382,12 @@ void forward_channels_last(const T* x, T* y, const Geometry& g, const std::vecto
         const int64_t base = *std::min_element(rowoff.begin(), rowoff.end());
         for (int64_t c = 0; c < C; ++c) off32[c] = static_cast<int32_t>(rowoff[c] - base);
         for (int64_t q = q_lo; q < q_hi; ++q)
-          cl_pixel_unit<T, acc_t>(o_row + q * C, xn + base + q * g.sw * C, off32.data(), w00.data(), w01.data(),
+          cl_pixel_unit<T, acc_t>(o_row + q * C, xn + base + q * s_c * C, off32.data(), w00.data(), w01.data(),
                                   w10.data(), w11.data(), C, WC);
         continue;
       }
       for (int64_t q = q_lo; q < q_hi; ++q) {
-        const T* xq = xn + q * g.sw * C;
+        const T* xq = xn + q * s_c * C;
         T* o = o_row + q * C;
         for (int64_t c = 0; c < C; ++c) {
           const T* px = xq + rowoff[c];
@@ -406,7 +413,12 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
     if (g.channels_last) {
-      forward_channels_last<scalar_t, acc_t>(xp, yp, g, shifts);
+      std::vector<ClChannel<acc_t>> ch(C);
+      for (int64_t c = 0; c < C; ++c) {
+        const auto& s = shifts[c];
+        ch[c] = {s.dr - g.ph, s.dc - g.pw, acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc, s.finite};
+      }
+      sample_channels_last<scalar_t, acc_t>(xp, yp, N, C, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, ch);
       return;
     }
     at::parallel_for(0, N * C, grain(g.Ho * g.Wo), [&](int64_t begin, int64_t end) {
@@ -442,6 +454,16 @@ at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad_, const at::Tensor
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* op = gx.data_ptr<scalar_t>();
     const bool s1 = stride[0] == 1 && stride[1] == 1;
+    if (g.channels_last && s1) {
+      // Transposed sampling at stride 1 is sampling at the mirrored shift (as for NCHW below).
+      std::vector<ClChannel<acc_t>> ch(C);
+      for (int64_t c = 0; c < C; ++c) {
+        const auto& s = shifts[c];
+        ch[c] = {g.ph - s.dr - 1, g.pw - s.dc - 1, s.fr, acc_t(1) - s.fr, s.fc, acc_t(1) - s.fc, s.finite};
+      }
+      sample_channels_last<scalar_t, acc_t>(gp, op, N, C, g.Ho, g.Wo, g.H, g.W, 1, 1, ch);
+      return;
+    }
     at::parallel_for(0, N * C, grain(g.H * g.W), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / C, c = i % C;
@@ -463,6 +485,72 @@ at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad_, const at::Tensor
   return gx;
 }
 
+// channels_last shift gradient: per output row (n, p), per-channel sums over the row with the
+// channels innermost (same tap offsets and unchecked interior as sample_channels_last), written
+// to row_sums[(n * Ho + p) * C + c] and added up in a fixed order by the caller.
+template <typename T, typename acc_t>
+void grad_shift_channels_last(const T* go, const T* x, const Geometry& g,
+                              const std::vector<ChannelShift<acc_t>>& shifts, std::vector<double>& row_sums) {
+  const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, WC = W * C;
+  int64_t p_lo = 0, p_hi = Ho, q_lo = 0, q_hi = Wo;
+  std::vector<acc_t> fr(C), fc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto& s = shifts[c];
+    fr[c] = s.fr;
+    fc[c] = s.fc;
+    p_lo = std::max(p_lo, -floor_div(s.dr - g.ph, g.sh));
+    p_hi = std::min(p_hi, floor_div(H - 2 - (s.dr - g.ph), g.sh) + 1);
+    q_lo = std::max(q_lo, -floor_div(s.dc - g.pw, g.sw));
+    q_hi = std::min(q_hi, floor_div(W - 2 - (s.dc - g.pw), g.sw) + 1);
+  }
+  at::parallel_for(0, g.N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> ra(C), rb(C);
+    std::vector<int64_t> rowoff(C);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / Ho, p = i % Ho;
+      const T* xn = x + n * H * WC;
+      const T* grow = go + i * Wo * C;
+      std::fill(ra.begin(), ra.end(), acc_t(0));
+      std::fill(rb.begin(), rb.end(), acc_t(0));
+      auto accumulate = [&](int64_t c, acc_t gv, acc_t v00, acc_t v01, acc_t v10, acc_t v11) {
+        ra[c] += gv * ((acc_t(1) - fr[c]) * (v01 - v00) + fr[c] * (v11 - v10));
+        rb[c] += gv * ((acc_t(1) - fc[c]) * (v10 - v00) + fc[c] * (v11 - v01));
+      };
+      auto checked = [&](int64_t q) {
+        for (int64_t c = 0; c < C; ++c) {
+          const auto& s = shifts[c];
+          const int64_t r = p * g.sh - g.ph + s.dr, col = q * g.sw - g.pw + s.dc;
+          auto at_ = [&](int64_t rr, int64_t cc) {
+            return (rr >= 0 && rr < H && cc >= 0 && cc < W) ? static_cast<acc_t>(xn[(rr * W + cc) * C + c]) : acc_t(0);
+          };
+          accumulate(c, static_cast<acc_t>(grow[q * C + c]), at_(r, col), at_(r, col + 1), at_(r + 1, col), at_(r + 1, col + 1));
+        }
+      };
+      if (p < p_lo || p >= p_hi || q_lo >= q_hi) {
+        for (int64_t q = 0; q < Wo; ++q) checked(q);
+      } else {
+        for (int64_t c = 0; c < C; ++c) rowoff[c] = ((p * g.sh - g.ph + shifts[c].dr) * W + shifts[c].dc - g.pw) * C + c;
+        for (int64_t q = 0; q < q_lo; ++q) checked(q);
+        for (int64_t q = q_hi; q < Wo; ++q) checked(q);
+        for (int64_t q = q_lo; q < q_hi; ++q) {
+          const T* xq = xn + q * g.sw * C;
+          const T* gq = grow + q * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const T* px = xq + rowoff[c];
+            accumulate(c, static_cast<acc_t>(gq[c]), static_cast<acc_t>(px[0]), static_cast<acc_t>(px[C]),
+                       static_cast<acc_t>(px[WC]), static_cast<acc_t>(px[WC + C]));
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const bool ok = shifts[c].finite;
+        row_sums[(i * C + c) * 2] = ok ? static_cast<double>(ra[c]) : std::numeric_limits<double>::quiet_NaN();
+        row_sums[(i * C + c) * 2 + 1] = ok ? static_cast<double>(rb[c]) : std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+  });
+}
+
 at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor& input_,
                                        const at::Tensor& shift, at::IntArrayRef stride,
                                        at::IntArrayRef padding) {
@@ -471,6 +559,20 @@ at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor
   const at::Tensor input = input_.contiguous(g.format());
   const int64_t N = g.N, C = g.C;
   const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
+  at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
+  double* tp = total.data_ptr<double>();
+  if (g.channels_last && grad.numel() > 0) {
+    // Per-row partial sums, added in a fixed order: deterministic for any number of threads.
+    std::vector<double> rows(static_cast<size_t>(N * g.Ho * C * 2), 0.0);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_grad_shift_cpu_cl", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      grad_shift_channels_last<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), g,
+                                                channel_shifts<acc_t>(shift, g.limit), rows);
+    });
+    for (int64_t i = 0; i < N * g.Ho; ++i)
+      for (int64_t k = 0; k < 2 * C; ++k) tp[k] += rows[i * 2 * C + k];
+    return total.to(shift.scalar_type());
+  }
   // Per-plane partial sums, then a fixed-order sum over the batch: deterministic for any
   // number of threads.
   std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0);
@@ -494,8 +596,6 @@ at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor
       });
     });
   }
-  at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
-  double* tp = total.data_ptr<double>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < 2 * C; ++k) tp[k] += partial[n * 2 * C + k];
   return total.to(shift.scalar_type());

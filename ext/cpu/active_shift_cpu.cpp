@@ -21,6 +21,16 @@ namespace {
 
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
+// Output positions [lo, hi) along one axis whose two taps, i*stride + off and i*stride + off + 1,
+// both lie inside a source axis of src_len (hi = lo when there are none); out_len bounds them.
+struct Range {
+  int64_t lo, hi;
+};
+inline Range both_taps_inside(int64_t off, int64_t stride, int64_t src_len, int64_t out_len) {
+  const int64_t lo = clamp64(-floor_div(off, stride), 0, out_len);
+  return {lo, clamp64(floor_div(src_len - 2 - off, stride) + 1, lo, out_len)};
+}
+
 // Strided 2-D view of one (n, c) plane.
 template <typename T>
 struct Plane {
@@ -75,9 +85,6 @@ ASL_MULTIVERSION void vblend_row_unit(T* __restrict o, acc_t* __restrict h, cons
   }
 }
 
-// out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
-// with zeros outside src. The forward pass is this with the layer's stride; the input gradient
-// at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
 // The columns outside [q_lo, q_hi) of the rows [p_lo, p_hi) whose two row taps are inside, at
 // stride 1 with unit column strides: their column taps are fixed per column, so they are
 // resolved once (index and inside/outside) instead of bounds-checked at every row.
@@ -112,16 +119,19 @@ void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p
   }
 }
 
+// out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
+// with zeros outside src. The forward pass is this with the layer's stride; the input gradient
+// at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
 template <typename T, typename acc_t>
 void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, int64_t off_r,
                   int64_t off_c, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1) {
   // Columns whose two taps are both inside src.
-  const int64_t q_lo = clamp64(-floor_div(off_c, s_c), 0, out.W);
-  const int64_t q_hi = clamp64(floor_div(src.W - 2 - off_c, s_c) + 1, q_lo, out.W);
+  const Range cols = both_taps_inside(off_c, s_c, src.W, out.W);
+  const int64_t q_lo = cols.lo, q_hi = cols.hi;
   const bool unit = s_c == 1 && src.sW == 1 && out.sW == 1;
   // Rows whose two taps are both inside src.
-  const int64_t p_lo = clamp64(-floor_div(off_r, s_r), 0, out.H);
-  const int64_t p_hi = clamp64(floor_div(src.H - 2 - off_r, s_r) + 1, p_lo, out.H);
+  const Range rows = both_taps_inside(off_r, s_r, src.H, out.H);
+  const int64_t p_lo = rows.lo, p_hi = rows.hi;
   // Stride 1 with unit column strides (NCHW): the interior rows are blended row after row,
   // each input row blended horizontally once (see vblend_row_unit).
   const bool flat = unit && s_r == 1 && p_hi > p_lo && q_hi > q_lo;
@@ -232,8 +242,8 @@ void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
                       at::IntArrayRef stride, at::IntArrayRef padding, double* out2) {
   const acc_t fr = s.fr, fc = s.fc;
   const int64_t sw = stride[1], off_c = s.dc - padding[1];
-  const int64_t q_lo = clamp64(-floor_div(off_c, sw), 0, g.W);
-  const int64_t q_hi = clamp64(floor_div(x.W - 2 - off_c, sw) + 1, q_lo, g.W);
+  const Range cols = both_taps_inside(off_c, sw, x.W, g.W);
+  const int64_t q_lo = cols.lo, q_hi = cols.hi;
   const bool unit = sw == 1 && x.sW == 1 && g.sW == 1;
   double da = 0, db = 0;
   for (int64_t p = 0; p < g.H; ++p) {
@@ -299,8 +309,8 @@ int64_t grain(int64_t plane_elems) { return std::max<int64_t>(1, 32768 / std::ma
 
 // All channels of one channels_last output pixel whose four taps are inside: one gather of four
 // values per channel at the channel's fixed offset (vectorized with AVX2 gathers where available).
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void cl_pixel_unit(T* __restrict o, const T* __restrict xq, const int32_t* __restrict off,
+template <typename T, typename acc_t, typename off_t>
+ASL_MULTIVERSION void cl_pixel_unit(T* __restrict o, const T* __restrict xq, const off_t* __restrict off,
                                     const acc_t* __restrict w00, const acc_t* __restrict w01,
                                     const acc_t* __restrict w10, const acc_t* __restrict w11, int64_t C,
                                     int64_t WC) {
@@ -319,6 +329,48 @@ struct ClChannel {
   bool finite;
 };
 
+// The forward pass's taps for every channel (the shift gradient reads the same taps).
+template <typename acc_t>
+std::vector<ClChannel<acc_t>> forward_taps(const std::vector<ChannelShift<acc_t>>& shifts, const Geometry& g) {
+  std::vector<ClChannel<acc_t>> ch(shifts.size());
+  for (size_t c = 0; c < shifts.size(); ++c) {
+    const auto& s = shifts[c];
+    ch[c] = {s.dr - g.ph, s.dc - g.pw, acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc, s.finite};
+  }
+  return ch;
+}
+
+// The output rows and columns where every channel's four taps are inside the source.
+struct Region {
+  Range rows, cols;
+  bool contains_row(int64_t p) const { return p >= rows.lo && p < rows.hi && cols.lo < cols.hi; }
+};
+
+template <typename acc_t>
+Region cl_interior(const std::vector<ClChannel<acc_t>>& ch, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
+                   int64_t s_r, int64_t s_c) {
+  Region reg{{0, Ho}, {0, Wo}};
+  for (const auto& t : ch) {
+    const Range r = both_taps_inside(t.off_r, s_r, Hs, Ho), c = both_taps_inside(t.off_c, s_c, Ws, Wo);
+    reg.rows = {std::max(reg.rows.lo, r.lo), std::min(reg.rows.hi, r.hi)};
+    reg.cols = {std::max(reg.cols.lo, c.lo), std::min(reg.cols.hi, c.hi)};
+  }
+  return reg;
+}
+
+// Element offsets, for output row p, of every channel's first tap relative to the lowest of them
+// (returned): 32-bit offsets suffice whenever one image holds fewer than 2^30 elements.
+template <typename acc_t, typename off_t>
+int64_t cl_row_offsets(const std::vector<ClChannel<acc_t>>& ch, int64_t p, int64_t s_r, int64_t Ws,
+                       std::vector<off_t>& off) {
+  const int64_t C = static_cast<int64_t>(ch.size());
+  auto first_tap = [&](int64_t c) { return ((p * s_r + ch[c].off_r) * Ws + ch[c].off_c) * C + c; };
+  int64_t base = first_tap(0);
+  for (int64_t c = 1; c < C; ++c) base = std::min(base, first_tap(c));
+  for (int64_t c = 0; c < C; ++c) off[c] = static_cast<off_t>(first_tap(c) - base);
+  return base;
+}
+
 // The channels_last counterpart of sample_plane: one output row (n, p) at a time with the
 // channels innermost, so the taps of neighbouring pixels stay in cache. Each channel's taps sit at
 // a fixed offset from the output pixel, so inside the region where every channel's four taps are
@@ -328,7 +380,6 @@ template <typename T, typename acc_t>
 void sample_channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho,
                           int64_t Wo, int64_t s_r, int64_t s_c, const std::vector<ClChannel<acc_t>>& ch) {
   std::vector<acc_t> w00(C), w01(C), w10(C), w11(C);
-  int64_t p_lo = 0, p_hi = Ho, q_lo = 0, q_hi = Wo;  // the region where every channel is inside
   for (int64_t c = 0; c < C; ++c) {
     const auto& t = ch[c];
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();  // NaN weights give NaN outputs
@@ -336,16 +387,14 @@ void sample_channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t Hs, in
     w01[c] = t.finite ? t.wr0 * t.wc1 : nan;
     w10[c] = t.finite ? t.wr1 * t.wc0 : nan;
     w11[c] = t.finite ? t.wr1 * t.wc1 : nan;
-    p_lo = std::max(p_lo, -floor_div(t.off_r, s_r));
-    p_hi = std::min(p_hi, floor_div(Hs - 2 - t.off_r, s_r) + 1);
-    q_lo = std::max(q_lo, -floor_div(t.off_c, s_c));
-    q_hi = std::min(q_hi, floor_div(Ws - 2 - t.off_c, s_c) + 1);
   }
+  const Region inner = cl_interior(ch, Hs, Ws, Ho, Wo, s_r, s_c);
+  const Range cols = inner.cols;
   const int64_t WC = Ws * C;
   const bool small = Hs * WC < (int64_t{1} << 30);
   at::parallel_for(0, N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> rowoff(C);
-    std::vector<int32_t> off32(C);
+    std::vector<int64_t> off64(small ? 0 : C);
+    std::vector<int32_t> off32(small ? C : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / Ho, p = i % Ho;
       const T* xn = x + n * Hs * WC;
@@ -370,31 +419,20 @@ void sample_channels_last(const T* x, T* y, int64_t N, int64_t C, int64_t Hs, in
           o_row[q * C + c] = static_cast<T>(v);
         }
       };
-      if (p < p_lo || p >= p_hi || q_lo >= q_hi) {
+      if (!inner.contains_row(p)) {
         for (int64_t q = 0; q < Wo; ++q) checked(q);
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) rowoff[c] = ((p * s_r + ch[c].off_r) * Ws + ch[c].off_c) * C + c;
-      for (int64_t q = 0; q < q_lo; ++q) checked(q);
-      for (int64_t q = q_hi; q < Wo; ++q) checked(q);
-      if (small) {
-        // offsets from the lowest channel's tap fit 32 bits whenever one image does
-        const int64_t base = *std::min_element(rowoff.begin(), rowoff.end());
-        for (int64_t c = 0; c < C; ++c) off32[c] = static_cast<int32_t>(rowoff[c] - base);
-        for (int64_t q = q_lo; q < q_hi; ++q)
-          cl_pixel_unit<T, acc_t>(o_row + q * C, xn + base + q * s_c * C, off32.data(), w00.data(), w01.data(),
+      for (int64_t q = 0; q < cols.lo; ++q) checked(q);
+      for (int64_t q = cols.hi; q < Wo; ++q) checked(q);
+      auto interior = [&](auto& off) {
+        const int64_t base = cl_row_offsets(ch, p, s_r, Ws, off);
+        for (int64_t q = cols.lo; q < cols.hi; ++q)
+          cl_pixel_unit<T, acc_t>(o_row + q * C, xn + base + q * s_c * C, off.data(), w00.data(), w01.data(),
                                   w10.data(), w11.data(), C, WC);
-        continue;
-      }
-      for (int64_t q = q_lo; q < q_hi; ++q) {
-        const T* xq = xn + q * s_c * C;
-        T* o = o_row + q * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const T* px = xq + rowoff[c];
-          o[c] = static_cast<T>(w00[c] * static_cast<acc_t>(px[0]) + w01[c] * static_cast<acc_t>(px[C]) +
-                                w10[c] * static_cast<acc_t>(px[WC]) + w11[c] * static_cast<acc_t>(px[WC + C]));
-        }
-      }
+      };
+      if (small) interior(off32);
+      else interior(off64);
     }
   });
 }
@@ -413,12 +451,7 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
     if (g.channels_last) {
-      std::vector<ClChannel<acc_t>> ch(C);
-      for (int64_t c = 0; c < C; ++c) {
-        const auto& s = shifts[c];
-        ch[c] = {s.dr - g.ph, s.dc - g.pw, acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc, s.finite};
-      }
-      sample_channels_last<scalar_t, acc_t>(xp, yp, N, C, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, ch);
+      sample_channels_last<scalar_t, acc_t>(xp, yp, N, C, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, forward_taps(shifts, g));
       return;
     }
     at::parallel_for(0, N * C, grain(g.Ho * g.Wo), [&](int64_t begin, int64_t end) {
@@ -492,20 +525,12 @@ template <typename T, typename acc_t>
 void grad_shift_channels_last(const T* go, const T* x, const Geometry& g,
                               const std::vector<ChannelShift<acc_t>>& shifts, std::vector<double>& row_sums) {
   const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, WC = W * C;
-  int64_t p_lo = 0, p_hi = Ho, q_lo = 0, q_hi = Wo;
-  std::vector<acc_t> fr(C), fc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const auto& s = shifts[c];
-    fr[c] = s.fr;
-    fc[c] = s.fc;
-    p_lo = std::max(p_lo, -floor_div(s.dr - g.ph, g.sh));
-    p_hi = std::min(p_hi, floor_div(H - 2 - (s.dr - g.ph), g.sh) + 1);
-    q_lo = std::max(q_lo, -floor_div(s.dc - g.pw, g.sw));
-    q_hi = std::min(q_hi, floor_div(W - 2 - (s.dc - g.pw), g.sw) + 1);
-  }
+  const auto ch = forward_taps(shifts, g);  // per channel: fr = wr1, fc = wc1
+  const Region inner = cl_interior(ch, H, W, Ho, Wo, g.sh, g.sw);
+  const Range cols = inner.cols;
   at::parallel_for(0, g.N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * C)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ra(C), rb(C);
-    std::vector<int64_t> rowoff(C);
+    std::vector<int64_t> off(C);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / Ho, p = i % Ho;
       const T* xn = x + n * H * WC;
@@ -513,37 +538,37 @@ void grad_shift_channels_last(const T* go, const T* x, const Geometry& g,
       std::fill(ra.begin(), ra.end(), acc_t(0));
       std::fill(rb.begin(), rb.end(), acc_t(0));
       auto accumulate = [&](int64_t c, acc_t gv, acc_t v00, acc_t v01, acc_t v10, acc_t v11) {
-        ra[c] += gv * ((acc_t(1) - fr[c]) * (v01 - v00) + fr[c] * (v11 - v10));
-        rb[c] += gv * ((acc_t(1) - fc[c]) * (v10 - v00) + fc[c] * (v11 - v01));
+        const acc_t fr = ch[c].wr1, fc = ch[c].wc1;
+        ra[c] += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
+        rb[c] += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
       };
       auto checked = [&](int64_t q) {
         for (int64_t c = 0; c < C; ++c) {
-          const auto& s = shifts[c];
-          const int64_t r = p * g.sh - g.ph + s.dr, col = q * g.sw - g.pw + s.dc;
+          const int64_t r = p * g.sh + ch[c].off_r, col = q * g.sw + ch[c].off_c;
           auto at_ = [&](int64_t rr, int64_t cc) {
             return (rr >= 0 && rr < H && cc >= 0 && cc < W) ? static_cast<acc_t>(xn[(rr * W + cc) * C + c]) : acc_t(0);
           };
           accumulate(c, static_cast<acc_t>(grow[q * C + c]), at_(r, col), at_(r, col + 1), at_(r + 1, col), at_(r + 1, col + 1));
         }
       };
-      if (p < p_lo || p >= p_hi || q_lo >= q_hi) {
+      if (!inner.contains_row(p)) {
         for (int64_t q = 0; q < Wo; ++q) checked(q);
       } else {
-        for (int64_t c = 0; c < C; ++c) rowoff[c] = ((p * g.sh - g.ph + shifts[c].dr) * W + shifts[c].dc - g.pw) * C + c;
-        for (int64_t q = 0; q < q_lo; ++q) checked(q);
-        for (int64_t q = q_hi; q < Wo; ++q) checked(q);
-        for (int64_t q = q_lo; q < q_hi; ++q) {
-          const T* xq = xn + q * g.sw * C;
+        const int64_t base = cl_row_offsets(ch, p, g.sh, W, off);
+        for (int64_t q = 0; q < cols.lo; ++q) checked(q);
+        for (int64_t q = cols.hi; q < Wo; ++q) checked(q);
+        for (int64_t q = cols.lo; q < cols.hi; ++q) {
+          const T* xq = xn + base + q * g.sw * C;
           const T* gq = grow + q * C;
           for (int64_t c = 0; c < C; ++c) {
-            const T* px = xq + rowoff[c];
+            const T* px = xq + off[c];
             accumulate(c, static_cast<acc_t>(gq[c]), static_cast<acc_t>(px[0]), static_cast<acc_t>(px[C]),
                        static_cast<acc_t>(px[WC]), static_cast<acc_t>(px[WC + C]));
           }
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        const bool ok = shifts[c].finite;
+        const bool ok = ch[c].finite;
         row_sums[(i * C + c) * 2] = ok ? static_cast<double>(ra[c]) : std::numeric_limits<double>::quiet_NaN();
         row_sums[(i * C + c) * 2 + 1] = ok ? static_cast<double>(rb[c]) : std::numeric_limits<double>::quiet_NaN();
       }

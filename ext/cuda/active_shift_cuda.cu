@@ -196,10 +196,13 @@ __global__ void grad_shift_final_kernel(const acc_t* __restrict__ partial, acc_t
   }
 }
 
-// 32-bit indices when every element index (plus a grid-stride step) stays below 2^31.
-bool fits_int32(const Geometry& g) {
+// Calls launch(int32_t{}) when every element index (plus a grid-stride step) stays below 2^31,
+// launch(int64_t{}) otherwise; launch picks its kernels' index type from its argument's type.
+template <typename F>
+void with_index_type(const Geometry& g, F&& launch) {
   const int64_t in = g.N * g.C * g.H * g.W, out = g.N * g.C * g.Ho * g.Wo;
-  return std::max(in, out) < (int64_t{1} << 31) - (int64_t{1} << 26);
+  if (std::max(in, out) < (int64_t{1} << 31) - (int64_t{1} << 26)) launch(int32_t{});
+  else launch(int64_t{});
 }
 
 int blocks_for(int64_t total) {
@@ -232,8 +235,7 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
           input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
           static_cast<index_t>(total), Geom<index_t>(g), static_cast<acc_t>(g.limit));
     };
-    if (fits_int32(g)) launch(int32_t{});
-    else launch(int64_t{});
+    with_index_type(g, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -260,8 +262,7 @@ at::Tensor active_shift_grad_input_cuda(const at::Tensor& grad_, const at::Tenso
           grad.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), gx.data_ptr<scalar_t>(),
           static_cast<index_t>(total), Geom<index_t>(g), static_cast<acc_t>(g.limit));
     };
-    if (fits_int32(g)) launch(int32_t{});
-    else launch(int64_t{});
+    with_index_type(g, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx;
@@ -295,8 +296,7 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
                                             s.const_data_ptr<acc_t>(), partial.data_ptr<acc_t>(), Geom<index_t>(g),
                                             static_cast<index_t>(chunk), static_cast<acc_t>(g.limit));
     };
-    if (fits_int32(g)) launch(int32_t{});
-    else launch(int64_t{});
+    with_index_type(g, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_shift_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), slices);

@@ -8,7 +8,6 @@ torchvision's ImageFolder with a DataLoader.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +176,7 @@ class TensorBatches:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.augment, self.seed = batch_size, augment, seed
         self.rank, self.world, self.device = rank, world, device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = normalizer(mean, std, device)
         self.steps_per_epoch = len(x) // batch_size  # the last partial batch is dropped
         self._perm_epoch, self._perm = -1, None
 
@@ -218,9 +216,20 @@ class TensorBatches:
         return out.permute(0, 3, 1, 2).contiguous()
 
     def test_batches(self, x: Tensor, y: Tensor, batch_size: int):
-        x, y = x.to(self.device), y.to(self.device)
-        for i in range(0, len(x), batch_size):
-            yield (x[i:i + batch_size].float() - self.mean) / self.std, y[i:i + batch_size]
+        return normalized_batches(x, y, batch_size, self.mean, self.std, self.device)
+
+
+def normalizer(mean, std, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std (0-1 scale) as (1, 3, 1, 1) tensors on the 0-255 scale of uint8 images."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalized_batches(x: Tensor, y: Tensor, batch_size: int, mean: Tensor, std: Tensor, device: torch.device):
+    """Evaluation batches of uint8 images, normalised with `normalizer`'s tensors."""
+    x, y = x.to(device), y.to(device)
+    for i in range(0, len(x), batch_size):
+        yield (x[i:i + batch_size].float() - mean) / std, y[i:i + batch_size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +257,3 @@ def imagenet_folders(root: str, image_size: int, resize: int):
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
-
-
-def total_steps(cfg: dict, n_train: int) -> int:
-    t = cfg["train"]
-    if t["iterations"] is not None:
-        return int(t["iterations"])
-    return int(math.ceil(t["epochs"] * steps_per_epoch(n_train, t["batch_size"])))

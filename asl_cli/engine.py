@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .config import dump
-from .data import TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
+from .data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
 from .nn import install_shift_grad_normalization, param_groups, shift_layers
 from .zoo import create_model
 
@@ -174,10 +174,9 @@ class Accum:
     loss: float = 0.0
     correct: float = 0.0
     count: float = 0.0
-    steps: int = 0
 
     def state(self) -> dict:
-        return dict(loss=self.loss, correct=self.correct, count=self.count, steps=self.steps)
+        return dict(loss=self.loss, correct=self.correct, count=self.count)
 
 
 @torch.no_grad()
@@ -261,7 +260,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         num_classes, input_size = len(tr.classes), dcfg["image_size"]
         stream = FolderStream(tr, t["batch_size"], t["seed"], d, dcfg["workers"])
         spe, n_train = stream.steps_per_epoch, len(tr)
-        preprocessing = {"kind": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": dcfg["resize"], "crop": input_size}
+        preprocessing = {"kind": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": dcfg["resize"], "crop": input_size}
 
         def batches_from(k):
             return stream.iterate(k)
@@ -417,7 +416,6 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             acc.loss += stats[0].item()
             acc.correct += stats[1].item()
             acc.count += stats[2].item()
-            acc.steps += 1
             interval_steps += 1
             done = step + 1
             if done % t["log_every"] == 0 or done == total:

@@ -35,6 +35,26 @@ def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def model_latency(model: torch.nn.Module, input_size: int, device: str, threads: int = 1,
+                  min_run_time: float = 0.5) -> dict:
+    """Inference latency of a copy of the model: CPU batch 1 on `threads` threads (ms); on a GPU
+    also batch 1 (ms) and batch-256 throughput (images/s)."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    out = {}
+    x = torch.randn(1, 3, input_size, input_size)
+    with torch.no_grad():
+        out["cpu_ms_batch1"] = round(median_ms(lambda: model(x), threads=threads, min_run_time=min_run_time), 3)
+        if device.startswith("cuda") and torch.cuda.is_available():
+            m = model.to(device)
+            x1 = x.to(device)
+            xb = torch.randn(256, 3, input_size, input_size, device=device)
+            out["gpu_ms_batch1"] = round(median_ms(lambda: m(x1), min_run_time=min_run_time), 3)
+            out["gpu_images_per_s_batch256"] = round(256e3 / median_ms(lambda: m(xb), min_run_time=min_run_time), 1)
+    return out
+
+
 def git_commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)

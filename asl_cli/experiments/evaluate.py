@@ -1,33 +1,16 @@
 """`asl eval`: accuracy, loss, size, MACs and latency of a trained checkpoint, one CSV row."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import load_config
-from ..data import TensorBatches, imagenet_folders, load_tensor_data
+from ..data import imagenet_folders, load_tensor_data, normalized_batches, normalizer
 from ..engine import evaluate
 from ..zoo import count_macs, count_parameters, get_entry
-from .bench import median_ms, provenance
-
-
-def latency(model: torch.nn.Module, input_size: int, device: str) -> dict:
-    """CPU: one thread, batch 1 (ms). GPU: batch 1 (ms) and batch-256 throughput (images/s)."""
-    model = copy.deepcopy(model).eval()
-    out = {}
-    x = torch.randn(1, 3, input_size, input_size)
-    with torch.no_grad():
-        out["cpu_ms_batch1"] = round(median_ms(lambda: model(x), threads=1, min_run_time=0.5), 3)
-        if device.startswith("cuda") and torch.cuda.is_available():
-            m = model.to(device)
-            x1 = x.to(device)
-            out["gpu_ms_batch1"] = round(median_ms(lambda: m(x1), min_run_time=0.5), 3)
-            xb = torch.randn(256, 3, input_size, input_size, device=device)
-            out["gpu_images_per_s_batch256"] = round(256 / (median_ms(lambda: m(xb), min_run_time=0.5) / 1e3), 1)
-    return out
+from .bench import model_latency, provenance
 
 
 def run(path: str | Path, split: str = "test", device: str = "auto", with_latency: bool = True,
@@ -55,9 +38,8 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         batches = iter(DataLoader(ds, batch_size=t["eval_batch_size"], num_workers=d["workers"]))
     else:
         data = load_tensor_data(cfg)
-        tb = TensorBatches(data.x_train, data.y_train, min(t["batch_size"], len(data.x_train)), data.mean, data.std, False, 0, dev)
         x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
-        batches = tb.test_batches(x, y, t["eval_batch_size"])
+        batches = normalized_batches(x, y, t["eval_batch_size"], *normalizer(data.mean, data.std, dev), dev)
     model.to(dev)
     res = evaluate(model, batches, dev)
     model.cpu()
@@ -77,6 +59,6 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         "input_size": input_size,
     }
     if with_latency:
-        row.update(latency(model, input_size, str(dev)))
+        row.update(model_latency(model, input_size, str(dev)))
     row.update(provenance(str(dev), None))
     return row

@@ -10,7 +10,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..zoo import PAPER, count_macs, count_parameters, create_model, get_entry, list_models
 from . import figures
-from .bench import REPO, median_ms, provenance
+from .bench import REPO, model_latency, provenance
 
 PAIRS = [("as_resnet_w68", "mobilenet_v2_x1.0"), ("as_resnet_w50", "mobilenet_v2_x0.75"), ("as_resnet_w32", "mobilenet_v2_x0.5")]
 
@@ -45,19 +45,9 @@ def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: f
     for spec in specs:
         label, name, model = _load(spec)
         entry = get_entry(name)
-        model.eval()
         s = entry.input_size
-        x = torch.randn(1, 3, s, s)
-        with torch.no_grad():
-            cpu_ms = median_ms(lambda: model(x), threads=threads, min_run_time=min_run_time)
-            row = {"model": label, "arch": name, "params": count_parameters(model), "macs": count_macs(model, s),
-                   "input_size": s, "cpu_ms_batch1": round(cpu_ms, 3)}
-            if device.startswith("cuda"):
-                m = model.to(device)
-                x1, xb = x.to(device), torch.randn(256, 3, s, s, device=device)
-                row["gpu_ms_batch1"] = round(median_ms(lambda: m(x1), min_run_time=min_run_time), 3)
-                row["gpu_images_per_s_batch256"] = round(256e3 / median_ms(lambda: m(xb), min_run_time=min_run_time), 1)
-                model.cpu()
+        row = {"model": label, "arch": name, "params": count_parameters(model), "macs": count_macs(model, s), "input_size": s,
+               **model_latency(model, s, device, threads, min_run_time)}
         paper = PAPER.get(name, {})
         row.update({"top1": measured_top1(name, eval_csv), "paper_top1": paper.get("top1"), "paper_params_m": paper.get("params_m"),
                     "paper_macs_m": paper.get("macs_m"), "paper_cpu_ms": paper.get("cpu_ms")})

@@ -89,7 +89,7 @@ def _blob(buf: memoryview) -> Blob:
                 if n2 == 1:
                     shape += _packed_varints(v2) if w2 == 2 else [v2]
         elif num == 5:  # data: repeated float (packed or not)
-            chunks.append(np.frombuffer(bytes(val), dtype="<f4") if wt == 2 else np.frombuffer(bytes(val), dtype="<f4"))
+            chunks.append(np.frombuffer(bytes(val), dtype="<f4"))  # packed, or one 32-bit value
         elif num == 8:  # double_data
             chunks.append(np.frombuffer(bytes(val), dtype="<f8").astype(np.float32))
         elif num in (1, 2, 3, 4) and wt == 0:  # legacy num, channels, height, width
@@ -102,33 +102,28 @@ def _blob(buf: memoryview) -> Blob:
     return Blob(tuple(int(s) for s in shape), data.astype(np.float32, copy=False))
 
 
+# Field numbers of LayerParameter and of the deprecated V1LayerParameter (whose type is an enum).
+_LAYER_FIELDS = {False: dict(name=1, type=2, bottom=3, top=4, blobs=7), True: dict(name=4, type=5, bottom=2, top=3, blobs=6)}
+
+
 def _layer(buf: memoryview, v1: bool) -> Layer:
+    f = _LAYER_FIELDS[v1]
     layer = Layer(name="", type="")
     for num, wt, val in _fields(buf):
-        if wt != 2 and num in (1, 2, 3, 4, 6, 7):
+        if num == f["type"] and v1 and wt == 0:
+            layer.type = f"V1:{val}"
+        elif wt != 2:
             continue
-        if v1:  # deprecated V1LayerParameter: bottom 2, top 3, name 4, type 5 (enum), blobs 6
-            if num == 4:
-                layer.name = bytes(val).decode("utf-8", "replace")
-            elif num == 5:
-                layer.type = f"V1:{val}"
-            elif num == 2:
-                layer.bottom.append(bytes(val).decode())
-            elif num == 3:
-                layer.top.append(bytes(val).decode())
-            elif num == 6:
-                layer.blobs.append(_blob(val))
-        else:
-            if num == 1:
-                layer.name = bytes(val).decode("utf-8", "replace")
-            elif num == 2:
-                layer.type = bytes(val).decode("utf-8", "replace")
-            elif num == 3:
-                layer.bottom.append(bytes(val).decode())
-            elif num == 4:
-                layer.top.append(bytes(val).decode())
-            elif num == 7:
-                layer.blobs.append(_blob(val))
+        elif num == f["name"]:
+            layer.name = bytes(val).decode("utf-8", "replace")
+        elif num == f["type"]:
+            layer.type = bytes(val).decode("utf-8", "replace")
+        elif num == f["bottom"]:
+            layer.bottom.append(bytes(val).decode())
+        elif num == f["top"]:
+            layer.top.append(bytes(val).decode())
+        elif num == f["blobs"]:
+            layer.blobs.append(_blob(val))
     return layer
 
 

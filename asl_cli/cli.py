@@ -125,16 +125,9 @@ def profile(
     cases = default_cases(device)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("timing", total=len(cases))
-
-        def step(label):
-            bar.update(task, description=f"timing {label}", advance=0)
-
         try:
-            rows = []
-            for case in cases:
-                step(case.label)
-                rows += run(device, threads, [case], min_run_time)
-                bar.advance(task)
+            rows = run(device, threads, cases, min_run_time,
+                       progress=lambda i, label: bar.update(task, completed=i, description=f"timing {label}"))
         except RuntimeError as e:
             fail(str(e))
     _render_op_rows(rows, device)

@@ -349,6 +349,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
+            "total_steps": total,
             "epoch": step / spe,
             "best_top1": best,
             "accum": acc.state(),

@@ -267,7 +267,7 @@ def _flops_grad_shift(grad_shape, input_shape, *args, out_shape=None, **kwargs) 
 # ----------------------------------------------------------------------------------------------
 # The user-facing function.
 # ----------------------------------------------------------------------------------------------
-_DTYPES = {"cpu": (torch.float32, torch.float64)}
+_CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -296,7 +296,7 @@ def active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: Int
         )
     if input.device != shift.device:
         raise ValueError(f"active_shift: input is on {input.device} but shift is on {shift.device}; move both to one device")
-    allowed = _CUDA_DTYPES if input.device.type == "cuda" else _DTYPES.get(input.device.type, (torch.float32, torch.float64))
+    allowed = _CUDA_DTYPES if input.device.type == "cuda" else _CPU_DTYPES
     if input.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"active_shift: input dtype {str(input.dtype).replace('torch.', '')} is not supported on {input.device.type}; use one of {names}")

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .. import checkpoint as ckpt_io
 from ..config import load_config
+from ..engine import Dist, pick_device
 from ..nn import SHIFT_MODES
 from ..zoo import count_parameters
 from ..zoo.paper import TABLE4
@@ -35,8 +36,8 @@ def run(recipe: str, variants: list[str], seeds: int, overrides: list[str], root
         done = None
         if last.exists():
             ck = ckpt_io.load(last)
-            total = cfg["train"]["iterations"]
-            if ck.get("last_row") and (total is None or ck["step"] >= total) and ck["last_row"]["step"] == ck["step"]:
+            # a finished run's last checkpoint is its final evaluation (iterations or epochs alike)
+            if ck.get("last_row") and ck["step"] >= ck.get("total_steps", float("inf")):
                 done = ck
         if done is not None:
             on_status(f"{v} seed {seed}: finished earlier, reused ({run_dir})")
@@ -62,11 +63,6 @@ def run(recipe: str, variants: list[str], seeds: int, overrides: list[str], root
                     "seeds": len(d), "params": int(d["params"].iloc[0]), "paper_top1_as_resnet_w32_imagenet": TABLE4[v],
                     "recipe": recipe, "overrides": " ".join(overrides), "run_dirs": ";".join(d["run_dir"])})
     summary = pd.DataFrame(out)
-    dev = cfg["train"]["device"]
-    if dev == "auto":
-        import torch
-
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for k, val in provenance(dev, None).items():
+    for k, val in provenance(str(pick_device(cfg["train"]["device"], Dist())), None).items():
         summary[k] = val
     return summary

@@ -30,61 +30,57 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def scatter_figure(shifts: dict[str, torch.Tensor], title: str, stem: Path) -> list[Path]:
+def _per_layer_figure(names: list[str], draw, title: str, xlabel: str, ylabel: str, stem: Path) -> list[Path]:
+    """One square panel per layer: draw(ax, name) plots it and returns its largest |shift|; the
+    panel then gets equal axes (beta growing downwards, as in an image) and the integer pixel grid."""
     plt = figures.plt()
-    names = list(shifts)
     r, c = _grid(len(names))
     fig, axes = plt.subplots(r, c, figsize=(2.6 * c, 2.6 * r), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        s = shifts[name].float()
-        lim = max(1.5, math.ceil(s.abs().max().item() + 0.25))
-        ax.scatter(s[:, 0], s[:, 1], s=6, alpha=0.7)
+        lim = max(1.5, math.ceil(draw(ax, name) + 0.25))
         ax.set_xlim(-lim, lim)
-        ax.set_ylim(lim, -lim)  # image convention: beta (down) grows downwards
+        ax.set_ylim(lim, -lim)
         ax.set_aspect("equal")
         ax.set_xticks(range(-int(lim), int(lim) + 1))
         ax.set_yticks(range(-int(lim), int(lim) + 1))
-        ax.grid(True, color="0.8", linewidth=0.6)  # the integer pixel grid
+        ax.grid(True, color="0.8", linewidth=0.6)
         ax.set_title(name, fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.supxlabel("alpha: horizontal shift (px)", fontsize=9)
-    fig.supylabel("beta: vertical shift (px)", fontsize=9)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return figures.save(fig, stem)
 
 
+def scatter_figure(shifts: dict[str, torch.Tensor], title: str, stem: Path) -> list[Path]:
+    def draw(ax, name):
+        s = shifts[name].float()
+        ax.scatter(s[:, 0], s[:, 1], s=6, alpha=0.7)
+        return s.abs().max().item()
+
+    return _per_layer_figure(list(shifts), draw, title, "alpha: horizontal shift (px)", "beta: vertical shift (px)", stem)
+
+
 def movement_figure(history: pd.DataFrame, title: str, stem: Path) -> list[Path]:
     """Each channel's path from the first to the last recorded step, per layer."""
-    plt = figures.plt()
-    names = list(dict.fromkeys(history["layer"]))
-    r, c = _grid(len(names))
-    fig, axes = plt.subplots(r, c, figsize=(2.6 * c, 2.6 * r), squeeze=False)
     first, last = history["step"].min(), history["step"].max()
-    for ax, name in zip(axes.flat, names):
+
+    def draw(ax, name):
         h = history[history["layer"] == name].sort_values(["channel", "step"])
         for _, ch in h.groupby("channel"):
             ax.plot(ch["alpha"], ch["beta"], color="0.6", linewidth=0.5)
         a, b = h[h["step"] == first], h[h["step"] == last]
         ax.scatter(a["alpha"], a["beta"], s=4, color="tab:blue", label=f"step {first}")
         ax.scatter(b["alpha"], b["beta"], s=4, color="tab:red", label=f"step {last}")
-        lim = max(1.5, math.ceil(h[["alpha", "beta"]].abs().max().max() + 0.25))
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(lim, -lim)
-        ax.set_aspect("equal")
-        ax.grid(True, color="0.85", linewidth=0.5)
-        ax.set_title(name, fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.supxlabel("alpha (px)", fontsize=9)
-    fig.supylabel("beta (px)", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return figures.save(fig, stem)
+        if name == names[0]:
+            ax.legend(fontsize=6)
+        return h[["alpha", "beta"]].abs().max().max()
+
+    names = list(dict.fromkeys(history["layer"]))
+    return _per_layer_figure(names, draw, title, "alpha (px)", "beta (px)", stem)
 
 
 def run(target: str | Path, out_dir: Path) -> dict:

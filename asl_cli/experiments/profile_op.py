@@ -112,23 +112,20 @@ def ratios(rows: list[dict]) -> dict[str, float]:
 
 
 def run(device: str = "cpu", threads: int = 1, cases: list[Case] | None = None, min_run_time: float = 1.0,
-        progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Measures every case; returns rows with the ratios of their case and provenance columns."""
+        progress: Callable[[int, str], None] | None = None) -> list[dict]:
+    """Measures every case; returns rows with the ratios of their case and provenance columns.
+    progress(i, label) is called before the i-th case."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("asl profile: --device cuda was asked for but no CUDA device is visible")
-    prev = torch.get_num_threads()
+    prov = provenance(device, threads if device == "cpu" else None)
     out = []
-    try:
-        for case in cases or default_cases(device):
-            if progress:
-                progress(case.label)
-            rows = list(measure_case(case, device, threads, min_run_time))
-            r = ratios(rows)
-            prov = provenance(device, threads if device == "cpu" else None)
-            for row in rows:
-                row.update({k: round(v, 4) for k, v in r.items()})
-                row.update(prov)
-            out.extend(rows)
-    finally:
-        torch.set_num_threads(prev)
+    for i, case in enumerate(cases or default_cases(device)):
+        if progress:
+            progress(i, case.label)
+        rows = list(measure_case(case, device, threads, min_run_time))
+        r = ratios(rows)
+        for row in rows:
+            row.update({k: round(v, 4) for k, v in r.items()})
+            row.update(prov)
+        out.extend(rows)
     return out

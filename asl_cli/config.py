@@ -97,7 +97,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-VALID_KEYS = set(_flatten(DEFAULTS))
+_FLAT_DEFAULTS = _flatten(DEFAULTS)
+VALID_KEYS = set(_FLAT_DEFAULTS)
 
 
 def _suggest(key: str) -> str:
@@ -108,7 +109,7 @@ def _suggest(key: str) -> str:
 def _check_value(key: str, value: Any) -> None:
     if key.startswith("model.args."):
         return
-    default = _flatten(DEFAULTS).get(key)
+    default = _FLAT_DEFAULTS.get(key)
     allowed = TYPES.get(key) or ((type(default),) if default is not None else None)
     if value is None or allowed is None:
         return

@@ -89,9 +89,12 @@ def profile(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: int = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one)."),
     min_run_time: float = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement."),
-    out: Optional[Path] = typer.Option(None, "--out", help="CSV to append to (default results/profile_op_<device>.csv)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="CSV to append to (default results/profile_op_, profile_layers_, profile_models_ or train_speed_<device>.csv)."),
 ) -> None:
-    """Measure speed against peers timed in the same run; print ratios and append a CSV."""
+    """Measure speed against peers timed in the same run; print ratios and append a CSV.
+
+    One of: --op asl (the operator vs copy, ReLU, 3x3 depthwise conv, grid_sample ASL), --layer
+    (paper Table 1, Fig. 2), --model (paper Table 5, Fig. 4), --train-speed (paper Table 2)."""
     if more:
         if not model:
             fail(f"unexpected arguments {' '.join(more)}; did you mean --model {' '.join(more)}?", code=2)

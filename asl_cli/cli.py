@@ -93,8 +93,8 @@ def profile(
 ) -> None:
     """Measure speed against peers timed in the same run; print ratios and append a CSV.
 
-    One of: --op asl (the operator vs copy, ReLU, 3x3 depthwise conv, grid_sample ASL), --layer
-    (paper Table 1, Fig. 2), --model (paper Table 5, Fig. 4), --train-speed (paper Table 2)."""
+    One of: --op asl (the operator vs copy, ReLU, 3x3 depthwise conv, grid_sample ASL), --layer (paper Table 1, Fig. 2), --model (paper Table 5, Fig. 4), --train-speed (paper Table 2).
+    """
     if more:
         if not model:
             fail(f"unexpected arguments {' '.join(more)}; did you mean --model {' '.join(more)}?", code=2)

@@ -83,6 +83,9 @@ def profile(
     more: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="Further models for --model."),
     train_speed: Optional[str] = typer.Option(None, "--train-speed", help="Training images/s of this zoo model with ASL vs 3x3 depthwise blocks (paper Table 2)."),
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size for --train-speed."),
+    modes: str = typer.Option("auto", "--modes", help="--train-speed step forms, comma-separated: eager, graph (whole step as a CUDA graph), compile, compile+graph; auto = eager on the CPU, eager,graph on CUDA."),
+    amp: str = typer.Option("none", "--amp", help="--train-speed autocast: none or bf16 (CUDA)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="--train-speed in channels_last memory format."),
     shape: str = typer.Option("1x64x224x224", "--shape", help="NxCxHxW for --layer (C is also the conv output width)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16 for --layer."),
     backward: bool = typer.Option(False, "--backward", help="Time forward + backward for --layer."),
@@ -113,7 +116,7 @@ def profile(
 
         torch.set_num_threads(threads)  # the whole process, so every library sees the same thread count
     if train_speed is not None:
-        return _profile_train_speed(train_speed, batch, device, threads, min_run_time, out)
+        return _profile_train_speed(train_speed, batch, device, threads, min_run_time, out, modes, amp, channels_last)
     if layer is not None:
         return _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out)
     if model:
@@ -213,9 +216,10 @@ def _profile_models(specs, device, threads, min_run_time, out) -> None:
     console.print(f"appended {len(rows)} rows to {path}")
 
 
-def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path]) -> None:
+def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
+                         modes: str = "auto", amp: str = "none", channels_last: bool = False) -> None:
     from asl_cli.experiments.bench import REPO, append_csv
-    from asl_cli.experiments.train_speed import run
+    from asl_cli.experiments.train_speed import MODES, run
     from asl_cli.zoo import get_entry
 
     try:
@@ -224,14 +228,26 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         fail(e.args[0], code=2)
     if entry.family not in ("asnet", "as_resnet"):
         fail(f"--train-speed compares spatial blocks of asnet/as_resnet models; {model} is {entry.family}", code=2)
-    with console.status(f"timing training steps of {model} (asl, dw3_bn, dw3) on {device}"):
-        rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None,
-                   amp=device == "cuda", channels_last=device == "cuda", min_run_time=max(min_run_time, 1.0))
-    t = Table(title=f"training throughput, {model}, batch {batch}, {rows[0]['device_name']}")
-    for c in ("block", "ms/step", "images/s", "ASL speed-up"):
-        t.add_column(c, justify="right" if c != "block" else "left")
+    chosen = ("eager", "graph") if device == "cuda" else ("eager",) if modes == "auto" else ()
+    if modes != "auto":
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in chosen if m not in MODES]
+    if bad or not chosen:
+        fail(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {modes!r}", code=2)
+    if device == "cpu" and any("graph" in m for m in chosen):
+        fail("--modes graph needs --device cuda (CUDA graphs)", code=2)
+    if amp not in ("none", "bf16") or (amp == "bf16" and device != "cuda"):
+        fail(f"--amp must be none, or bf16 with --device cuda; got {amp!r}", code=2)
+    with console.status(f"timing training steps of {model} on {device}") as status:
+        rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
+                   channels_last=channels_last, modes=chosen, min_run_time=max(min_run_time, 1.0),
+                   progress=lambda text: status.update(f"timing training steps: {text}"))
+    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, {rows[0]['device_name']}")
+    for c in ("block", "mode", "ms/step", "images/s", "GPU busy", "ASL speed-up"):
+        t.add_column(c, justify="left" if c in ("block", "mode") else "right")
     for r in rows:
-        t.add_row(r["spatial"], f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", f"{r['speedup_of_first']:.2f}x")
+        busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
+        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", busy, f"{r['speedup_of_first']:.2f}x")
     console.print(t)
     path = out or REPO / "results" / f"train_speed_{device}.csv"
     append_csv(rows, path)

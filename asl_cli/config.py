@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "none",  # none | bf16 | fp16 (CUDA)
         "channels_last": False,
         "compile": False,
+        "cuda_graph": "auto",  # auto | true | false: capture the whole step as a CUDA graph (auto: on for one CUDA process without fp16)
         "sync_bn": True,  # synchronised BatchNorm statistics under DistributedDataParallel
         "deterministic": False,
         "init_skip_mismatched": False,  # --init-from: keep fresh weights where shapes differ (new classifier)
@@ -76,11 +77,13 @@ TYPES: dict[str, tuple] = {
     "train.iterations": (int,),
     "train.epochs": (int, float),
     "output.dir": (str,),
+    "train.cuda_graph": (str, bool),
 }
 
 CHOICES = {
     "data.dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "npz"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.cuda_graph": ("auto", True, False),
     "optim.name": ("sgd",),
     "schedule.type": ("multistep", "linear", "cosine", "constant"),
 }
@@ -121,7 +124,7 @@ def _check_value(key: str, value: Any) -> None:
         names = " or ".join(t.__name__ for t in allowed)
         raise ConfigError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(str(c).lower() for c in CHOICES[key])}, got {value!r}")
 
 
 def _merge(base: dict, new: dict, prefix: str = "") -> dict:

@@ -183,7 +183,7 @@ class TensorBatches:
     def _permutation(self, epoch: int) -> Tensor:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(len(self.x), generator=g).to(self.device)
+            self._perm = to_device(torch.randperm(len(self.x), generator=g), self.device)
             self._perm_epoch = epoch
         return self._perm
 
@@ -205,7 +205,7 @@ class TensorBatches:
         flip = torch.rand(B, generator=g) < 0.5
         local = B // self.world
         sl = slice(self.rank * local, (self.rank + 1) * local)
-        off, flip = off[sl].to(x.device), flip[sl].to(x.device)
+        off, flip = to_device(off[sl], x.device), to_device(flip[sl], x.device)
         n, c, h, w = x.shape
         xp = F.pad(x, (4, 4, 4, 4))  # zero (black) padding on the 0-255 scale, as torchvision
         rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (n, h)
@@ -217,6 +217,14 @@ class TensorBatches:
 
     def test_batches(self, x: Tensor, y: Tensor, batch_size: int):
         return normalized_batches(x, y, batch_size, self.mean, self.std, self.device)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to `device` without making the host wait for the GPU: a plain .to()
+    from pageable memory synchronises the stream, a pinned non-blocking copy does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def normalizer(mean, std, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ from . import checkpoint as ckpt_io
 from .config import dump
 from .data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
 from .nn import install_shift_grad_normalization, param_groups, shift_layers
+from .step import TrainStep, graph_blocker, host_lrs
 from .zoo import create_model
 
 METRIC_COLUMNS = ["step", "epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds", "images_per_s"]
@@ -181,8 +182,9 @@ class Accum:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterator, device: torch.device, amp_dtype=None, channels_last=False) -> dict:
+    """Test loss, top-1 and top-5; sums stay on the device until the last batch."""
     model.eval()
-    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0  # loss, top1, top5; images
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -190,13 +192,14 @@ def evaluate(model: nn.Module, batches: Iterator, device: torch.device, amp_dtyp
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         out = out.float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         k = min(5, out.shape[1])
         pred = out.topk(k, dim=1).indices
-        top1 += (pred[:, 0] == y).sum().item()
-        top5 += (pred == y[:, None]).any(dim=1).sum().item()
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), (pred[:, 0] == y).sum().double(),
+                             (pred == y[:, None]).any(dim=1).sum().double()])
         n += len(y)
-    return {"test_loss": loss_sum / max(n, 1), "test_top1": 100.0 * top1 / max(n, 1), "test_top5": 100.0 * top5 / max(n, 1)}
+    loss, top1, top5 = sums.tolist()
+    n = max(n, 1)
+    return {"test_loss": loss / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n}
 
 
 class FolderStream:
@@ -221,6 +224,26 @@ class FolderStream:
                                 pin_memory=torch.cuda.is_available(), persistent_workers=False)
             yield from loader
             epoch, skip = epoch + 1, 0
+
+
+def build_optimizer(model: nn.Module, o: dict, device: torch.device) -> torch.optim.SGD:
+    """SGD with the paper's parameter groups and the shifts' normalised gradient. On CUDA the fused
+    update, which takes its learning rate as a device tensor (what a captured step needs)."""
+    groups = param_groups(model, o["lr"], o["weight_decay"], o["shift_lr_mult"], o["normalize_shift_grad"])
+    opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
+                          fused=True if device.type == "cuda" else None)
+    install_shift_grad_normalization(opt)
+    return opt
+
+
+def use_cuda_graph(setting, device: torch.device, world: int, amp: str) -> bool:
+    """Resolve train.cuda_graph (auto | true | false) for this run."""
+    blocker = graph_blocker(device, world, amp)
+    if setting == "auto":
+        return blocker is None
+    if setting and blocker is not None:
+        raise TrainingError(f"train.cuda_graph=true: {blocker}; set train.cuda_graph=auto or false")
+    return bool(setting)
 
 
 def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | None = None,
@@ -305,10 +328,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     model.to(device)
     if t["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    o = cfg["optim"]
-    groups = param_groups(model, o["lr"], o["weight_decay"], o["shift_lr_mult"], o["normalize_shift_grad"])
-    opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
-    install_shift_grad_normalization(opt)
+    opt = build_optimizer(model, cfg["optim"], device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t["amp"]]
     if amp_dtype is not None and device.type != "cuda":
@@ -336,6 +356,32 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t["compile"]:
         train_model = torch.compile(train_model)
+    graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
+    step_fn = TrainStep(train_model, opt, scaler, device, amp_dtype, t["channels_last"], graph=graphed, start_step=start)
+
+    def check_finite(step: int) -> None:
+        """Raise NonFiniteLoss if any loss since the last check, or the weights, are not finite
+        (a host read: called at log, evaluation and checkpoint points only)."""
+        bad = step_fn.peek_bad()
+        if bad is None and not _weights_finite(model):
+            bad = step - 1
+        if d.world > 1:
+            flag = torch.tensor([float(bad if bad is not None else -1)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = int(flag.item()) if flag.item() >= 0 else None
+        if bad is not None:
+            raise NonFiniteLoss(bad, run_dir, last_good)
+
+    def take_stats() -> None:
+        st = step_fn.take_stats()
+        vals = [st.loss_sum, st.correct, st.count]
+        if d.world > 1:  # log the global batch, not this rank's slice
+            v = torch.tensor(vals, dtype=torch.float64, device=device)
+            dist.all_reduce(v)
+            vals = v.tolist()
+        acc.loss += vals[0]
+        acc.correct += vals[1]
+        acc.count += vals[2]
 
     def save(step: int, row: dict | None, is_best: bool) -> None:
         if not d.main:
@@ -345,8 +391,8 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             "model_name": cfg["model"]["name"],
             "model_args": model_args,
             "model_state": clean_state_dict(model),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
+            "optimizer": host_lrs(opt.state_dict()),
+            "scheduler": host_lrs(sched.state_dict()),
             "scaler": scaler.state_dict(),
             "step": step,
             "total_steps": total,
@@ -369,7 +415,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         _append_shifts(run_dir / "shifts.csv", 0, shift_values(model))  # the starting point of every shift
 
     cb.on_start({"run_dir": str(run_dir), "total": total, "start": start, "device": str(device), "world": d.world,
-                 "model": cfg["model"]["name"], "steps_per_epoch": spe, "train_images": n_train})
+                 "model": cfg["model"]["name"], "steps_per_epoch": spe, "train_images": n_train, "cuda_graph": graphed})
 
     stop = {"flag": False}
     old_handlers = {}
@@ -389,45 +435,38 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     batches = batches_from(start)
     interval_start, interval_steps = time.time(), 0
     summary_row: dict | None = None
+    # On the CPU reading the statistics costs nothing, so a non-finite loss is caught at once;
+    # on a GPU the host reads them only at log, evaluation and checkpoint points.
+    check_every = 1 if device.type == "cpu" else t["log_every"]
+    train_model.train()
     try:
         for step in range(start, total):
-            if stop["flag"] or (d.world > 1 and _any_rank(stop["flag"], device)):
+            if stop["flag"] or (d.world > 1 and step % t["log_every"] == 0 and _any_rank(stop["flag"], device)):
+                check_finite(step)
+                take_stats()
                 save(step, None, False)
                 raise Interrupted(step, run_dir)
-            train_model.train()
             x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if t["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_model(x)
-                loss = F.cross_entropy(out.float(), y)
-            if not torch.isfinite(loss).item():
-                raise NonFiniteLoss(step, run_dir, last_good)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             sched.step()
-            stats = torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-            if d.world > 1:  # log the global batch, not this rank's slice
-                stats = stats.to(device)
-                dist.all_reduce(stats)
-                stats = stats.cpu()
-            acc.loss += stats[0].item()
-            acc.correct += stats[1].item()
-            acc.count += stats[2].item()
             interval_steps += 1
             done = step + 1
-            if done % t["log_every"] == 0 or done == total:
-                el = max(time.time() - interval_start, 1e-9)
-                cb.on_step(done, total, {"loss": acc.loss / acc.count, "top1": 100 * acc.correct / acc.count,
-                                         "lr": opt.param_groups[-1]["lr"], "images_per_s": interval_steps * t["batch_size"] / el})
+            is_log = done % t["log_every"] == 0 or done == total
             is_eval = done % t["eval_every"] == 0 or done == total
+            is_ckpt = done % t["ckpt_every"] == 0
+            if done % check_every == 0 or is_log or is_eval or is_ckpt:
+                check_finite(done)
+            if is_log or is_eval or is_ckpt:
+                take_stats()
+            if is_log:
+                el = max(time.time() - interval_start, 1e-9)
+                cb.on_step(done, total, {"loss": acc.loss / max(acc.count, 1), "top1": 100 * acc.correct / max(acc.count, 1),
+                                         "lr": _lr_of(opt), "images_per_s": interval_steps * t["batch_size"] / el})
             if is_eval:
                 seconds = time.time() - interval_start
                 res = evaluate(unwrap(model), test_batches(), device, amp_dtype, t["channels_last"])
-                row = {"step": done, "epoch": round(done / spe, 4), "lr": opt.param_groups[-1]["lr"],
+                train_model.train()
+                row = {"step": done, "epoch": round(done / spe, 4), "lr": _lr_of(opt),
                        "train_loss": acc.loss / max(acc.count, 1), "train_top1": 100 * acc.correct / max(acc.count, 1),
                        **res, "seconds": round(seconds, 3), "images_per_s": round(interval_steps * t["batch_size"] / max(seconds, 1e-9), 1)}
                 improved = res["test_top1"] > best
@@ -439,13 +478,23 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
                 cb.on_eval(row)
                 summary_row, last_good = row, done
                 interval_start, interval_steps = time.time(), 0
-            elif done % t["ckpt_every"] == 0:
+            elif is_ckpt:
                 save(done, None, False)
                 last_good = done
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    return {"run_dir": str(run_dir), "steps": total, "best_top1": best, "last": summary_row}
+    return {"run_dir": str(run_dir), "steps": total, "best_top1": best, "last": summary_row, "cuda_graph": graphed}
+
+
+def _lr_of(opt: torch.optim.Optimizer) -> float:
+    return float(opt.param_groups[-1]["lr"])
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    # parameters and buffers: BatchNorm's running statistics can overflow before any weight does
+    flags = [torch.isfinite(v).all() for v in unwrap(model).state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -1,46 +1,101 @@
 """Training throughput of a zoo model against the same network with another spatial block
-(paper Table 2: ASL trained 1.54x faster than 1B-DW3-B-1), measured in one run."""
+(paper Table 2: ASL trained 1.54x faster than 1B-DW3-B-1), measured in one run.
+
+Each configuration runs the step code of `asl train` (`asl_cli.step.TrainStep`: the same
+optimizer, scheduler, on-device batches with augmentation, device-side statistics and, in mode
+`graph`, the captured CUDA graph), so the figures are what training gets. On a GPU it also
+reports the fraction of the step's wall time in which the GPU runs a kernel.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..nn import install_shift_grad_normalization, param_groups
+from ..config import DEFAULTS
+from ..data import TensorBatches
+from ..engine import build_optimizer
+from ..step import TrainStep
 from ..zoo import create_model, get_entry
 from .bench import median_ms, provenance
 
+MODES = ("eager", "graph", "compile", "compile+graph")
 
-def step_fn(model, x, y, opt, bf16: bool = False):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
 
-    return step
+def make_step(model_name: str, spatial: str, batch: int, device: torch.device, mode: str = "eager",
+              amp: str = "none", channels_last: bool = False):
+    """A zero-argument callable that runs one training step exactly as `asl train` would."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    entry = get_entry(model_name)
+    torch.manual_seed(0)
+    model = create_model(model_name, spatial=spatial).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, DEFAULTS["optim"], device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16}[amp]
+    train_model = torch.compile(model) if mode.startswith("compile") else model
+    step = TrainStep(train_model, opt, scaler, device, amp_dtype, channels_last, graph=mode.endswith("graph"))
+    size = entry.input_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (max(8 * batch, 1024), 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (len(x),), generator=g)
+    data = TensorBatches(x, y, batch, (0.5,) * 3, (0.25,) * 3, True, 0, device)
+    k = [0]
+    model.train()
+
+    def one():
+        xb, yb = data.batch(k[0])
+        step(xb, yb)
+        sched.step()
+        k[0] += 1
+
+    return one
+
+
+def gpu_busy_fraction(fn, steps: int = 20) -> float | None:
+    """Share of the wall time between the first and the last kernel of `steps` steps in which
+    some kernel runs (torch.profiler's CUDA activity); None when no kernel was recorded."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if getattr(e, "device_type", None) == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy, cur_s, cur_e = busy + (cur_e - cur_s), s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy / max(spans[-1][1] - spans[0][0], 1e-9)
 
 
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
-        threads: int | None = None, amp: bool = False, channels_last: bool = False, min_run_time: float = 2.0) -> list[dict]:
-    entry = get_entry(model)
-    prov = provenance(device, threads if device == "cpu" else None)
+        threads: int | None = None, amp: str = "none", channels_last: bool = False, modes=("eager",),
+        min_run_time: float = 2.0, progress=lambda text: None) -> list[dict]:
+    dev = torch.device(device)
+    prov = provenance(device, threads if dev.type == "cpu" else None)
     rows = []
-    for spatial in spatials:
-        torch.manual_seed(0)
-        m = create_model(model, spatial=spatial).to(device)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        m = m.to(memory_format=fmt)
-        x = torch.randn(batch, 3, entry.input_size, entry.input_size, device=device).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (batch,), device=device)
-        opt = torch.optim.SGD(param_groups(m, 0.01, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
-        install_shift_grad_normalization(opt)
-        bf16 = amp and device.startswith("cuda")
-        ms = median_ms(step_fn(m, x, y, opt, bf16), threads=threads or torch.get_num_threads(), min_run_time=min_run_time)
-        rows.append({"model": model, "spatial": spatial, "batch": batch, "ms_per_step": round(ms, 3),
-                     "images_per_s": round(batch / ms * 1e3, 1), "amp": "bf16" if bf16 else "none",
-                     "channels_last": channels_last, **prov})
-    base = rows[0]["images_per_s"]
-    for r in rows:
-        r["speedup_of_first"] = round(base / r["images_per_s"], 3)
+    for mode in modes:
+        for spatial in spatials:
+            progress(f"{model} {spatial} {mode}")
+            fn = make_step(model, spatial, batch, dev, mode, amp, channels_last)
+            for _ in range(6):  # eager warm-up steps, capture, compilation
+                fn()
+            ms = median_ms(fn, threads=threads or torch.get_num_threads(), min_run_time=min_run_time)
+            busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
+            rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
+                         "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
+                         "amp": amp, "channels_last": channels_last, **prov})
+    for r in rows:  # ASL's speed relative to each block, within the same mode
+        asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)
+        r["speedup_of_first"] = round(asl["images_per_s"] / r["images_per_s"], 3)
     return rows

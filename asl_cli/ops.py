@@ -24,6 +24,8 @@ __all__ = ["active_shift", "reference_active_shift", "backends", "output_size", 
 
 IntPair = Union[int, Sequence[int]]
 _OPS = ("active_shift", "active_shift_grad_input", "active_shift_grad_shift")
+_BACKWARD_SCHEMA = ("active_shift_backward(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) "
+                    "-> (Tensor, Tensor)")
 
 _EXT_ERROR: Exception | None = None
 if os.environ.get("ASL_DISABLE_EXTENSION") == "1":
@@ -150,6 +152,13 @@ if not hasattr(torch.ops.asl, "active_shift"):
     _LIB.define(
         "active_shift_grad_shift(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor"
     )
+    _LIB.define(_BACKWARD_SCHEMA)
+
+    def _backward_composite(grad, input, shift, stride, padding):
+        return (torch.ops.asl.active_shift_grad_input(grad, input, shift, stride, padding),
+                torch.ops.asl.active_shift_grad_shift(grad, input, shift, stride, padding))
+
+    _LIB.impl("active_shift_backward", _backward_composite, "CompositeExplicitAutograd")
 
 
 def _ref_forward(input, shift, stride, padding):
@@ -220,6 +229,11 @@ def _fake_grad_shift(grad_output, input, shift, stride, padding):
     return shift.new_empty(shift.shape)
 
 
+@torch.library.register_fake("asl::active_shift_backward")
+def _fake_backward(grad_output, input, shift, stride, padding):
+    return _fake_grad_input(grad_output, input, shift, stride, padding), _fake_grad_shift(grad_output, input, shift, stride, padding)
+
+
 def _setup_context(ctx, inputs, output):
     input, shift, stride, padding = inputs
     ctx.save_for_backward(input, shift)
@@ -229,6 +243,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, shift = ctx.saved_tensors
     grad_input = grad_shift = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass where the device has a fused kernel
+        grad_input, grad_shift = torch.ops.asl.active_shift_backward(grad, input, shift, ctx.stride, ctx.padding)
+        return grad_input, grad_shift, None, None
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.asl.active_shift_grad_input(grad, input, shift, ctx.stride, ctx.padding)
     if ctx.needs_input_grad[1]:
@@ -262,6 +279,11 @@ def _flops_grad_input(grad_shape, input_shape, *args, out_shape=None, **kwargs) 
 @register_flop_formula(torch.ops.asl.active_shift_grad_shift)
 def _flops_grad_shift(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * 8 * _numel(grad_shape)
+
+
+@register_flop_formula(torch.ops.asl.active_shift_backward)
+def _flops_backward(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * 4 * _numel(input_shape) + 2 * 8 * _numel(grad_shape)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,29 +1,63 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the extension (CPU + CUDA), run the CUDA tests (agreement with
-# the reference and the CPU kernels, gradcheck, opcheck, torch.compile, a mixed-precision training
-# smoke run) and the CUDA benchmarks. Uses the torch already installed there. Everything that
-# comes back is written flat to $OUT (default ./gpu_out): log.txt, build.log, nvidia-smi.txt and
-# the CSVs profile_op_cuda.csv, train_speed_cuda.csv, profile_models_cuda.csv.
+# One call on a GPU machine (about 5 minutes, build included): build the extension (CPU + CUDA),
+# run every CUDA test (agreement with the reference and the CPU kernels, the fast-path kernels,
+# gradcheck, opcheck, torch.compile, CUDA-graph training steps, mixed precision), then the GPU
+# benchmarks: the operator against copy/ReLU/cuDNN depthwise, training throughput of the
+# step that `asl train` runs (eager vs CUDA graph, fp32 NCHW and bf16 channels_last, with the
+# GPU's busy fraction), a timed `asl train` run with evaluations, and model latency.
+# Uses the torch already installed there. Everything is written flat to $OUT (default ./gpu_out):
+# log.txt, tests.txt, build.log and the CSVs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
 log() { echo "$@" | tee -a "$OUT/log.txt"; }
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+nvidia-smi 2>&1 | head -15 >> "$OUT/log.txt" || true
 log "== build"
 start=$(date +%s)
 FORCE_CUDA=1 python -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 log "built in $(( $(date +%s) - start )) s"
 python -c "import asl_cli, torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0)); print(asl_cli.backends())" 2>&1 | tee -a "$OUT/log.txt"
+
+log "== a wrong-shape grad_output raises on CPU and CUDA (no crash)"
+python -X faulthandler - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+import torch, asl_cli
+x, s, g = torch.randn(8, 16, 17, 19), torch.rand(16, 2), torch.randn(8, 16, 9, 10)
+for dev in ("cpu", "cuda"):
+    for op in (torch.ops.asl.active_shift_grad_shift, torch.ops.asl.active_shift_grad_input, torch.ops.asl.active_shift_backward):
+        try:
+            op(g.to(dev), x.to(dev), s.to(dev), [2, 2], [1, 1])
+            print(dev, op, "DID NOT RAISE")
+        except ValueError as e:
+            print(dev, "raised ValueError:", str(e).splitlines()[0])
+EOF
+
 log "== CUDA tests"
-python -m pytest -q tests/test_ops.py tests/test_nn.py tests/test_train.py -k "cuda or gradcheck or opcheck" 2>&1 | tail -25 | tee -a "$OUT/log.txt"
+python -m pytest -q -p no:cacheprovider tests -m cuda 2>&1 | tail -30 > "$OUT/tests.txt"
+tail -5 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
+python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "gradcheck or opcheck" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+
 log "== operator benchmark"
-python -m asl_cli profile --op asl --device cuda --min-run-time 0.3 --out "$OUT/profile_op_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
-log "== training throughput"
-python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+python -m asl_cli profile --op asl --device cuda --min-run-time 0.2 --out "$OUT/profile_op_cuda.csv" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+
+log "== training throughput (the step asl train runs)"
+python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes eager,graph \
+  --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes graph --amp bf16 --channels-last \
+  --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes graph --amp bf16 \
+  --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+
+log "== asl train, 3000 steps with 3 evaluations of 10,000 images (synthetic data, CUDA graph)"
+WORK=$(mktemp -d)
+start=$(date +%s.%N)
+python -m asl_cli train asnet20_16x1 data.dataset=synthetic data.train_size=50000 data.test_size=10000 \
+  train.iterations=3000 train.eval_every=1000 train.ckpt_every=1000 train.log_every=100 "output.dir=$WORK/run" 2>&1 | tail -8 | tee -a "$OUT/log.txt"
+log "asl train wall time: $(python -c "print(round($(date +%s.%N) - $start, 1))") s (includes start-up and making the data)"
+cp "$WORK/run/metrics.csv" "$OUT/train_metrics.csv" 2>/dev/null || true
+
 log "== model latency"
-python -m asl_cli profile --model as_resnet_w68 mobilenet_v2_x1.0 as_resnet_w32 mobilenet_v2_x0.5 --device cuda --min-run-time 0.3 \
-  --out "$WORK/profile_models_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+python -m asl_cli profile --model as_resnet_w68 mobilenet_v2_x1.0 as_resnet_w32 mobilenet_v2_x0.5 --device cuda --min-run-time 0.2 \
+  --out "$WORK/profile_models_cuda.csv" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
 cp "$WORK/profile_models_cuda.csv" "$OUT/" 2>/dev/null || true

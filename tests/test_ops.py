@@ -158,7 +158,8 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.asl.active_shift.default, args)
         y = torch.ops.asl.active_shift(*args)
         g = torch.randn_like(y)
-        for op in (torch.ops.asl.active_shift_grad_input.default, torch.ops.asl.active_shift_grad_shift.default):
+        for op in (torch.ops.asl.active_shift_grad_input.default, torch.ops.asl.active_shift_grad_shift.default,
+                   torch.ops.asl.active_shift_backward.default):
             torch.library.opcheck(op, (g, x.detach(), s.detach(), args[2], args[3]))
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     torch.library.opcheck(torch.ops.asl.active_shift.default, (xc, s, [1, 1], [0, 0]))
@@ -256,9 +257,13 @@ def test_bad_input_errors(args, exc, words):
 
 
 def test_raw_op_checks_arguments():
-    with pytest.raises(RuntimeError, match="4-D"):
+    with pytest.raises(ValueError, match="4-D"):
         torch.ops.asl.active_shift(torch.randn(3, 5, 5), torch.zeros(3, 2), [1, 1], [0, 0])
-    with pytest.raises(RuntimeError, match="stride"):
+    with pytest.raises(TypeError, match="floating-point"):
+        torch.ops.asl.active_shift(torch.randn(1, 3, 5, 5), torch.zeros(3, 2, dtype=torch.long), [1, 1], [0, 0])
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.asl.active_shift_grad_input(torch.randn(1, 3, 4, 5), torch.randn(1, 3, 5, 5), torch.zeros(3, 2), [1, 1], [0, 0])
+    with pytest.raises(ValueError, match="stride"):
         torch.ops.asl.active_shift(torch.randn(1, 3, 5, 5), torch.zeros(3, 2), [0, 1], [0, 0])
 
 
@@ -310,6 +315,11 @@ def test_cuda_matches_cpu_kernel_and_is_deterministic():
     x = torch.randn(8, 16, 17, 19)
     s = rand_shift(16, 3.0, torch.float32)
     g = torch.randn(8, 16, 9, 10)
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.asl.active_shift_grad_shift(g, x, s, [2, 2], [1, 1])
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        torch.ops.asl.active_shift_grad_shift(g.cuda(), x.cuda(), s.cuda(), [2, 2], [1, 1])
+    g = torch.randn(8, 16, 10, 11)  # the output's shape at stride 2, padding 1
     cpu = [torch.ops.asl.active_shift(x, s, [2, 2], [1, 1]), torch.ops.asl.active_shift_grad_shift(g, x, s, [2, 2], [1, 1])]
     xc, sc, gc = x.cuda(), s.cuda(), g.cuda()
     gpu = [torch.ops.asl.active_shift(xc, sc, [2, 2], [1, 1]), torch.ops.asl.active_shift_grad_shift(gc, xc, sc, [2, 2], [1, 1])]
@@ -348,3 +358,77 @@ def test_random_cases_against_reference():
         torch.testing.assert_close(y, reference_active_shift(x, s, tuple(stride), tuple(padding)), atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(torch.ops.asl.active_shift_grad_input(g, x, s, stride, padding), gx, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding), gs, atol=1e-10, rtol=1e-10)
+
+
+def test_backward_op_equals_the_two_gradient_ops():
+    x = torch.randn(2, 5, 8, 12, dtype=torch.float64)
+    s = rand_shift(5, 2.0)
+    for stride, padding in [([1, 1], [0, 0]), ([2, 2], [1, 1])]:
+        g = torch.randn_like(torch.ops.asl.active_shift(x, s, stride, padding))
+        gi, gs = torch.ops.asl.active_shift_backward(g, x, s, stride, padding)
+        torch.testing.assert_close(gi, torch.ops.asl.active_shift_grad_input(g, x, s, stride, padding))
+        torch.testing.assert_close(gs, torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding))
+
+
+# Shapes served by the CUDA fast path (NCHW, stride 1, rows of whole 16-byte chunks) and its
+# edges: tiny planes, planes split over several blocks, padding, shifts beyond the image,
+# integer shifts, every sub-chunk offset.
+FAST_CASES = [
+    (2, 8, 8, 8, 0, 1.0),
+    (3, 5, 16, 32, 0, 3.0),
+    (1, 4, 40, 64, 0, 9.0),
+    (2, 3, 9, 16, 2, 1.5),
+    (1, 2, 300, 512, 0, 2.0),
+    (2, 6, 12, 24, 0, 30.0),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_cuda_fast_path_matches_reference(case, dtype):
+    N, C, H, W, pad, scale = case
+    x = torch.randn(N, C, H, W, dtype=dtype, device="cuda")
+    s = rand_shift(C, scale, dtype, "cuda")
+    s[0] = s[0].round()  # an integer shift: one-sided differences
+    s[-1] = torch.tensor([-0.5 - 8 * (C % 3), 1.25], dtype=dtype)  # crosses chunk boundaries
+    y = active_shift(x, s, 1, pad)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(y, reference_active_shift(x, s, 1, pad), **tol)
+    g = torch.randn_like(y)
+    gi, gs = torch.ops.asl.active_shift_backward(g, x, s, [1, 1], [pad, pad])
+    rgi, rgs = ref_grads(x, s, 1, pad, g)
+    torch.testing.assert_close(gi, rgi, **tol)
+    gtol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(gs, rgs, **gtol)
+    again = torch.ops.asl.active_shift_backward(g, x, s, [1, 1], [pad, pad])
+    assert torch.equal(again[1], gs) and torch.equal(again[0], gi)  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fast_path_half_precision(dtype):
+    x = torch.randn(4, 6, 16, 32, device="cuda").to(dtype)
+    s = rand_shift(6, 2.5, torch.float32, "cuda")
+    y = active_shift(x, s)
+    torch.testing.assert_close(y.float(), reference_active_shift(x.float(), s), atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(y)
+    gi, gs = torch.ops.asl.active_shift_backward(g, x, s, [1, 1], [0, 0])
+    rgi, rgs = ref_grads(x.float(), s, 1, 0, g.float())
+    assert gi.dtype == dtype and gs.dtype == torch.float32
+    torch.testing.assert_close(gi.float(), rgi, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(gs, rgs, atol=0.5, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_fast_path_non_finite_and_gradcheck():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device="cuda", requires_grad=True)
+    s = (rand_shift(3, 1.5, torch.float64, "cuda") + 0.013).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: active_shift(a, b), (x, s))
+    bad = s.detach().clone()
+    bad[1, 0] = float("nan")
+    y = active_shift(x.detach(), bad)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
+    gi, gs = torch.ops.asl.active_shift_backward(torch.ones_like(y), x.detach(), bad, [1, 1], [0, 0])
+    assert torch.isnan(gi[:, 1]).all() and torch.isfinite(gi[:, [0, 2]]).all()
+    assert torch.isnan(gs[1]).all() and torch.isfinite(gs[[0, 2]]).all()

@@ -95,13 +95,17 @@ def test_cuda_graph_step_matches_eager():
     x = torch.randn(16, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (16,), device="cuda")
     results = []
-    for graph in (False, True):
-        model, opt, step = _step("cuda", graph)
-        torch.backends.cudnn.deterministic = True
-        for k in range(8):
-            step(x + 0.01 * k, y)
-        torch.cuda.synchronize()
-        results.append((model.state_dict(), step.take_stats()))
+    old = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for graph in (False, True):
+            model, opt, step = _step("cuda", graph)
+            for k in range(8):
+                step(x + 0.01 * k, y)
+            torch.cuda.synchronize()
+            results.append((model.state_dict(), step.take_stats()))
+    finally:
+        torch.backends.cudnn.deterministic = old
     (a, sa), (b, sb) = results
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3)

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <type_traits>
 
 namespace asl {
 namespace {
@@ -196,6 +198,252 @@ __global__ void grad_shift_final_kernel(const acc_t* __restrict__ partial, acc_t
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Fast path: NCHW, stride 1, rows made of whole 16-byte chunks (W and W_out multiples of G
+// elements, 16-byte aligned data). A block owns one (n, c) plane or a strip of its rows and
+// decodes the channel's shift once; each thread produces G consecutive outputs from two aligned
+// 16-byte chunks per input row (the shift's sub-chunk offset is the same for the whole block, so
+// the taps are picked by a compile-time offset), and stores them with one 16-byte store. No
+// per-element division is left: threads walk their (row, chunk) pairs incrementally.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int G>
+struct alignas(sizeof(T) * G) Chunk {
+  T v[G];
+};
+
+// Chunk k of a row of nk chunks, or zeros when the row or the chunk lies outside the tensor.
+template <int G, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ base, int64_t row_offset, int k, int nk,
+                                           bool row_ok, acc_t* out) {
+  if (row_ok && k >= 0 && k < nk) {
+    const Chunk<scalar_t, G> c = reinterpret_cast<const Chunk<scalar_t, G>*>(base + row_offset)[k];
+#pragma unroll
+    for (int i = 0; i < G; ++i) out[i] = static_cast<acc_t>(c.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < G; ++i) out[i] = acc_t(0);
+  }
+}
+
+// Two rows (a, b) of 2G consecutive values; output i blends a[O+i], a[O+i+1], b[O+i], b[O+i+1]
+// with row weights (wa, wb) and column weights (wl, wr).
+template <int G, int O, typename acc_t>
+__device__ __forceinline__ void blend(const acc_t* a, const acc_t* b, acc_t wa, acc_t wb, acc_t wl, acc_t wr, acc_t* out) {
+#pragma unroll
+  for (int i = 0; i < G; ++i)
+    out[i] = wa * (wl * a[O + i] + wr * a[O + i + 1]) + wb * (wl * b[O + i] + wr * b[O + i + 1]);
+}
+
+// Calls f(std::integral_constant<int, o>{}) for a block-uniform o in [0, G).
+template <int G, typename F>
+__device__ __forceinline__ void with_offset(int o, F&& f) {
+  switch (o) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: if constexpr (G > 1) f(std::integral_constant<int, 1 % G>{}); break;
+    case 2: if constexpr (G > 2) f(std::integral_constant<int, 2 % G>{}); break;
+    case 3: if constexpr (G > 3) f(std::integral_constant<int, 3 % G>{}); break;
+    case 4: if constexpr (G > 4) f(std::integral_constant<int, 4 % G>{}); break;
+    case 5: if constexpr (G > 5) f(std::integral_constant<int, 5 % G>{}); break;
+    case 6: if constexpr (G > 6) f(std::integral_constant<int, 6 % G>{}); break;
+    default: if constexpr (G > 7) f(std::integral_constant<int, 7 % G>{}); break;
+  }
+}
+
+// The launch geometry of the fast path (plain ints: every plane fits 32-bit offsets).
+struct PlaneGeom {
+  int C, H, W, Ho, Wo, ph, pw;
+  int rows;    // rows per block (output rows forward, input rows backward)
+  int strips;  // blocks per plane
+};
+
+// Walks the (row, chunk) pairs [row_begin, row_end) x [0, nk) assigned to this thread.
+template <typename F>
+__device__ __forceinline__ void for_row_chunks(int row_begin, int row_end, int nk, F&& f) {
+  int row = row_begin + static_cast<int>(threadIdx.x) / nk;
+  int k = static_cast<int>(threadIdx.x) % nk;
+  const int drow = static_cast<int>(blockDim.x) / nk, dk = static_cast<int>(blockDim.x) % nk;
+  while (row < row_end) {
+    f(row, k);
+    row += drow;
+    k += dk;
+    if (k >= nk) {
+      k -= nk;
+      ++row;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int G>
+__global__ void __launch_bounds__(kThreads) forward_vec_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ shift,
+                                                              scalar_t* __restrict__ y, PlaneGeom g, acc_t limit) {
+  const int64_t plane = blockIdx.x / g.strips;  // once per block
+  const int strip = static_cast<int>(blockIdx.x - plane * g.strips);
+  const int c = static_cast<int>(plane % g.C);
+  const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
+  const int dr = static_cast<int>(s.dr), dc = static_cast<int>(s.dc);
+  const int nk_in = g.W / G, nk_out = g.Wo / G;
+  // outputs q0 .. q0+G-1 (q0 = k*G) read input columns q0 - pw + dc ... + G: chunks k + kd, k + kd + 1
+  const int base = dc - g.pw;
+  const int kd = static_cast<int>(floor_div(base, G)), o = base - kd * G;
+  const scalar_t* xp = x + plane * g.H * g.W;
+  Chunk<scalar_t, G>* yp = reinterpret_cast<Chunk<scalar_t, G>*>(y + plane * g.Ho * g.Wo);
+  const acc_t fr = s.fr, fc = s.fc;
+  const int p0 = strip * g.rows, p1 = min(p0 + g.rows, g.Ho);
+  for_row_chunks(p0, p1, nk_out, [&](int p, int k) {
+    Chunk<scalar_t, G> out;
+    if (!s.finite) {
+#pragma unroll
+      for (int i = 0; i < G; ++i) out.v[i] = static_cast<scalar_t>(static_cast<acc_t>(NAN));
+    } else {
+      const int r = p - g.ph + dr;
+      const bool ok0 = r >= 0 && r < g.H, ok1 = r + 1 >= 0 && r + 1 < g.H;
+      acc_t a[2 * G], b[2 * G], v[G];
+      load_chunk<G>(xp, static_cast<int64_t>(r) * g.W, k + kd, nk_in, ok0, a);
+      load_chunk<G>(xp, static_cast<int64_t>(r) * g.W, k + kd + 1, nk_in, ok0, a + G);
+      load_chunk<G>(xp, static_cast<int64_t>(r + 1) * g.W, k + kd, nk_in, ok1, b);
+      load_chunk<G>(xp, static_cast<int64_t>(r + 1) * g.W, k + kd + 1, nk_in, ok1, b + G);
+      with_offset<G>(o, [&](auto O) { blend<G, decltype(O)::value>(a, b, acc_t(1) - fr, fr, acc_t(1) - fc, fc, v); });
+#pragma unroll
+      for (int i = 0; i < G; ++i) out.v[i] = static_cast<scalar_t>(v[i]);
+    }
+    yp[static_cast<int64_t>(p) * nk_out + k] = out;
+  });
+}
+
+// Deterministic sum of two values over the block (any multiple of 32 threads up to kThreads):
+// warp shuffles, then the warps' sums in order. Thread 0 gets the result.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum2_any(acc_t& a, acc_t& b) {
+  __shared__ acc_t wa[kThreads / 32], wb[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    wa[warp] = a;
+    wb[warp] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x) / 32; ++w) {
+      a += wa[w];
+      b += wb[w];
+    }
+  }
+}
+
+// Input gradient and the shift gradient's per-block partial sums in one pass over grad_output
+// and input. Input pixel (r, col) receives grad_output at rows r' = r + ph - dr and r' - 1 and
+// columns c' = col + pw - dc and c' - 1 (A, B: rows; l: the left column):
+//   grad_input = (1-fr)((1-fc) A + fc Al) + fr((1-fc) B + fc Bl)
+//   d alpha   += x ((1-fr)(Al - A) + fr(Bl - B))
+//   d beta    += x ((1-fc)(B - A) + fc(Bl - Al))
+// which is the forward's derivative regrouped by input pixel (terms whose tap lies outside the
+// image have x = 0 and vanish either way).
+template <typename scalar_t, typename acc_t, int G>
+__global__ void __launch_bounds__(kThreads) backward_vec_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ shift, scalar_t* __restrict__ gx,
+                                                               acc_t* __restrict__ partial, PlaneGeom g, acc_t limit) {
+  const int64_t plane = blockIdx.x / g.strips;
+  const int strip = static_cast<int>(blockIdx.x - plane * g.strips);
+  const int c = static_cast<int>(plane % g.C);
+  const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
+  const int dr = static_cast<int>(s.dr), dc = static_cast<int>(s.dc);
+  const int nk_in = g.W / G, nk_out = g.Wo / G;
+  // inputs col0 .. col0+G-1 (col0 = k*G) read grad_output columns col0 + pw - dc - 1 ... + G
+  const int base = g.pw - dc - 1;
+  const int kd = static_cast<int>(floor_div(base, G)), o = base - kd * G;
+  const scalar_t* gp = go + plane * g.Ho * g.Wo;
+  const Chunk<scalar_t, G>* xp = reinterpret_cast<const Chunk<scalar_t, G>*>(x + plane * g.H * g.W);
+  Chunk<scalar_t, G>* gxp = reinterpret_cast<Chunk<scalar_t, G>*>(gx + plane * g.H * g.W);
+  const acc_t fr = s.fr, fc = s.fc;
+  acc_t da = 0, db = 0;
+  const int r0 = strip * g.rows, r1 = min(r0 + g.rows, g.H);
+  for_row_chunks(r0, r1, nk_in, [&](int r, int k) {
+    const int rp = r + g.ph - dr;
+    acc_t a[2 * G], b[2 * G], v[G];
+    load_chunk<G>(gp, static_cast<int64_t>(rp) * g.Wo, k + kd, nk_out, rp >= 0 && rp < g.Ho, a);
+    load_chunk<G>(gp, static_cast<int64_t>(rp) * g.Wo, k + kd + 1, nk_out, rp >= 0 && rp < g.Ho, a + G);
+    load_chunk<G>(gp, static_cast<int64_t>(rp - 1) * g.Wo, k + kd, nk_out, rp >= 1 && rp - 1 < g.Ho, b);
+    load_chunk<G>(gp, static_cast<int64_t>(rp - 1) * g.Wo, k + kd + 1, nk_out, rp >= 1 && rp - 1 < g.Ho, b + G);
+    const Chunk<scalar_t, G> xc = xp[static_cast<int64_t>(r) * nk_in + k];
+    with_offset<G>(o, [&](auto O) {
+      constexpr int OO = decltype(O)::value;
+      blend<G, OO>(a, b, acc_t(1) - fr, fr, fc, acc_t(1) - fc, v);
+#pragma unroll
+      for (int i = 0; i < G; ++i) {
+        const acc_t xv = static_cast<acc_t>(xc.v[i]);
+        const acc_t Al = a[OO + i], A = a[OO + i + 1], Bl = b[OO + i], B = b[OO + i + 1];
+        da += xv * ((acc_t(1) - fr) * (Al - A) + fr * (Bl - B));
+        db += xv * ((acc_t(1) - fc) * (B - A) + fc * (Bl - Al));
+      }
+    });
+    Chunk<scalar_t, G> out;
+#pragma unroll
+    for (int i = 0; i < G; ++i)
+      out.v[i] = static_cast<scalar_t>(s.finite ? v[i] : static_cast<acc_t>(NAN));
+    gxp[static_cast<int64_t>(r) * nk_in + k] = out;
+  });
+  block_sum2_any(da, db);
+  if (threadIdx.x == 0) {
+    const acc_t bad = s.finite ? acc_t(0) : static_cast<acc_t>(NAN);
+    partial[2 * blockIdx.x] = da + bad;
+    partial[2 * blockIdx.x + 1] = db + bad;
+  }
+}
+
+// Sums the fast path's partials of channel c over (n, strip) in a fixed order.
+template <typename acc_t>
+__global__ void backward_vec_final_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t N,
+                                          int64_t C, int64_t strips) {
+  const int64_t c = blockIdx.x;
+  const int64_t per_channel = N * strips;
+  acc_t a = 0, b = 0;
+  for (int64_t i = threadIdx.x; i < per_channel; i += blockDim.x) {
+    const int64_t n = i / strips, st = i - n * strips;
+    const int64_t blk = (n * C + c) * strips + st;
+    a += partial[2 * blk];
+    b += partial[2 * blk + 1];
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    out[2 * c] = a;
+    out[2 * c + 1] = b;
+  }
+}
+
+// Chunk width in elements: 16 bytes.
+template <typename scalar_t>
+constexpr int chunk_elems() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether the fast path serves this call, and its launch geometry. `rows_of` is H_out for the
+// forward (blocks own output rows) and H for the backward (blocks own input rows).
+bool plane_geometry(const Geometry& g, int G, bool backward, std::initializer_list<const void*> ptrs, PlaneGeom& pg,
+                    int& threads, int64_t& blocks) {
+  if (g.channels_last || g.sh != 1 || g.sw != 1 || g.W % G != 0 || g.Wo % G != 0) return false;
+  if (g.H * g.W >= (int64_t{1} << 30) || g.Ho * g.Wo >= (int64_t{1} << 30)) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  const int64_t rows = backward ? g.H : g.Ho;
+  const int64_t nk = (backward ? g.W : g.Wo) / G;
+  // about four chunks per thread, whole rows per block
+  const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(rows, (4 * kThreads) / nk));
+  pg = PlaneGeom{static_cast<int>(g.C), static_cast<int>(g.H), static_cast<int>(g.W), static_cast<int>(g.Ho),
+                 static_cast<int>(g.Wo), static_cast<int>(g.ph), static_cast<int>(g.pw),
+                 static_cast<int>(rows_per_block), static_cast<int>((rows + rows_per_block - 1) / rows_per_block)};
+  const int64_t work = rows_per_block * nk;
+  threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (work + 31) / 32 * 32)));
+  blocks = g.N * g.C * pg.strips;
+  return blocks > 0 && blocks < (int64_t{1} << 31);
+}
+
 // Calls launch(int32_t{}) when every element index (plus a grid-stride step) stays below 2^31,
 // launch(int64_t{}) otherwise; launch picks its kernels' index type from its argument's type.
 template <typename F>
@@ -227,6 +475,17 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int G = chunk_elems<scalar_t>();
+    PlaneGeom pg;
+    int threads;
+    int64_t blocks;
+    if (plane_geometry(g, G, false, {input.const_data_ptr(), out.const_data_ptr()}, pg, threads, blocks)) {
+      forward_vec_kernel<scalar_t, acc_t, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>(), pg,
+          static_cast<acc_t>(g.limit));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       auto kernel = g.channels_last ? forward_kernel<scalar_t, acc_t, true, index_t>
@@ -305,12 +564,58 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
   return total.to(shift.scalar_type());
 }
 
+// Both gradients at once: the fused one-pass kernel where the fast path applies, else the two
+// general kernels.
+std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& grad_, const at::Tensor& input_,
+                                                              const at::Tensor& shift, at::IntArrayRef stride,
+                                                              at::IntArrayRef padding) {
+  const Geometry g = prepare(input_, shift, stride, padding, "active_shift_backward", &grad_);
+  c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous(g.format());
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
+  if (input.numel() == 0 || grad.numel() == 0) {
+    return {active_shift_grad_input_cuda(grad_, input_, shift, stride, padding),
+            active_shift_grad_shift_cuda(grad_, input_, shift, stride, padding)};
+  }
+  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(g.format()));
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const at::Tensor s = opmath_shift(shift, input.scalar_type());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  bool done = false;
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int G = chunk_elems<scalar_t>();
+    PlaneGeom pg;
+    int threads;
+    int64_t blocks;
+    if (!plane_geometry(g, G, true, {input.const_data_ptr(), grad.const_data_ptr(), gx.const_data_ptr()}, pg, threads, blocks))
+      return;
+    at::Tensor partial = at::empty({blocks, 2}, input.options().dtype(acc_type));
+    total = at::empty({g.C, 2}, input.options().dtype(acc_type));
+    backward_vec_kernel<scalar_t, acc_t, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
+        gx.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), pg, static_cast<acc_t>(g.limit));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_vec_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), g.N, g.C, pg.strips);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    done = true;
+  });
+  if (!done) {
+    return {active_shift_grad_input_cuda(grad_, input_, shift, stride, padding),
+            active_shift_grad_shift_cuda(grad_, input_, shift, stride, padding)};
+  }
+  return {gx, total.to(shift.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asl, CUDA, m) {
   m.impl("active_shift", &active_shift_cuda);
   m.impl("active_shift_grad_input", &active_shift_grad_input_cuda);
   m.impl("active_shift_grad_shift", &active_shift_grad_shift_cuda);
+  m.impl("active_shift_backward", &active_shift_backward_cuda);
 }
 
 }  // namespace asl

@@ -65,6 +65,9 @@ def _render_op_rows(rows: list[dict], device: str) -> None:
             ("forward / copy", r0["fwd_vs_copy"], targets.get("fwd_vs_copy")),
             ("fwd+bwd / copy", r0["fwdbwd_vs_copy"], targets.get("fwdbwd_vs_copy")),
             ("fwd+bwd / 3x3 depthwise fwd+bwd", r0["fwdbwd_vs_dw3"], targets.get("fwdbwd_vs_dw3")),
+            *([("fwd+bwd as a CUDA-graph replay / copy", r0["fwdbwd_graph_vs_copy"], targets.get("fwdbwd_graph_vs_copy")),
+               ("fwd+bwd / 3x3 depthwise fwd+bwd, both CUDA-graph replays", r0["fwdbwd_graph_vs_dw3"], targets.get("fwdbwd_graph_vs_dw3"))]
+              if "fwdbwd_graph_vs_copy" in r0 else []),
             ("grid_sample ASL / ours, forward", r0["grid_sample_speedup_fwd"], None),
             ("grid_sample ASL / ours, fwd+bwd", r0["grid_sample_speedup_fwdbwd"], None),
         ]

@@ -20,18 +20,28 @@ FORCE_CUDA=1 python -m pip install -v --no-build-isolation --no-deps -e . > "$OU
 log "built in $(( $(date +%s) - start )) s"
 python -c "import asl_cli, torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0)); print(asl_cli.backends())" 2>&1 | tee -a "$OUT/log.txt"
 
-log "== a wrong-shape grad_output raises on CPU and CUDA (no crash)"
-python -X faulthandler - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
-import torch, asl_cli
+log "== a wrong-shape grad_output raises on CPU and CUDA (no crash); where it crashes, a native backtrace"
+DIAG=$(mktemp --suffix=.py)
+cat > "$DIAG" <<'EOF'
+import sys, torch, asl_cli
+dev = sys.argv[1]
 x, s, g = torch.randn(8, 16, 17, 19), torch.rand(16, 2), torch.randn(8, 16, 9, 10)
-for dev in ("cpu", "cuda"):
-    for op in (torch.ops.asl.active_shift_grad_shift, torch.ops.asl.active_shift_grad_input, torch.ops.asl.active_shift_backward):
-        try:
-            op(g.to(dev), x.to(dev), s.to(dev), [2, 2], [1, 1])
-            print(dev, op, "DID NOT RAISE")
-        except ValueError as e:
-            print(dev, "raised ValueError:", str(e).splitlines()[0])
+try:
+    torch.ops.asl.active_shift_grad_shift(g.to(dev), x.to(dev), s.to(dev), [2, 2], [1, 1])
+    print(dev, "DID NOT RAISE")
+except ValueError as e:
+    print(dev, "raised ValueError:", str(e).splitlines()[0])
 EOF
+for dev in cpu cuda; do
+  python -X faulthandler "$DIAG" $dev 2>&1 | head -4 | tee -a "$OUT/log.txt"
+done
+log "-- a wrong input to the forward:"
+python -c "import torch, asl_cli; torch.ops.asl.active_shift(torch.randn(3, 5, 5), torch.zeros(3, 2), [1, 1], [0, 0])" 2>&1 | tail -2 | tee -a "$OUT/log.txt"
+if command -v gdb >/dev/null; then
+  gdb -q -batch -ex run -ex bt --args python "$DIAG" cpu 2>&1 | grep -A40 "SIGSEGV" | head -45 | tee -a "$OUT/log.txt"
+else
+  log "(no gdb on this machine)"
+fi
 
 log "== CUDA tests"
 python -m pytest -q -p no:cacheprovider tests -m cuda 2>&1 | tail -30 > "$OUT/tests.txt"
@@ -40,6 +50,8 @@ python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "gradcheck or opche
 
 log "== operator benchmark"
 python -m asl_cli profile --op asl --device cuda --min-run-time 0.2 --out "$OUT/profile_op_cuda.csv" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+
+if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then log "(GPU_CHECK_QUICK=1: training and model benchmarks skipped)"; exit 0; fi
 
 log "== training throughput (the step asl train runs)"
 python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes eager,graph \

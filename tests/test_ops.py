@@ -310,15 +310,29 @@ def test_cuda_half_precision(dtype, channels_last):
     torch.testing.assert_close(sr.grad, gs, atol=0.5, rtol=2e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrong_grad_shape_raises_and_never_crashes(device):
+    """Run in a child process, so that a crash in the error path fails this test alone."""
+    code = (
+        "import torch, asl_cli\n"
+        f"x, s, g = torch.randn(8, 16, 17, 19, device='{device}'), torch.rand(16, 2, device='{device}'), torch.randn(8, 16, 9, 10, device='{device}')\n"
+        "for op in (torch.ops.asl.active_shift_grad_shift, torch.ops.asl.active_shift_grad_input, torch.ops.asl.active_shift_backward):\n"
+        "    try:\n"
+        "        op(g, x, s, [2, 2], [1, 1])\n"
+        "    except ValueError as e:\n"
+        "        assert 'grad_output must have shape' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit(f'{op} accepted a wrong grad_output')\n"
+        "print('raised')\n"
+    )
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "raised" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu_kernel_and_is_deterministic():
     x = torch.randn(8, 16, 17, 19)
     s = rand_shift(16, 3.0, torch.float32)
-    g = torch.randn(8, 16, 9, 10)
-    with pytest.raises(ValueError, match="grad_output must have shape"):
-        torch.ops.asl.active_shift_grad_shift(g, x, s, [2, 2], [1, 1])
-    with pytest.raises(ValueError, match="grad_output must have shape"):
-        torch.ops.asl.active_shift_grad_shift(g.cuda(), x.cuda(), s.cuda(), [2, 2], [1, 1])
     g = torch.randn(8, 16, 10, 11)  # the output's shape at stride 2, padding 1
     cpu = [torch.ops.asl.active_shift(x, s, [2, 2], [1, 1]), torch.ops.asl.active_shift_grad_shift(g, x, s, [2, 2], [1, 1])]
     xc, sc, gc = x.cuda(), s.cuda(), g.cuda()

@@ -13,7 +13,8 @@ from .bench import median_ms, provenance
 
 # Targets stated as ratios against peers measured in the same run.
 CPU_TARGETS = {"fwd_vs_relu": 1.5, "fwdbwd_vs_dw3": 0.5}
-CUDA_TARGETS = {"fwd_vs_copy": 1.25, "fwdbwd_vs_copy": 3.0, "fwd_vs_relu_batch1": 1.2}
+CUDA_TARGETS = {"fwd_vs_copy": 1.25, "fwdbwd_vs_copy": 3.0, "fwdbwd_graph_vs_copy": 3.0, "fwdbwd_graph_vs_dw3": 1.0,
+                "fwd_vs_relu_batch1": 1.2}
 
 
 @dataclass
@@ -52,6 +53,20 @@ def _fwd_bwd(fn: Callable, *leaves: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured once as a CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure_case(case: Case, device: str, threads: int, min_run_time: float) -> Iterator[dict]:
     """Yields one row per (op, pass) for the case; times in ms."""
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
@@ -83,6 +98,9 @@ def measure_case(case: Case, device: str, threads: int, min_run_time: float) -> 
     rows.append(("dw3", "fwd+bwd", t(_fwd_bwd(lambda: F.conv2d(xr, wr, stride=s, padding=pad_dw, groups=C), xr, wr)), None))
     rows.append(("grid_sample_asl", "fwd+bwd", t(_fwd_bwd(lambda: grid_sample_shift(xr, sr, s), xr, sr)), None))
     rows.append(("asl", "fwd+bwd", t(_fwd_bwd(lambda: active_shift(xr, sr, s), xr, sr)), None))
+    if x.is_cuda:  # the same passes replayed from a CUDA graph: GPU time without the host's launch cost
+        rows.append(("dw3", "fwd+bwd graph", t(cuda_graphed(_fwd_bwd(lambda: F.conv2d(xr, wr, stride=s, padding=pad_dw, groups=C), xr, wr))), None))
+        rows.append(("asl", "fwd+bwd graph", t(cuda_graphed(_fwd_bwd(lambda: active_shift(xr, sr, s), xr, sr))), None))
     for op, pas, ms, nbytes in rows:
         yield {
             "case": case.label,
@@ -108,6 +126,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         "fwd_vs_dw3": ms[("asl", "fwd")] / ms[("dw3", "fwd")],
         "grid_sample_speedup_fwd": ms[("grid_sample_asl", "fwd")] / ms[("asl", "fwd")],
         "grid_sample_speedup_fwdbwd": ms[("grid_sample_asl", "fwd+bwd")] / ms[("asl", "fwd+bwd")],
+        **({"fwdbwd_graph_vs_copy": ms[("asl", "fwd+bwd graph")] / ms[("copy", "fwd")],
+            "fwdbwd_graph_vs_dw3": ms[("asl", "fwd+bwd graph")] / ms[("dw3", "fwd+bwd graph")]}
+           if ("asl", "fwd+bwd graph") in ms else {}),
     }
 
 

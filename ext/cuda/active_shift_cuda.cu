@@ -415,22 +415,31 @@ __global__ void backward_vec_final_kernel(const acc_t* __restrict__ partial, acc
   }
 }
 
-// Chunk width in elements: 16 bytes.
+// Chunk width in elements: 16 bytes, or 8 bytes for rows that are not a whole number of
+// 16-byte chunks (28 bfloat16 values, say).
 template <typename scalar_t>
 constexpr int chunk_elems() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Calls f(std::integral_constant<int, G>{}) with the 16-byte, then the 8-byte chunk width until
+// it returns true; false if neither fits.
+template <typename scalar_t, typename F>
+bool with_chunk_width(F&& f) {
+  return f(std::integral_constant<int, chunk_elems<scalar_t>()>{}) ||
+         f(std::integral_constant<int, chunk_elems<scalar_t>() / 2>{});
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Whether the fast path serves this call, and its launch geometry. `rows_of` is H_out for the
 // forward (blocks own output rows) and H for the backward (blocks own input rows).
-bool plane_geometry(const Geometry& g, int G, bool backward, std::initializer_list<const void*> ptrs, PlaneGeom& pg,
-                    int& threads, int64_t& blocks) {
+bool plane_geometry(const Geometry& g, int G, int elem_bytes, bool backward, std::initializer_list<const void*> ptrs,
+                    PlaneGeom& pg, int& threads, int64_t& blocks) {
   if (g.channels_last || g.sh != 1 || g.sw != 1 || g.W % G != 0 || g.Wo % G != 0) return false;
   if (g.H * g.W >= (int64_t{1} << 30) || g.Ho * g.Wo >= (int64_t{1} << 30)) return false;
   for (const void* p : ptrs)
-    if (!aligned16(p)) return false;
+    if (!aligned(p, G * elem_bytes)) return false;
   const int64_t rows = backward ? g.H : g.Ho;
   const int64_t nk = (backward ? g.W : g.Wo) / G;
   // about four chunks per thread, whole rows per block
@@ -475,17 +484,20 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int G = chunk_elems<scalar_t>();
-    PlaneGeom pg;
-    int threads;
-    int64_t blocks;
-    if (plane_geometry(g, G, false, {input.const_data_ptr(), out.const_data_ptr()}, pg, threads, blocks)) {
+    const bool fast = with_chunk_width<scalar_t>([&](auto width) {
+      constexpr int G = decltype(width)::value;
+      PlaneGeom pg;
+      int threads;
+      int64_t blocks;
+      if (!plane_geometry(g, G, sizeof(scalar_t), false, {input.const_data_ptr(), out.const_data_ptr()}, pg, threads, blocks))
+        return false;
       forward_vec_kernel<scalar_t, acc_t, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
           input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>(), pg,
           static_cast<acc_t>(g.limit));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+      return true;
+    });
+    if (fast) return;
     auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       auto kernel = g.channels_last ? forward_kernel<scalar_t, acc_t, true, index_t>
@@ -585,22 +597,25 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& 
   at::Tensor total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int G = chunk_elems<scalar_t>();
-    PlaneGeom pg;
-    int threads;
-    int64_t blocks;
-    if (!plane_geometry(g, G, true, {input.const_data_ptr(), grad.const_data_ptr(), gx.const_data_ptr()}, pg, threads, blocks))
-      return;
-    at::Tensor partial = at::empty({blocks, 2}, input.options().dtype(acc_type));
-    total = at::empty({g.C, 2}, input.options().dtype(acc_type));
-    backward_vec_kernel<scalar_t, acc_t, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
-        gx.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), pg, static_cast<acc_t>(g.limit));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_vec_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), g.N, g.C, pg.strips);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    done = true;
+    done = with_chunk_width<scalar_t>([&](auto width) {
+      constexpr int G = decltype(width)::value;
+      PlaneGeom pg;
+      int threads;
+      int64_t blocks;
+      if (!plane_geometry(g, G, sizeof(scalar_t), true, {input.const_data_ptr(), grad.const_data_ptr(), gx.const_data_ptr()},
+                          pg, threads, blocks))
+        return false;
+      at::Tensor partial = at::empty({blocks, 2}, input.options().dtype(acc_type));
+      total = at::empty({g.C, 2}, input.options().dtype(acc_type));
+      backward_vec_kernel<scalar_t, acc_t, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(),
+          gx.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), pg, static_cast<acc_t>(g.limit));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_vec_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), g.N, g.C, pg.strips);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    });
   });
   if (!done) {
     return {active_shift_grad_input_cuda(grad_, input_, shift, stride, padding),

@@ -231,8 +231,9 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         fail(e.args[0], code=2)
     if entry.family not in ("asnet", "as_resnet"):
         fail(f"--train-speed compares spatial blocks of asnet/as_resnet models; {model} is {entry.family}", code=2)
-    chosen = ("eager", "graph") if device == "cuda" else ("eager",) if modes == "auto" else ()
-    if modes != "auto":
+    if modes == "auto":
+        chosen = ("eager", "graph") if device == "cuda" else ("eager",)
+    else:
         chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     bad = [m for m in chosen if m not in MODES]
     if bad or not chosen:

@@ -473,56 +473,172 @@ def predict(
         console.print(t)
 
 
-@app.command()
-def ablate(
-    args: List[str] = typer.Argument(..., metavar="RECIPE [KEY=VALUE]...", help="The recipe to ablate and its overrides."),
-    variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4)."),
-    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per variant (mean and std are reported)."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder of the variant runs (default runs/ablate-<recipe>)."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV (default results/ablate_<recipe>.csv)."),
-) -> None:
-    """Train the shift variants of one recipe and write a Table-4-style CSV; finished runs are reused."""
-    from asl_cli import checkpoint as ckpt_io
-    from asl_cli.config import ConfigError
-    from asl_cli.data import DataError
-    from asl_cli.engine import Interrupted, NonFiniteLoss, TrainingError
-    from asl_cli.engine import train as run_training
-    from asl_cli.experiments.ablate import VARIANTS, run
-    from asl_cli.experiments.bench import REPO
+def _live_view(runs) -> Table:
+    t = Table(title="runs", show_lines=False)
+    for c in ("run", "state", "step", "train top-1", "test top-1", "img/s", "elapsed"):
+        t.add_column(c)
+    for r in runs:
+        p = r.progress
+        step = f"{p.get('step', 0)}/{p['total']}" if p.get("total") else ""
+        t.add_row(f"{r.cell} seed {r.seed}", r.state, step, str(p.get("train_top1", "")), str(p.get("test_top1", "")),
+                  str(p.get("images_per_s", "")), f"{p['elapsed_s']:.0f} s" if "elapsed_s" in p else "")
+    return t
 
-    recipe, overrides = _split_recipe(args)
-    if recipe is None:
-        fail("name the recipe to ablate first, e.g. asl ablate quick --variant all", code=2)
-    chosen = list(VARIANTS) if variant.lower() == "all" else [v.strip().upper() for v in variant.split(",")]
-    bad = [v for v in chosen if v not in VARIANTS]
-    if bad:
-        fail(f"--variant must be GS, SI, SR, TR or all; got {', '.join(bad)}", code=2)
-    name = Path(recipe).stem
-    root = root or Path("runs") / f"ablate-{name}"
+
+def _run_sweep(recipe: str, runs, jobs: int) -> None:
+    """Trains the sweep's missing runs (in this process for one job, with a live table for more)."""
+    from rich.live import Live
+
+    from asl_cli.engine import train as run_training
+    from asl_cli.experiments.sweep import execute
 
     def train_one(cfg, resume):
         return _train_with_progress(run_training, cfg, resume, None, show=True)
 
+    status = lambda m: console.print(f"[bold]{m}[/]")  # noqa: E731
+    if jobs == 1:
+        failed = execute(recipe, runs, 1, train_one, on_status=status)
+    else:
+        with Live(_live_view(runs), console=console, refresh_per_second=2) as live:
+            failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=lambda rs: live.update(_live_view(rs)))
+    for r in failed:
+        err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {r.run_dir / 'sweep.log'}): {r.message}", highlight=False)
+    return failed
+
+
+def _sweep_errors():
+    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.data import DataError
+    from asl_cli.engine import NonFiniteLoss, TrainingError
+
+    return (NonFiniteLoss, TrainingError, DataError, ckpt_io.CheckpointError)
+
+
+def _write_summary(summary, csv: Path, title: str, paper_label: str) -> None:
+    from asl_cli.experiments.sweep import plot_summary
+
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(csv, index=False)
+    paths = plot_summary(summary.rename(columns={"variant": "cell"}) if "cell" not in summary else summary,
+                         csv.with_suffix(""), title, paper_label) if summary["top1_mean"].notna().any() else []
+    console.print(f"wrote {csv}" + "".join(f", {p}" for p in paths))
+
+
+def _summary_table(summary, title: str, first_col: str) -> Table:
+    t = Table(title=title)
+    for c in (first_col, "seeds", "top-1 mean ± std", "95% CI", "top-5", "vs baseline (p)", "params", "paper"):
+        t.add_column(c)
+    for _, r in summary.iterrows():
+        if r["seeds"] == 0:
+            t.add_row(str(r[first_col]), "0", "", "", "", "", "", "")
+            continue
+        vs = f"{r['diff_vs_baseline']:+.2f} (p={r['p_welch']:.3g})" if "diff_vs_baseline" in r and r["diff_vs_baseline"] == r["diff_vs_baseline"] else ""
+        paper = r.get("paper_top1")
+        t.add_row(str(r[first_col]), str(r["seeds"]), f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}",
+                  f"[{r['top1_ci95_low']:.2f}, {r['top1_ci95_high']:.2f}]", f"{r['top5_mean']:.2f}", vs, str(r["params"]),
+                  "" if paper is None or paper != paper else f"{paper}")
+    return t
+
+
+def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, first_col: str) -> None:
+    from asl_cli.experiments.bench import provenance
+    from asl_cli.engine import Dist, pick_device
+
+    for k, val in provenance(str(pick_device("auto", Dist())), None).items():
+        summary[k] = val
+    console.print(_summary_table(summary, title, first_col))
+    _write_summary(summary, csv, title, paper_label)
+    if failed:
+        fail(f"{len(failed)} run(s) failed (see above); the summary holds the finished ones. Run the same command again to retry them.")
+
+
+@app.command()
+def sweep(
+    args: List[str] = typer.Argument(..., metavar="RECIPE [KEY=VALUE]...", help="The recipe and overrides shared by every run."),
+    axis: List[str] = typer.Option([], "--axis", "-a", metavar="KEY=V1,V2,...",
+                                   help="An override axis; several --axis give their product. E.g. --axis model.args.spatial=asl,dw3_bn,dw3"),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per cell (train.seed=0..N-1); statistics over seeds."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, each in its own process (spread over visible GPUs; CPU cores divided)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Cell that the others are compared with (Welch t-test); default: the first."),
+    seed_key: List[str] = typer.Option(["train.seed"], "--seed-key", help="Config keys set to the seed number (repeatable)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of the runs (default runs/sweep-<recipe>)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/sweep_<recipe>.csv)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+) -> None:
+    """Train a recipe over override axes x seeds and summarise each cell (mean, std, 95% CI,
+    Welch t-test against a baseline cell), with a figure. Finished runs are reused, interrupted
+    ones resumed: run the same command again to continue.
+
+    Example: asl sweep asnet20_16x1 data.dataset=folder data.path=cifar10 --axis model.args.spatial=asl,dw3_bn,dw3 --seeds 2 --jobs 2
+    """
+    from asl_cli.config import ConfigError
+    from asl_cli.engine import Interrupted
+    from asl_cli.experiments.sweep import Axis, per_run, plan, summary_table
+    from asl_cli.zoo.paper import TABLE2
+
+    recipe, overrides = _split_recipe(args)
+    if recipe is None:
+        fail("name the recipe first, e.g. asl sweep quick --axis optim.lr=0.05,0.1", code=2)
+    name = Path(recipe).stem
+    root = root or Path("runs") / f"sweep-{name}"
     try:
-        summary = run(recipe, chosen, seeds, overrides, root, train_one, on_status=lambda m: console.print(f"[bold]{m}[/]"))
+        axes = [Axis.parse(a) for a in axis]
+        runs = plan(recipe, overrides, axes, seeds, root, tuple(seed_key))
+        cells = list(dict.fromkeys(r.cell for r in runs))
+        base = baseline if baseline is not None else cells[0]
+        if base not in cells:
+            raise ConfigError(f"--baseline {base!r} is not a cell of this sweep ({', '.join(cells)})")
+        failed = _run_sweep(recipe, runs, jobs)
+        paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
+        label = "paper Table 2 (CIFAR-10, full schedule)" if paper else ""
+        summary = summary_table(runs, per_run(runs), base, recipe, overrides, paper, label)
     except Interrupted as e:
         fail(f"{e}. Run the same command again to continue.", code=130)
     except ConfigError as e:
         fail(str(e), code=2)
-    except (NonFiniteLoss, TrainingError, DataError, ckpt_io.CheckpointError) as e:
+    except _sweep_errors() as e:
         fail(str(e))
-    t = Table(title=f"shift ablation: {name} ({seeds} seed(s))")
-    for c in ("variant", "domain", "init", "learned", "top-1", "top-5", "params", "paper (w32 ImageNet)"):
-        t.add_column(c)
-    for _, r in summary.iterrows():
-        t.add_row(r["variant"], r["shifting_domain"], r["initialisation"], "yes" if r["learned"] else "no",
-                  f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}", f"{r['top5_mean']:.2f} ± {r['top5_std']:.2f}", str(r["params"]),
-                  f"{r['paper_top1_as_resnet_w32_imagenet']}")
-    console.print(t)
-    path = csv or REPO / "results" / f"ablate_{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(path, index=False)
-    console.print(f"wrote {path}")
+    _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
+                  title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")
+
+
+@app.command()
+def ablate(
+    args: List[str] = typer.Argument(..., metavar="RECIPE [KEY=VALUE]...", help="The recipe to ablate and its overrides."),
+    variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per variant (mean, std, 95% CI are reported)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, each in its own process."),
+    baseline: str = typer.Option("TR", "--baseline", help="Variant the others are compared with (Welch t-test)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Folder of the variant runs (default runs/ablate-<recipe>)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/ablate_<recipe>.csv)."),
+) -> None:
+    """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
+    runs are reused (the shift-variant preset of `asl sweep`)."""
+    from asl_cli.config import ConfigError
+    from asl_cli.engine import Interrupted
+    from asl_cli.experiments.ablate import PAPER_LABEL, parse_variants, plan_variants, variant_columns
+    from asl_cli.experiments.sweep import per_run, summary_table
+    from asl_cli.zoo.paper import TABLE4
+
+    recipe, overrides = _split_recipe(args)
+    if recipe is None:
+        fail("name the recipe to ablate first, e.g. asl ablate quick --variant all", code=2)
+    name = Path(recipe).stem
+    root = root or Path("runs") / f"ablate-{name}"
+    try:
+        chosen = parse_variants(variant)
+        base = baseline.upper() if baseline.upper() in chosen else chosen[-1]
+        runs = plan_variants(recipe, chosen, seeds, overrides, root)
+        failed = _run_sweep(recipe, runs, jobs)
+        summary = variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL))
+    except Interrupted as e:
+        fail(f"{e}. Run the same command again to continue.", code=130)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except _sweep_errors() as e:
+        fail(str(e))
+    _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
+                  f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant")
 
 
 @app.command(name="plot-shifts")

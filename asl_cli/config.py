@@ -23,9 +23,10 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "model": {"name": "asnet20_16x1", "args": {}},
     "data": {
-        "dataset": "synthetic",  # synthetic | cifar10 | cifar100 | imagenet | npz
+        "dataset": "synthetic",  # synthetic | cifar10 | cifar100 | imagenet | npz | folder
         "root": "data",
-        "path": None,  # the .npz file for dataset npz
+        "path": None,  # the .npz file for dataset npz, the DIR (DIR/train/<class>/, DIR/test/<class>/) for folder
+        "cache": "auto",  # folder: where decoded images are cached (auto: $ASL_CACHE_DIR or ~/.cache/asl; none: off)
         "download": True,
         "augment": True,
         "train_size": 10000,  # synthetic only
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
 
 TYPES: dict[str, tuple] = {
     "data.path": (str,),
+    "data.cache": (str, bool),
     "train.iterations": (int,),
     "train.epochs": (int, float),
     "output.dir": (str,),
@@ -81,7 +83,7 @@ TYPES: dict[str, tuple] = {
 }
 
 CHOICES = {
-    "data.dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "npz"),
+    "data.dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "npz", "folder"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.cuda_graph": ("auto", True, False),
     "optim.name": ("sgd",),
@@ -229,6 +231,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
     if cfg["data"]["dataset"] == "npz" and not cfg["data"]["path"]:
         raise ConfigError("data.dataset=npz needs data.path=/path/to/file.npz")
+    if cfg["data"]["dataset"] == "folder" and not cfg["data"]["path"]:
+        raise ConfigError("data.dataset=folder needs data.path=DIR (with DIR/train/<class>/<image> and DIR/test/<class>/<image>)")
     from .zoo import get_entry
 
     try:

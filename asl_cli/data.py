@@ -30,6 +30,7 @@ class TensorData:
     mean: tuple[float, float, float]  # per channel, 0-1 scale
     std: tuple[float, float, float]
     name: str
+    encoding: str = "uint8"  # how the images were stored before decoding (e.g. PNG, JPEG q75)
 
     @property
     def image_size(self) -> int:
@@ -95,7 +96,7 @@ def synthetic(train_size: int, test_size: int, seed: int) -> TensorData:
     xtr, ytr = make_synthetic(train_size, seed)
     xte, yte = make_synthetic(test_size, seed + 7919)
     mean, std = channel_stats(xtr)
-    return TensorData(xtr, ytr, xte, yte, 10, mean, std, "synthetic")
+    return TensorData(xtr, ytr, xte, yte, 10, mean, std, "synthetic", "generated")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def cifar(name: str, root: str, download: bool) -> TensorData:
     xtr, ytr = to_t(tr)
     xte, yte = to_t(te)
     mean, std = channel_stats(xtr)
-    return TensorData(xtr, ytr, xte, yte, 10 if name == "cifar10" else 100, mean, std, name)
+    return TensorData(xtr, ytr, xte, yte, 10 if name == "cifar10" else 100, mean, std, name, "torchvision pickle (lossless)")
 
 
 def npz(path: str) -> TensorData:
@@ -150,11 +151,15 @@ def npz(path: str) -> TensorData:
     if min(out[1].min(), out[3].min()) < 0:
         raise DataError(f"{p}: labels must be >= 0")
     mean, std = channel_stats(out[0])
-    return TensorData(*out, num_classes, mean, std, f"npz:{p.name}")
+    return TensorData(*out, num_classes, mean, std, f"npz:{p.name}", "npz uint8")
 
 
 def load_tensor_data(cfg: dict) -> TensorData:
     d = cfg["data"]
+    if d["dataset"] == "folder":
+        from .image_folder import image_folder
+
+        return image_folder(d["path"], d["cache"])
     if d["dataset"] == "synthetic":
         return synthetic(d["train_size"], d["test_size"], d["seed"])
     if d["dataset"] in ("cifar10", "cifar100"):

@@ -298,7 +298,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         data_device = device if dcfg["on_device"] else torch.device("cpu")
         tb = TensorBatches(data.x_train, data.y_train, t["batch_size"], data.mean, data.std, dcfg["augment"], t["seed"], data_device, d.rank, d.world)
         spe = tb.steps_per_epoch
-        preprocessing = {"kind": "tensor", "mean": list(data.mean), "std": list(data.std), "input_size": input_size, "dataset": data.name}
+        preprocessing = {"kind": "tensor", "mean": list(data.mean), "std": list(data.std), "input_size": input_size, "dataset": data.name, "encoding": data.encoding}
 
         def batches_from(k):
             while True:

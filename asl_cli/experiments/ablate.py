@@ -1,68 +1,48 @@
-"""`asl ablate`: the GS/SI/SR/TR shift variants of one recipe (paper Table 4), each over seeds,
-in run folders that are reused when finished and resumed when interrupted."""
+"""`asl ablate`: the GS/SI/SR/TR shift variants of one recipe (paper Table 4), each over seeds: the
+shift-variant preset of `asl sweep` (axis model.args.shift_mode, seeds also seeding the shifts)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-import pandas as pd
-
-from .. import checkpoint as ckpt_io
-from ..config import load_config
-from ..engine import Dist, pick_device
+from ..config import ConfigError
 from ..nn import SHIFT_MODES
-from ..zoo import count_parameters
+from ..zoo import create_model
 from ..zoo.paper import TABLE4
-from .bench import provenance
+from .sweep import Axis, plan
 
 VARIANTS = ("GS", "SI", "SR", "TR")
+SEED_KEYS = ("train.seed", "model.args.shift_seed")
+PAPER_LABEL = "paper Table 4 (AS-ResNet-w32, ImageNet)"
 
 
-def variant_runs(recipe: str, variants: list[str], seeds: int, overrides: list[str], root: Path):
-    for v in variants:
-        for seed in range(seeds):
-            run_dir = root / f"{v}-seed{seed}"
-            cfg = load_config(recipe, list(overrides) + [f"model.args.shift_mode={v}", f"model.args.shift_seed={seed}",
-                                                         f"train.seed={seed}", f"output.dir={run_dir}"])
-            yield v, seed, run_dir, cfg
+def parse_variants(text: str) -> list[str]:
+    chosen = list(VARIANTS) if text.strip().lower() == "all" else [v.strip().upper() for v in text.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in VARIANTS]
+    if bad or not chosen:
+        raise ConfigError(f"--variant must be GS, SI, SR, TR, a comma list of them, or all; got {text!r}")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"--variant names a variant twice ({text}); each variant is one cell, use --seeds for repeats")
+    return chosen
 
 
-def run(recipe: str, variants: list[str], seeds: int, overrides: list[str], root: Path,
-        train_one: Callable[[dict, Path | None], dict], on_status: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
-    """Trains what is missing (train_one(cfg, resume_dir_or_None)) and summarises every run."""
-    results = []
-    for v, seed, run_dir, cfg in variant_runs(recipe, variants, seeds, overrides, root):
-        last = run_dir / "checkpoints" / "last.pt"
-        done = None
-        if last.exists():
-            ck = ckpt_io.load(last)
-            # a finished run's last checkpoint is its final evaluation (iterations or epochs alike)
-            if ck.get("last_row") and ck["step"] >= ck.get("total_steps", float("inf")):
-                done = ck
-        if done is not None:
-            on_status(f"{v} seed {seed}: finished earlier, reused ({run_dir})")
-        else:
-            resume = run_dir if last.exists() else None
-            on_status(f"{v} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
-            if resume is None and run_dir.exists():
-                for f in ("config.yaml", "metrics.csv", "shifts.csv"):
-                    (run_dir / f).unlink(missing_ok=True)
-            train_one(cfg, resume)
-            done = ckpt_io.load(last)
-        row = done["last_row"]
-        results.append({"variant": v, "seed": seed, "top1": row["test_top1"], "top5": row["test_top5"],
-                        "params": count_parameters(ckpt_io.build_model(done)), "run_dir": str(run_dir)})
-    df = pd.DataFrame(results)
-    out = []
-    for v in variants:
-        d = df[df["variant"] == v]
-        domain, init, learned = SHIFT_MODES[v]
-        out.append({"variant": v, "shifting_domain": domain, "initialisation": init, "learned": learned,
-                    "top1_mean": round(d["top1"].mean(), 3), "top1_std": round(d["top1"].std(ddof=0), 3),
-                    "top5_mean": round(d["top5"].mean(), 3), "top5_std": round(d["top5"].std(ddof=0), 3),
-                    "seeds": len(d), "params": int(d["params"].iloc[0]), "paper_top1_as_resnet_w32_imagenet": TABLE4[v],
-                    "recipe": recipe, "overrides": " ".join(overrides), "run_dirs": ";".join(d["run_dir"])})
-    summary = pd.DataFrame(out)
-    for k, val in provenance(str(pick_device(cfg["train"]["device"], Dist())), None).items():
-        summary[k] = val
+def plan_variants(recipe: str, variants: list[str], seeds: int, overrides: list[str], root: Path):
+    runs = plan(recipe, overrides, [Axis("model.args.shift_mode", variants)], seeds, root, SEED_KEYS)
+    cfg = runs[0].cfg
+    from ..nn import shift_layers
+
+    try:
+        model = create_model(cfg["model"]["name"], **cfg["model"]["args"])
+    except TypeError as e:
+        raise ConfigError(f"model {cfg['model']['name']} has no shift variants to ablate ({e})") from None
+    if not list(shift_layers(model)):
+        raise ConfigError(f"model {cfg['model']['name']} (args {cfg['model']['args']}) has no active shift layers: nothing to ablate")
+    return runs
+
+
+def variant_columns(summary):
+    """Table 4's columns beside the sweep summary."""
+    summary = summary.rename(columns={"model.args.shift_mode": "variant"}).drop(columns=["cell"])
+    summary.insert(1, "shifting_domain", [SHIFT_MODES[v][0] for v in summary["variant"]])
+    summary.insert(2, "initialisation", [SHIFT_MODES[v][1] for v in summary["variant"]])
+    summary.insert(3, "learned", [SHIFT_MODES[v][2] for v in summary["variant"]])
     return summary

@@ -147,6 +147,7 @@ def _merge(base: dict, new: dict, prefix: str = "") -> dict:
                 raise ConfigError(f"{key} must be a mapping, got {v!r}")
             _merge(base[k], v, key + ".")
         else:
+            v = _coerce(key, v)
             _check_value(key, v)
             base[k] = v
     return base
@@ -175,11 +176,28 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.05")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if not raw.strip():
+        raise ConfigError(f"override {key}= has no value; write {key}=VALUE (or {key}=null to unset it)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse the value of {key}: {e}") from None
     return key, value
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML 1.1 reads 1e-3 and 1e30 as strings; where a number is expected, users mean one."""
+    default = _FLAT_DEFAULTS.get(key)
+    allowed = TYPES.get(key) or ((type(default),) if default is not None else ())
+    if isinstance(value, str) and (float in allowed or int in allowed) and str not in allowed:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if int in allowed and float not in allowed and number.is_integer():
+            return int(number)
+        return number if float in allowed else value
+    return value
 
 
 def _nest(key: str, value: Any) -> dict:

@@ -161,17 +161,43 @@ if not hasattr(torch.ops.asl, "active_shift"):
     _LIB.impl("active_shift_backward", _backward_composite, "CompositeExplicitAutograd")
 
 
+def _check_args(op: str, input: Tensor, shift: Tensor, stride, padding, grad: Tensor | None = None) -> None:
+    """The compiled kernels' argument checks (ext/active_shift.cpp, `check_args`/`prepare`), for the
+    fake kernels that torch.compile traces with and for the reference fallback: same rules, same
+    exception types (ValueError, TypeError)."""
+    torch._check_with(ValueError, input.dim() == 4,
+                      lambda: f"{op}: input must be 4-D (N, C, H, W), got {input.dim()}-D with shape {tuple(input.shape)}")
+    C = input.shape[1]
+    torch._check_with(ValueError, shift.dim() == 2 and shift.shape[0] == C and shift.shape[1] == 2,
+                      lambda: f"{op}: shift must have shape (C, 2) = ({C}, 2) for an input with {C} channels, got {tuple(shift.shape)}")
+    torch._check_with(ValueError, input.device == shift.device,
+                      lambda: f"{op}: input and shift must be on the same device, got input on {input.device} and shift on {shift.device}")
+    torch._check_with(TypeError, input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}")
+    torch._check_with(TypeError, shift.is_floating_point(), lambda: f"{op}: shift must be a floating-point tensor, got {shift.dtype}")
+    torch._check_with(ValueError, len(stride) == 2 and min(stride) >= 1, lambda: f"{op}: stride must be two integers >= 1, got {list(stride)}")
+    torch._check_with(ValueError, len(padding) == 2 and min(padding) >= 0, lambda: f"{op}: padding must be two integers >= 0, got {list(padding)}")
+    if grad is not None:
+        N, _, H, W = input.shape
+        expected = (N, C, output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1]))
+        torch._check_with(ValueError, tuple(grad.shape) == expected,
+                          lambda: f"{op}: grad_output must have shape {list(expected)}, got {list(grad.shape)}")
+        torch._check_with(ValueError, grad.device == input.device, lambda: f"{op}: grad_output is on {grad.device} but input is on {input.device}")
+
+
 def _ref_forward(input, shift, stride, padding):
+    _check_args("active_shift", input, shift, stride, padding)
     out = reference_active_shift(input, shift, tuple(stride), tuple(padding))
     fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
     return out.contiguous(memory_format=fmt)
 
 
 def _ref_grad_input(grad, input, shift, stride, padding):
+    _check_args("active_shift_grad_input", input, shift, stride, padding, grad)
     return _reference_grads(grad, input, shift, stride, padding, "input")
 
 
 def _ref_grad_shift(grad, input, shift, stride, padding):
+    _check_args("active_shift_grad_shift", input, shift, stride, padding, grad)
     return _reference_grads(grad, input, shift, stride, padding, "shift")
 
 
@@ -212,6 +238,7 @@ def backends() -> dict[str, str]:
 
 @torch.library.register_fake("asl::active_shift")
 def _fake_forward(input, shift, stride, padding):
+    _check_args("active_shift", input, shift, stride, padding)
     N, C, H, W = input.shape
     Ho, Wo = output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1])
     fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
@@ -220,12 +247,14 @@ def _fake_forward(input, shift, stride, padding):
 
 @torch.library.register_fake("asl::active_shift_grad_input")
 def _fake_grad_input(grad_output, input, shift, stride, padding):
+    _check_args("active_shift_grad_input", input, shift, stride, padding, grad_output)
     fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
     return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
 @torch.library.register_fake("asl::active_shift_grad_shift")
 def _fake_grad_shift(grad_output, input, shift, stride, padding):
+    _check_args("active_shift_grad_shift", input, shift, stride, padding, grad_output)
     return shift.new_empty(shift.shape)
 
 
@@ -242,6 +271,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     input, shift = ctx.saved_tensors
+    if torch.is_grad_enabled() and (grad.requires_grad or input.requires_grad or shift.requires_grad):
+        # the backward operators have no derivatives of their own: refuse rather than return zeros
+        raise RuntimeError("active_shift does not support double backward (autograd.grad(..., create_graph=True) or "
+                           "higher-order gradients through it); take first-order gradients only")
     grad_input = grad_shift = None
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass where the device has a fused kernel
         grad_input, grad_shift = torch.ops.asl.active_shift_backward(grad, input, shift, ctx.stride, ctx.padding)
@@ -309,23 +342,10 @@ def active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: Int
         raise TypeError(f"active_shift: input and shift must be tensors, got {type(input).__name__} and {type(shift).__name__}")
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
-    if input.dim() != 4:
-        raise ValueError(f"active_shift: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    C = input.shape[1]
-    if shift.dim() != 2 or shift.shape[0] != C or shift.shape[1] != 2:
-        raise ValueError(
-            f"active_shift: shift must have shape (C, 2) = ({C}, 2) for an input with {C} channels, got {tuple(shift.shape)}"
-        )
-    if input.device != shift.device:
-        raise ValueError(f"active_shift: input is on {input.device} but shift is on {shift.device}; move both to one device")
+    # The operator checks shapes, devices, stride and padding (C++ kernels, fake kernels and the
+    # reference alike); which dtypes a device's kernels serve is this function's rule.
     allowed = _CUDA_DTYPES if input.device.type == "cuda" else _CPU_DTYPES
     if input.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"active_shift: input dtype {str(input.dtype).replace('torch.', '')} is not supported on {input.device.type}; use one of {names}")
-    if not shift.is_floating_point():
-        raise TypeError(f"active_shift: shift must be floating point, got {shift.dtype}")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"active_shift: stride must be >= 1, got {(sh, sw)}")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"active_shift: padding must be >= 0, got {(ph, pw)}")
     return torch.ops.asl.active_shift(input, shift, [sh, sw], [ph, pw])

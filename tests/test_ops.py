@@ -284,6 +284,12 @@ def test_reference_fallback_without_extension():
         "x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)\n"
         "s = (torch.rand(3, 2, dtype=torch.float64) * 0.6 + 0.2).requires_grad_(True)\n"
         "assert torch.autograd.gradcheck(lambda a, b: asl_cli.active_shift(a, b, 2, 1), (x, s))\n"
+        "try:\n"
+        "    torch.ops.asl.active_shift_grad_input(torch.randn(1, 3, 4, 5), torch.randn(1, 3, 5, 5), torch.zeros(3, 2), [1, 1], [0, 0])\n"
+        "except ValueError as e:\n"
+        "    assert 'grad_output must have shape' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('the reference accepted a wrong grad_output')\n"
         "print('fallback ok')\n"
     )
     env = dict(os.environ, ASL_DISABLE_EXTENSION="1")
@@ -446,3 +452,33 @@ def test_cuda_fast_path_non_finite_and_gradcheck():
     gi, gs = torch.ops.asl.active_shift_backward(torch.ones_like(y), x.detach(), bad, [1, 1], [0, 0])
     assert torch.isnan(gi[:, 1]).all() and torch.isfinite(gi[:, [0, 2]]).all()
     assert torch.isnan(gs[1]).all() and torch.isfinite(gs[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("case", ["grad_shape", "shift_rows", "device", "stride"])
+def test_fake_kernels_check_like_the_real_ones(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, s, g = torch.randn(2, 3, 5, 5), torch.zeros(3, 2), torch.randn(2, 3, 5, 5)
+        call = {
+            "grad_shape": lambda: torch.ops.asl.active_shift_grad_input(torch.randn(2, 3, 4, 5), x, s, [1, 1], [0, 0]),
+            "shift_rows": lambda: torch.ops.asl.active_shift(x, torch.zeros(4, 2), [1, 1], [0, 0]),
+            "device": lambda: torch.ops.asl.active_shift_grad_shift(g, x, torch.zeros(3, 2, device="meta"), [1, 1], [0, 0]),
+            "stride": lambda: torch.ops.asl.active_shift_backward(g, x, s, [0, 1], [0, 0]),
+        }[case]
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_raw_op_with_a_meta_shift_raises():
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.asl.active_shift(torch.randn(1, 3, 5, 5), torch.zeros(3, 2, device="meta"), [1, 1], [0, 0])
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.full((2, 2), 0.3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(active_shift(x, s).pow(2).sum(), x)  # first order still works
+    assert torch.isfinite(gx).all()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(active_shift(x, s).pow(2).sum(), x, create_graph=True)

@@ -128,7 +128,7 @@ def profile(
         fail(f"unknown --op {op!r}; the only operator is 'asl'", code=2)
     from rich.progress import Progress
 
-    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_op import default_cases, run
 
     cases = default_cases(device)
@@ -140,7 +140,7 @@ def profile(
         except RuntimeError as e:
             fail(str(e))
     _render_op_rows(rows, device)
-    path = out or REPO / "results" / f"profile_op_{device}.csv"
+    path = out or results_dir() / f"profile_op_{device}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path}")
 
@@ -148,7 +148,7 @@ def profile(
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
     import torch
 
-    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_layers import LAYERS, figure, run
 
     names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
@@ -178,7 +178,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     if "pw" in by and "dw3" in by:
         console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
                       f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: 7.1x the FLOPs, 3.5x faster)")
-    path = out or REPO / "results" / f"profile_layers_{device}.csv"
+    path = out or results_dir() / f"profile_layers_{device}.csv"
     append_csv(rows, path)
     for f in figure(rows, path.with_name(path.stem + "_time_per_mflop")):
         console.print(f"wrote {f}")
@@ -187,7 +187,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
 
 def _profile_models(specs, device, threads, min_run_time, out) -> None:
     from asl_cli import checkpoint as ckpt_io
-    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_models import figure, ratios, run
 
     with console.status(f"timing {', '.join(specs)}"):
@@ -212,7 +212,7 @@ def _profile_models(specs, device, threads, min_run_time, out) -> None:
     console.print(t)
     for rr in ratios(rows):
         console.print(f"CPU latency {rr['pair']}: [bold]{rr['ratio']:.3f}x[/] (paper: {rr['paper_ratio']:.3f}x)")
-    path = out or REPO / "results" / f"profile_models_{device}.csv"
+    path = out or results_dir() / f"profile_models_{device}.csv"
     append_csv(rows, path)
     for f in figure(rows, path.with_name(path.stem + "_accuracy_vs_latency")):
         console.print(f"wrote {f}")
@@ -221,7 +221,7 @@ def _profile_models(specs, device, threads, min_run_time, out) -> None:
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
                          modes: str = "auto", amp: str = "none", channels_last: bool = False) -> None:
-    from asl_cli.experiments.bench import REPO, append_csv
+    from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.train_speed import MODES, run
     from asl_cli.zoo import get_entry
 
@@ -253,7 +253,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", busy, f"{r['speedup_of_first']:.2f}x")
     console.print(t)
-    path = out or REPO / "results" / f"train_speed_{device}.csv"
+    path = out or results_dir() / f"train_speed_{device}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
 
@@ -648,10 +648,10 @@ def plot_shifts(
 ) -> None:
     """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training, and per-layer statistics."""
     from asl_cli import checkpoint as ckpt_io
-    from asl_cli.experiments.bench import REPO
+    from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.plot_shifts import run
 
-    out = out or REPO / "results" / "shifts" / (target.stem if target.is_file() else target.name)
+    out = out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name)
     try:
         res = run(target, out)
     except ckpt_io.CheckpointError as e:

@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# Installed from a wheel the recipes ship inside the package; in a source checkout they are the
+# top-level recipes/ folder.
+_HERE = Path(__file__).resolve().parent
+RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,12 @@ import torch
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 import torch.utils.benchmark as tbench  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the source checkout, for the commit id only
+
+
+def results_dir() -> Path:
+    """Where commands write their CSVs and figures by default: results/ under the working directory."""
+    return Path("results")
 
 
 def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 1.0) -> float:

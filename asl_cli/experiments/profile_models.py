@@ -10,7 +10,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..zoo import PAPER, count_macs, count_parameters, create_model, get_entry, list_models
 from . import figures
-from .bench import REPO, model_latency, provenance
+from .bench import model_latency, provenance, results_dir
 
 PAIRS = [("as_resnet_w68", "mobilenet_v2_x1.0"), ("as_resnet_w50", "mobilenet_v2_x0.75"), ("as_resnet_w32", "mobilenet_v2_x0.5")]
 
@@ -40,7 +40,7 @@ def measured_top1(name: str, eval_csv: Path) -> float | None:
 
 def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: float = 1.0,
         eval_csv: Path | None = None) -> list[dict]:
-    eval_csv = eval_csv or REPO / "results" / "eval.csv"
+    eval_csv = eval_csv or results_dir() / "eval.csv"
     rows = []
     for spec in specs:
         label, name, model = _load(spec)

@@ -1,6 +1,7 @@
 """Checkpoints: written atomically (temp file + rename), read with clear errors."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -16,14 +17,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or does not fit the model."""
 
 
+def state_checksum(state: dict) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_atomic(obj: dict, path: Path) -> Path:
+    """Writes obj with a checksum of its model_state (verified by load) through a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if "model_state" in obj:
+        obj = {**obj, "model_sha256": state_checksum(obj["model_state"])}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a kill before this line leaves the previous file untouched
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a kill before this line leaves the previous file untouched
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -45,10 +65,15 @@ def load(path: str | Path, prefer: str = "best") -> dict:
     p = resolve(path, prefer)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{p} is not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model_state" not in ckpt:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        size = p.stat().st_size if p.is_file() else 0
+        raise CheckpointError(f"{p} is not a readable checkpoint ({'empty file' if size == 0 else 'truncated or corrupt?'}): {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("model_state"), dict):
         raise CheckpointError(f"{p} is not an asl checkpoint (no '{FORMAT}' format marker)")
+    expected = ckpt.get("model_sha256")
+    if expected is not None and state_checksum(ckpt["model_state"]) != expected:
+        raise CheckpointError(f"{p} is corrupt: its weights do not match the checksum written with them")
     ckpt["_path"] = str(p)
     return ckpt
 
@@ -83,6 +108,12 @@ def build_model(ckpt: dict) -> nn.Module:
     """The zoo model a checkpoint was made from, with its weights loaded."""
     from .zoo import create_model
 
-    model = create_model(ckpt["model_name"], **ckpt.get("model_args", {}))
+    name, args = ckpt.get("model_name"), ckpt.get("model_args", {})
+    try:
+        model = create_model(name, **args)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if e.args else e
+        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')} names a model this version cannot build "
+                              f"({name!r} with {args}): {msg}") from None
     load_model_state(model, ckpt["model_state"], ckpt.get("_path", "checkpoint"))
     return model

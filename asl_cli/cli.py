@@ -6,9 +6,24 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
+class _Commands(TyperGroup):
+    """Turns file-system errors (unwritable or invalid output paths, full disks) into one clear
+    line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            err.print(f"[bold red]error:[/] {e.strerror or e}{where}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="asl",
     help="Active shift layer (Jeon & Kim, NeurIPS 2018): train, evaluate, ablate and profile the paper's networks.",
     no_args_is_help=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -220,10 +221,14 @@ def load_config(recipe: str | Path | dict | None = "quick", overrides: list[str]
         data, source = recipe, "<dict>"
     elif recipe is not None:
         path = resolve_recipe_path(str(recipe))
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder; give a .yaml file or a recipe name")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"recipe {path} cannot be read as a YAML text file ({e.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping at the top level")
         source = str(path)
@@ -241,15 +246,32 @@ def load_config(recipe: str | Path | dict | None = "quick", overrides: list[str]
     return cfg
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def validate(cfg: dict) -> None:
-    t = cfg["train"]
-    if t["iterations"] is None and t["epochs"] is None:
-        raise ConfigError("set train.iterations or train.epochs")
+    t, o, s, d = cfg["train"], cfg["optim"], cfg["schedule"], cfg["data"]
+    _require(t["iterations"] is not None or t["epochs"] is not None, "set train.iterations or train.epochs")
+    _require(t["iterations"] is None or t["iterations"] >= 1, f"train.iterations must be >= 1, got {t['iterations']}")
+    _require(t["epochs"] is None or (math.isfinite(t["epochs"]) and t["epochs"] > 0), f"train.epochs must be > 0, got {t['epochs']}")
     for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
-        if t[key] < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {t[key]}")
-    if cfg["optim"]["lr"] <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg['optim']['lr']}")
+        _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
+    _require(math.isfinite(o["lr"]) and o["lr"] > 0, f"optim.lr must be a finite number > 0, got {o['lr']}")
+    _require(0 <= o["momentum"] < 1, f"optim.momentum must be in [0, 1), got {o['momentum']}")
+    _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
+    _require(o["shift_lr_mult"] >= 0, f"optim.shift_lr_mult must be >= 0, got {o['shift_lr_mult']}")
+    _require(s["gamma"] > 0, f"schedule.gamma must be > 0, got {s['gamma']}")
+    _require(s["warmup"] >= 0, f"schedule.warmup must be >= 0, got {s['warmup']}")
+    ms = s["milestones"]
+    _require(isinstance(ms, list) and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms),
+             f"schedule.milestones must be a list of iteration numbers >= 1, e.g. [32000,48000], got {ms!r}")
+    _require(ms == sorted(ms), f"schedule.milestones must be increasing, got {ms}")
+    if d["dataset"] == "synthetic":
+        _require(d["train_size"] >= 1 and d["test_size"] >= 1,
+                 f"data.train_size and data.test_size must be >= 1, got {d['train_size']} and {d['test_size']}")
+    _require(d["workers"] >= 0 and d["image_size"] >= 1 and d["resize"] >= 1, "data.workers must be >= 0 and data.image_size, data.resize >= 1")
     if cfg["data"]["dataset"] == "npz" and not cfg["data"]["path"]:
         raise ConfigError("data.dataset=npz needs data.path=/path/to/file.npz")
     if cfg["data"]["dataset"] == "folder" and not cfg["data"]["path"]:

@@ -147,9 +147,16 @@ def npz(path: str) -> TensorData:
         out += [torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64))]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise DataError(f"{p}: train and test images differ in size: {tuple(out[0].shape[1:])} vs {tuple(out[2].shape[1:])}")
+    for split, x in (("train", out[0]), ("test", out[2])):
+        if len(x) == 0:
+            raise DataError(f"{p}: x_{split} holds no images")
     num_classes = int(max(out[1].max(), out[3].max())) + 1
     if min(out[1].min(), out[3].min()) < 0:
         raise DataError(f"{p}: labels must be >= 0")
+    seen = torch.unique(out[1])
+    if len(seen) != num_classes:
+        raise DataError(f"{p}: labels must be the class numbers 0..K-1 with every class in y_train; y_train has "
+                        f"{len(seen)} distinct labels but the largest label is {num_classes - 1} (a {num_classes}-class model)")
     mean, std = channel_stats(out[0])
     return TensorData(*out, num_classes, mean, std, f"npz:{p.name}", "npz uint8")
 
@@ -175,9 +182,10 @@ class TensorBatches:
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, mean, std, augment: bool, seed: int,
                  device: torch.device, rank: int = 0, world: int = 1):
         if batch_size % world:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+            raise DataError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
         if len(x) < batch_size:
-            raise ValueError(f"the training set has {len(x)} images, fewer than one batch of {batch_size}")
+            raise DataError(f"the training set has {len(x)} images, fewer than one batch of {batch_size}: "
+                            f"lower train.batch_size or use more data")
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.augment, self.seed = batch_size, augment, seed
         self.rank, self.world, self.device = rank, world, device

@@ -8,6 +8,7 @@ import datetime as _dt
 import math
 import os
 import random
+import shutil
 import signal
 import time
 import warnings
@@ -23,6 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .config import dump
 from .data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
+from .run_lock import RunFolderBusy, RunLock, remove_stale_temps
 from .nn import install_shift_grad_normalization, param_groups, shift_layers
 from .step import TrainStep, graph_blocker, host_lrs
 from .zoo import create_model
@@ -246,11 +248,46 @@ def use_cuda_graph(setting, device: torch.device, world: int, amp: str) -> bool:
     return bool(setting)
 
 
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "accum", "step", "best_top1")
+
+
 def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | None = None,
           callbacks: Callbacks | None = None) -> dict:
     """Trains per the resolved recipe `cfg`; returns a summary dict. Resuming reads the run
-    folder's config.yaml and checkpoints/last.pt."""
-    cb = callbacks or Callbacks()
+    folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life."""
+    lock = RunLock(Path("."))  # replaced by the run folder's lock once it is known
+    try:
+        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock)
+    finally:
+        lock.release()
+
+
+def _own(lock: RunLock, run_dir: Path) -> None:
+    lock.path = run_dir / ".lock"
+    try:
+        lock.acquire()
+    except RunFolderBusy as e:
+        raise TrainingError(str(e)) from None
+    remove_stale_temps(run_dir)
+
+
+def _repair_best(run_dir: Path, state: dict) -> None:
+    """A kill while best.pt was being written leaves the previous best.pt; last.pt of the same
+    step holds the same state, so best.pt is restored from it."""
+    if state.get("best_step") != state["step"]:
+        return
+    best = run_dir / "checkpoints" / "best.pt"
+    try:
+        if ckpt_io.load(best)["step"] == state["step"]:
+            return
+    except ckpt_io.CheckpointError:
+        pass
+    tmp = best.with_name(f".best.pt.tmp-{os.getpid()}")
+    shutil.copyfile(state["_path"], tmp)
+    os.replace(tmp, best)
+
+
+def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
     t = cfg["train"]
     device_kind = "cuda" if (t["device"].startswith("cuda") or (t["device"] == "auto" and torch.cuda.is_available())) else "cpu"
     d = setup_distributed(device_kind)
@@ -263,7 +300,15 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     state = None
     if resume is not None:
         run_dir = Path(resume)
+        if d.main:
+            _own(lock, run_dir)
         state = ckpt_io.load(run_dir, prefer="last")
+        lacking = [k for k in RESUME_KEYS if k not in state]
+        if lacking:
+            raise TrainingError(f"{state['_path']} holds weights but no training state ({', '.join(lacking)}), so the run cannot "
+                                f"be resumed from it; start a new run with --init-from {state['_path']}")
+        if d.main:
+            _repair_best(run_dir, state)
     else:
         run_dir = new_run_dir(cfg)
         if d.world > 1:
@@ -273,7 +318,14 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         if d.main:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise TrainingError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output.dir")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            _own(lock, run_dir)
+            if (run_dir / "checkpoints" / "last.pt").exists():  # another process got there first
+                raise TrainingError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output.dir")
+            leftovers = [f for f in ("metrics.csv", "shifts.csv") if (run_dir / f).exists()]
+            if leftovers:  # an earlier run here stopped before its first checkpoint: its logs cannot be continued
+                warnings.warn(f"{run_dir}: removing {', '.join(leftovers)} of an earlier run that saved no checkpoint", stacklevel=2)
+                for f in leftovers:
+                    (run_dir / f).unlink()
             (run_dir / "config.yaml").write_text(dump(cfg))  # the resolved recipe, before step 0
 
     # ---- data ----
@@ -335,7 +387,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         raise TrainingError("train.amp needs a CUDA device; use train.amp=none on the CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start, best, acc, last_good = 0, -1.0, Accum(), None
+    start, best, best_step, acc, last_good = 0, -1.0, None, Accum(), None
     if state is not None:
         # model_state was saved from the plain module; AllReduce/Sync BN keep the same keys.
         ckpt_io.load_model_state(unwrap(model), state["model_state"], state["_path"])
@@ -347,6 +399,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         random.setstate(_tuple(state["rng"]["python"]))
         start, best, last_good = int(state["step"]), float(state["best_top1"]), int(state["step"])
+        best_step = state.get("best_step")
         acc = Accum(**state["accum"])
         if d.main:
             _truncate_logs(run_dir, start, state.get("last_row"))
@@ -398,6 +451,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
             "total_steps": total,
             "epoch": step / spe,
             "best_top1": best,
+            "best_step": best_step,
             "accum": acc.state(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "python": _lists(random.getstate())},
@@ -471,6 +525,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
                        **res, "seconds": round(seconds, 3), "images_per_s": round(interval_steps * t["batch_size"] / max(seconds, 1e-9), 1)}
                 improved = res["test_top1"] > best
                 best = max(best, res["test_top1"])
+                best_step = done if improved else best_step
                 acc = Accum()
                 save(done, row, improved)
                 if d.main:
@@ -540,11 +595,11 @@ def _truncate_logs(run_dir: Path, step: int, last_row: dict | None) -> None:
     import pandas as pd
 
     m = run_dir / "metrics.csv"
-    if m.exists():
-        df = pd.read_csv(m)
-        df = df[df["step"] <= step]
-        if last_row is not None and not (df["step"] == step).any():
-            df = pd.concat([df, pd.DataFrame([last_row])[METRIC_COLUMNS]], ignore_index=True)
+    df = pd.read_csv(m) if m.exists() else pd.DataFrame(columns=METRIC_COLUMNS)
+    df = df[df["step"] <= step]
+    if last_row is not None and not (df["step"] == step).any():  # killed between the checkpoint and its row
+        df = pd.concat([df, pd.DataFrame([last_row])[METRIC_COLUMNS]], ignore_index=True) if len(df) else pd.DataFrame([last_row])[METRIC_COLUMNS]
+    if m.exists() or len(df):
         df.to_csv(m, index=False)
     s = run_dir / "shifts.csv"
     if s.exists():

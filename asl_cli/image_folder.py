@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from .data import DataError, TensorData, channel_stats
+from .preprocess import WIDE_MODES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 CACHE_VERSION = 1
-# PIL modes that hold more than 8 bits per channel: converting them to RGB saturates or blackens them
-WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _split_dir(root: Path, names: tuple[str, ...]) -> Path:

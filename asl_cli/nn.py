@@ -86,6 +86,10 @@ class ActiveShift2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return active_shift(x, self.shift, self.stride, self.padding)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError("torch.jit.script does not support ActiveShift2d (the layer calls torch.ops.asl.active_shift with "
+                           "Python-side argument handling); use torch.jit.trace, torch.export or torch.compile instead")
+
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}, padding={self.padding}, mode={self.mode}"
 

@@ -12,6 +12,10 @@ class ImageError(ValueError):
     pass
 
 
+# PIL modes with more than 8 bits per channel: converting them to RGB saturates or blackens them
+WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def load_image(path: str | Path):
     from PIL import Image, UnidentifiedImageError
 
@@ -20,6 +24,9 @@ def load_image(path: str | Path):
         raise ImageError(f"image {p} does not exist")
     try:
         with Image.open(p) as im:
+            if im.mode in WIDE_MODES:
+                raise ImageError(f"{p} is a {im.mode} image (more than 8 bits per channel); converting it to 8-bit RGB "
+                                 f"would clip or darken it, so it is refused: convert it to an 8-bit image first")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"cannot read image {p}: {e}") from None

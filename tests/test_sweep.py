@@ -59,7 +59,7 @@ def test_folder_reads_and_caches(tmp_path, monkeypatch):
     assert d.x_train.shape == (6, 3, 8, 8) and d.x_train.dtype == torch.uint8
     assert d.y_train.tolist() == [0, 0, 0, 1, 1, 1] and d.num_classes == 2
     assert d.name == "folder:ds" and d.encoding == "PNG files"
-    first = np.asarray(Image.open(root / "train" / "cat" / "0.png"))
+    first = np.array(Image.open(root / "train" / "cat" / "0.png"))
     assert torch.equal(d.x_train[0], torch.from_numpy(first).permute(2, 0, 1))
     assert len(list((tmp_path / "cache").glob("folder-ds-*.pt"))) == 1
 

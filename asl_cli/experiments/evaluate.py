@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..data import imagenet_folders, load_tensor_data, normalized_batches, normalizer
 from ..engine import evaluate
 from ..zoo import count_macs, count_parameters, get_entry
@@ -19,6 +19,10 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
     model = ckpt_io.build_model(ckpt)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for a GPU but none is visible; use --device cpu")
     dev = torch.device(device)
     cfg = load_config(ckpt["config"], list(overrides)) if ckpt.get("config") else None
     if cfg is None:

@@ -1,0 +1,52 @@
+"""Ownership of a run folder: one training process at a time, for the run's whole life."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class RunFolderBusy(RuntimeError):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on `<run_dir>/.lock` (flock: released by the OS if the process dies, so a
+    killed run never leaves the folder locked)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return self
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunFolderBusy(f"{self.path.parent} is in use by another training process"
+                                f"{f' (pid {holder})' if holder else ''}; wait for it, stop it, or choose another output.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Temporary checkpoint files left by a process killed mid-write (call with the lock held)."""
+    gone = []
+    for p in (Path(run_dir) / "checkpoints").glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone

@@ -1,0 +1,214 @@
+"""Run folders that never mix or lose data, checkpoints that are verified, and bad input that ends
+in one clear message (never a traceback)."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from asl_cli import checkpoint as ckpt_io
+from asl_cli import engine
+from asl_cli.cli import app
+from asl_cli.config import ConfigError, load_config
+from asl_cli.data import DataError, npz
+from asl_cli.run_lock import RunLock
+
+runner = CliRunner()
+TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=2",
+        "train.ckpt_every=2", "train.log_every=2", "train.eval_batch_size=64"]
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    text = res.output.replace("\n", " ")
+    assert res.exception is None or isinstance(res.exception, SystemExit), f"traceback: {res.exception!r}"
+    return res.exit_code, text
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("done") / "run"
+    engine.train(load_config("quick", TINY + [f"output.dir={run}"]))
+    return run
+
+
+# ---- run folders ----
+def test_a_second_run_into_a_busy_folder_refuses(tmp_path):
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()  # another process training there
+    try:
+        code, out = cli("train", "quick", *TINY, f"output.dir={run}")
+        assert code == 1 and "in use by another training process" in out
+        assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()
+    finally:
+        lock.release()
+    code, out = cli("train", "quick", *TINY, f"output.dir={run}")  # free again
+    assert code == 0, out
+
+
+def test_kill_while_writing_best_is_repaired_on_resume(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_eval, real_save, n = engine.evaluate, ckpt_io.save_atomic, {"evals": 0}
+
+    def improving_eval(*a, **k):  # every evaluation is a new best
+        r = real_eval(*a, **k)
+        n["evals"] += 1
+        r["test_top1"] = 10.0 * n["evals"]
+        return r
+
+    def killed_at_best(obj, path):  # the process dies while best.pt of step 4 is being written
+        if Path(path).name == "best.pt" and obj["step"] == 4:
+            Path(path).with_name(".best.pt.tmp-4242").write_bytes(b"partial")
+            raise SystemExit(137)
+        return real_save(obj, path)
+
+    monkeypatch.setattr(engine, "evaluate", improving_eval)
+    monkeypatch.setattr(ckpt_io, "save_atomic", killed_at_best)
+    with pytest.raises(SystemExit):
+        engine.train(load_config("quick", TINY + [f"output.dir={run}"]))
+    assert ckpt_io.load(run / "checkpoints" / "best.pt")["step"] == 2  # stale
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [2]  # the step-4 row was lost
+    monkeypatch.setattr(ckpt_io, "save_atomic", real_save)
+    engine.train(load_config(str(run / "config.yaml")), resume=run)
+    best = ckpt_io.load(run / "checkpoints" / "best.pt")
+    assert best["step"] == 4 and best["best_top1"] == 20.0
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [2, 4]
+    assert not list((run / "checkpoints").glob(".*tmp*"))
+
+
+def test_first_evaluation_row_is_restored_when_metrics_csv_is_missing(tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.csv").unlink()
+    engine.train(load_config(str(run / "config.yaml")), resume=run)
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [4]
+
+
+def test_corrupted_weights_are_detected(tmp_path, finished_run):
+    ck = torch.load(finished_run / "checkpoints" / "best.pt", weights_only=True)
+    ck["model_state"]["fc.weight"][0, 0] += 1.0  # bytes changed after the checksum was written
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="corrupt"):
+        ckpt_io.load(tmp_path / "bad.pt")
+    code, out = cli("eval", tmp_path / "bad.pt", "--no-latency", "--csv", tmp_path / "e.csv")
+    assert code == 1 and "checksum" in out
+
+
+def test_resume_needs_training_state(tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for k in ("optimizer", "scheduler"):
+        ck.pop(k)
+    torch.save(ck, run / "checkpoints" / "last.pt")
+    code, out = cli("train", "--resume", run)
+    assert code == 1 and "no training state" in out and "--init-from" in out
+
+
+def test_unknown_model_in_checkpoint(tmp_path, finished_run):
+    ck = torch.load(finished_run / "checkpoints" / "best.pt", weights_only=True)
+    ck["model_name"] = "asnet_does_not_exist"
+    ckpt_io.save_atomic(ck, tmp_path / "x.pt")
+    code, out = cli("eval", tmp_path / "x.pt", "--no-latency")
+    assert code == 1 and "cannot build" in out
+
+
+# ---- values that used to be accepted silently ----
+@pytest.mark.parametrize("override", [
+    "train.iterations=-5", "train.iterations=0", "train.epochs=0", "data.test_size=0", "schedule.gamma=-0.1",
+    "optim.weight_decay=-1", "optim.shift_lr_mult=-1", "optim.momentum=-1", "optim.momentum=1", "schedule.milestones=[a,b]",
+    "schedule.milestones=[300,100]", "optim.lr=", "optim.lr=nan",
+])
+def test_nonsense_values_are_refused(override):
+    with pytest.raises(ConfigError):
+        load_config("quick", [override])
+
+
+def test_numbers_typed_as_users_type_them():
+    cfg = load_config("quick", ["optim.lr=1e-3", "train.iterations=2e3"])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["train"]["iterations"] == 2000
+
+
+def _npz(path, y_train, n_test=4):
+    x = np.zeros((len(y_train), 8, 8, 3), np.uint8)
+    np.savez(path, x_train=x, y_train=np.asarray(y_train), x_test=np.zeros((n_test, 8, 8, 3), np.uint8),
+             y_test=np.zeros(n_test, np.int64))
+    return path
+
+
+def test_npz_labels_must_be_class_numbers(tmp_path):
+    with pytest.raises(DataError, match="largest label is 50000"):
+        npz(str(_npz(tmp_path / "a.npz", [0, 1, 50000, 1])))
+    with pytest.raises(DataError, match="x_test holds no images"):
+        npz(str(_npz(tmp_path / "b.npz", [0, 1, 1, 0], n_test=0)))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_predict_refuses_images_deeper_than_8_bits(tmp_path, finished_run, mode):
+    arr = np.full((16, 16), 40000 if mode == "I;16" else 0.5, np.uint16 if mode == "I;16" else np.float32)
+    path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
+    Image.fromarray(arr).save(path)
+    code, out = cli("predict", finished_run, path)
+    assert code == 1 and "8-bit" in out
+
+
+# ---- messages, not tracebacks ----
+@pytest.mark.parametrize("command", ["eval", "predict", "plot-shifts", "resume", "init-from", "profile"])
+def test_zero_byte_checkpoint(tmp_path, command):
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").touch()
+    shutil.copy(Path(load_config("quick")["_source"]), run / "config.yaml")
+    args = {"eval": ["eval", empty, "--no-latency"], "predict": ["predict", empty, img], "plot-shifts": ["plot-shifts", empty],
+            "resume": ["train", "--resume", run], "init-from": ["train", "quick", *TINY, "--init-from", empty],
+            "profile": ["profile", "--model", empty, "--min-run-time", "0.01"]}[command]
+    code, out = cli(*args)
+    assert code in (1, 2) and "empty file" in out, out
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "plot-shifts", "profile", "ablate"])
+def test_unwritable_output_paths(tmp_path, finished_run, command):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "sub"
+    args = {"train": ["train", "quick", *TINY, f"output.dir={bad}"],
+            "eval": ["eval", finished_run, "--no-latency", "--csv", bad / "e.csv"],
+            "plot-shifts": ["plot-shifts", finished_run, "--out", bad],
+            "profile": ["profile", "--layer", "relu", "--shape", "1x2x4x4", "--min-run-time", "0.01", "--out", bad / "p.csv"],
+            "ablate": ["ablate", "quick", *TINY, "--variant", "TR", "--root", bad]}[command]
+    code, out = cli(*args)
+    assert code == 1 and "Not a directory" in out, out
+
+
+def test_broken_recipes(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "folder.yaml").mkdir()
+    for path in ("bin.yaml", "folder.yaml"):
+        with pytest.raises(ConfigError):
+            load_config(str(tmp_path / path))
+
+
+def test_training_set_smaller_than_a_batch():
+    code, out = cli("train", "quick", "data.train_size=10", "train.batch_size=32", "train.iterations=1")
+    assert code == 1 and "fewer than one batch" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_eval_on_cuda_without_a_gpu(finished_run):
+    code, out = cli("eval", finished_run, "--device", "cuda", "--no-latency")
+    assert code == 1 and "no" in out and "GPU" in out
+
+
+def test_jit_script_says_what_to_use_instead():
+    from asl_cli.zoo import create_model
+
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.script(create_model("asnet20_16x1"))

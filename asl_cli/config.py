@@ -214,6 +214,39 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def read_recipe(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a mapping, with its `base:` recipe (a name in recipes/ or a path relative
+    to this file) merged underneath: the file's own keys win, lists are replaced, not joined."""
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a .yaml file or a recipe name")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"recipe {path} cannot be read as a YAML text file ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base must be a recipe name or path, got {base!r}")
+    local = path.parent / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    base_path = local if local.is_file() else resolve_recipe_path(base)
+    chain = _chain + (path.resolve(),)
+    if base_path.resolve() in chain:
+        raise ConfigError(f"recipe {path}: base recipes form a cycle ({' -> '.join(p.name for p in chain)} -> {base_path.name})")
+    return _overlay(read_recipe(base_path, chain), data)
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def load_config(recipe: str | Path | dict | None = "quick", overrides: list[str] | tuple = ()) -> dict:
     """Defaults <- recipe <- overrides, validated. `recipe` is a name in recipes/, a path, or a dict."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -221,17 +254,7 @@ def load_config(recipe: str | Path | dict | None = "quick", overrides: list[str]
         data, source = recipe, "<dict>"
     elif recipe is not None:
         path = resolve_recipe_path(str(recipe))
-        if path.is_dir():
-            raise ConfigError(f"recipe {path} is a folder; give a .yaml file or a recipe name")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-        except (UnicodeDecodeError, OSError) as e:
-            raise ConfigError(f"recipe {path} cannot be read as a YAML text file ({e.__class__.__name__})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path} must be a mapping at the top level")
-        source = str(path)
+        data, source = read_recipe(path), str(path)
         data.setdefault("name", path.stem)
     else:
         data, source = {}, "<defaults>"

@@ -223,3 +223,22 @@ def test_several_model_args_overrides_add_up():
 def test_cuda_mixed_precision_channels_last(tmp_path, amp):
     out = train(tiny_cfg(tmp_path / amp, "train.device=cuda", f"train.amp={amp}", "train.channels_last=true", "train.iterations=4"))
     assert out["steps"] == 4 and out["last"]["test_top1"] >= 0
+
+
+def test_recipe_base_inheritance(tmp_path):
+    (tmp_path / "fam.yaml").write_text("data: {dataset: synthetic, train_size: 300}\noptim: {lr: 0.3, momentum: 0.5}\nschedule: {milestones: [5, 9]}\n")
+    (tmp_path / "child.yaml").write_text("base: fam\noptim: {lr: 0.2}\nschedule: {milestones: [7]}\ntrain: {iterations: 10}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert cfg["optim"]["lr"] == 0.2 and cfg["optim"]["momentum"] == 0.5  # own keys win, the rest is inherited
+    assert cfg["schedule"]["milestones"] == [7] and cfg["data"]["train_size"] == 300 and cfg["name"] == "child"
+    (tmp_path / "grand.yaml").write_text("base: child.yaml\n")
+    assert load_config(str(tmp_path / "grand.yaml"))["optim"]["lr"] == 0.2
+    # a shipped per-model recipe is its family's base plus the model
+    assert load_config("asnet20_46x1")["schedule"]["milestones"] == [32000, 48000]
+    (tmp_path / "a.yaml").write_text("base: b\n")
+    (tmp_path / "b.yaml").write_text("base: a\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: no_such_recipe\n")
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        load_config(str(tmp_path / "c.yaml"))

@@ -1,6 +1,7 @@
 """The `asl` command line: parses arguments, calls the library, renders results with rich."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +17,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # output piped into a program that stopped reading (e.g. head)
+            raise typer.Exit(0) from None
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             err.print(f"[bold red]error:[/] {e.strerror or e}{where}", soft_wrap=True, highlight=False)
@@ -93,71 +96,123 @@ def _render_op_rows(rows: list[dict], device: str) -> None:
             console.print(f"  {name}: [bold]{value:.3f}x[/]{verdict}")
 
 
-@app.command()
-def profile(
-    op: Optional[str] = typer.Option(None, "--op", help="Benchmark an operator against its peers: 'asl'."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Per-layer timing and FLOPs (paper Table 1): dw3|pw|bn|relu|add|asl|all."),
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Zoo models or checkpoints to compare (paper Table 5); more may follow: --model a b c."),
-    more: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="Further models for --model."),
-    train_speed: Optional[str] = typer.Option(None, "--train-speed", help="Training images/s of this zoo model with ASL vs 3x3 depthwise blocks (paper Table 2)."),
-    batch: int = typer.Option(128, "--batch", min=1, help="Batch size for --train-speed."),
-    modes: str = typer.Option("auto", "--modes", help="--train-speed step forms, comma-separated: eager, graph (whole step as a CUDA graph), compile, compile+graph; auto = eager on the CPU, eager,graph on CUDA."),
-    amp: str = typer.Option("none", "--amp", help="--train-speed autocast: none or bf16 (CUDA)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="--train-speed in channels_last memory format."),
-    shape: str = typer.Option("1x64x224x224", "--shape", help="NxCxHxW for --layer (C is also the conv output width)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16 for --layer."),
-    backward: bool = typer.Option(False, "--backward", help="Time forward + backward for --layer."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one)."),
-    min_run_time: float = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement."),
-    out: Optional[Path] = typer.Option(None, "--out", help="CSV to append to (default results/profile_op_, profile_layers_, profile_models_ or train_speed_<device>.csv)."),
-) -> None:
-    """Measure speed against peers timed in the same run; print ratios and append a CSV.
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
 
-    One of: --op asl (the operator vs copy, ReLU, 3x3 depthwise conv, grid_sample ASL), --layer (paper Table 1, Fig. 2), --model (paper Table 5, Fig. 4), --train-speed (paper Table 2).
-    """
-    if more:
-        if not model:
-            fail(f"unexpected arguments {' '.join(more)}; did you mean --model {' '.join(more)}?", code=2)
-        model = list(model) + list(more)
-    if op is None and layer is None and not model and train_speed is None:
-        fail("say what to profile: --op asl, --layer NAME, --model NAME or --train-speed MODEL", code=2)
-    if device not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda, got {device!r}", code=2)
-    if device == "cuda":
-        import torch
 
-        if not torch.cuda.is_available():
-            fail("--device cuda was asked for but no CUDA device is visible")
-    if device == "cpu":
-        import torch
+class Layer(str, Enum):
+    dw3 = "dw3"
+    pw = "pw"
+    bn = "bn"
+    relu = "relu"
+    add = "add"
+    asl = "asl"
+    all = "all"
 
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+    bfloat16 = "bfloat16"
+
+
+class StepMode(str, Enum):
+    eager = "eager"
+    graph = "graph"
+    compile = "compile"
+    compile_graph = "compile+graph"
+
+
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+
+
+profile_app = typer.Typer(
+    help="Measure speed against peers timed in the same run; print ratios and append a CSV (default results/<kind>_<device>.csv "
+         "under the working directory).",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+
+DEVICE_OPT = typer.Option(Device.cpu, "--device", help="Where to time.")
+THREADS_OPT = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one).")
+MIN_RUN_OPT = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement.")
+OUT_OPT = typer.Option(None, "--out", help="CSV to append to (figures are written beside it).")
+
+
+def _profile_device(device: Device, threads: int) -> str:
+    import torch
+
+    if device == Device.cuda and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA device is visible")
+    if device == Device.cpu:
         torch.set_num_threads(threads)  # the whole process, so every library sees the same thread count
-    if train_speed is not None:
-        return _profile_train_speed(train_speed, batch, device, threads, min_run_time, out, modes, amp, channels_last)
-    if layer is not None:
-        return _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out)
-    if model:
-        return _profile_models(model, device, threads, min_run_time, out)
-    if op != "asl":
-        fail(f"unknown --op {op!r}; the only operator is 'asl'", code=2)
+    return device.value
+
+
+@profile_app.command("op")
+def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT,
+               out: Optional[Path] = OUT_OPT) -> None:
+    """The operator against copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and forward+backward."""
     from rich.progress import Progress
 
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_op import default_cases, run
 
-    cases = default_cases(device)
+    dev = _profile_device(device, threads)
+    cases = default_cases(dev)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("timing", total=len(cases))
         try:
-            rows = run(device, threads, cases, min_run_time,
+            rows = run(dev, threads, cases, min_run_time,
                        progress=lambda i, label: bar.update(task, completed=i, description=f"timing {label}"))
         except RuntimeError as e:
             fail(str(e))
-    _render_op_rows(rows, device)
-    path = out or results_dir() / f"profile_op_{device}.csv"
+    _render_op_rows(rows, dev)
+    path = out or results_dir() / f"profile_op_{dev}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path}")
+
+
+@profile_app.command("layers")
+def profile_layers(
+    layers: Optional[List[Layer]] = typer.Argument(None, help="Layers to time (default all)."),
+    shape: str = typer.Option("1x64x224x224", "--shape", help="NxCxHxW (C is also the conv output width)."),
+    dtype: DType = typer.Option(DType.float32, "--dtype"),
+    backward: bool = typer.Option(False, "--backward", help="Time forward + backward."),
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Per-layer time and FLOPs (paper Table 1, Fig. 2)."""
+    dev = _profile_device(device, threads)
+    names = [v.value for v in (layers or [Layer.all])]
+    _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
+
+
+@profile_app.command("models")
+def profile_models(
+    models: List[str] = typer.Argument(..., metavar="MODEL|CHECKPOINT...", help="Zoo models or checkpoints (see asl zoo)."),
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Parameters, MACs and latency of models, and the latency ratios of the paper's pairs (Table 5, Fig. 4)."""
+    dev = _profile_device(device, threads)
+    _profile_models(models, dev, threads, min_run_time, out)
+
+
+@profile_app.command("train-speed")
+def profile_train_speed(
+    model: str = typer.Argument(..., help="An asnet or as_resnet zoo model; timed with ASL, 1B-DW3-B-1 and 1B-DW3-1 blocks."),
+    batch: int = typer.Option(128, "--batch", min=1),
+    mode: Optional[List[StepMode]] = typer.Option(None, "--mode", help="Step forms to time (repeatable; default eager on the CPU, eager and graph on CUDA)."),
+    amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Training images/s and GPU busy fraction with ASL vs 3x3 depthwise blocks (paper Table 2), using asl train's step."""
+    dev = _profile_device(device, threads)
+    modes = ",".join(m.value for m in mode) if mode else "auto"
+    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last)
 
 
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
@@ -169,7 +224,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
     bad = [n for n in names if n not in LAYERS]
     if bad:
-        fail(f"--layer must be one of {', '.join(LAYERS)} or all; got {', '.join(bad)}", code=2)
+        fail(f"layers must be among {', '.join(LAYERS)} or all; got {', '.join(bad)}", code=2)
     try:
         dims = tuple(int(v) for v in shape.lower().split("x"))
         assert len(dims) == 4 and min(dims) > 0

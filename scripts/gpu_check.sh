@@ -49,16 +49,16 @@ tail -5 "$OUT/tests.txt" | tee -a "$OUT/log.txt"
 python -m pytest -q -p no:cacheprovider tests/test_ops.py -k "gradcheck or opcheck" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
 
 log "== operator benchmark"
-python -m asl_cli profile --op asl --device cuda --min-run-time 0.2 --out "$OUT/profile_op_cuda.csv" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+python -m asl_cli profile op --device cuda --min-run-time 0.2 --out "$OUT/profile_op_cuda.csv" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then log "(GPU_CHECK_QUICK=1: training and model benchmarks skipped)"; exit 0; fi
 
 log "== training throughput (the step asl train runs)"
-python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes eager,graph \
+python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode eager --mode graph \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
-python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes graph --amp bf16 --channels-last \
+python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 --channels-last \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
-python -m asl_cli profile --train-speed asnet20_16x1 --device cuda --batch 128 --modes graph --amp bf16 \
+python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
 
 log "== asl train, 3000 steps with 3 evaluations of 10,000 images (synthetic data, CUDA graph)"
@@ -70,6 +70,6 @@ log "asl train wall time: $(python -c "print(round($(date +%s.%N) - $start, 1))"
 cp "$WORK/run/metrics.csv" "$OUT/train_metrics.csv" 2>/dev/null || true
 
 log "== model latency"
-python -m asl_cli profile --model as_resnet_w68 mobilenet_v2_x1.0 as_resnet_w32 mobilenet_v2_x0.5 --device cuda --min-run-time 0.2 \
+python -m asl_cli profile models as_resnet_w68 mobilenet_v2_x1.0 as_resnet_w32 mobilenet_v2_x0.5 --device cuda --min-run-time 0.2 \
   --out "$WORK/profile_models_cuda.csv" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
 cp "$WORK/profile_models_cuda.csv" "$OUT/" 2>/dev/null || true

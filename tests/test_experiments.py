@@ -43,7 +43,7 @@ def test_ablate_bad_variant():
 
 def test_profile_layers_writes_table_and_figure(tmp_path):
     csv = tmp_path / "layers.csv"
-    invoke("profile", "--layer", "all", "--shape", "1x8x32x32", "--min-run-time", "0.05", "--out", csv)
+    invoke("profile", "layers", "--shape", "1x8x32x32", "--min-run-time", "0.05", "--out", csv)
     df = pd.read_csv(csv)
     assert df["layer"].tolist() == ["dw3", "pw", "bn", "relu", "add", "asl"]
     for col in ["ms", "mflops", "ms_per_mflop", "paper_ms", *PROV]:
@@ -54,12 +54,12 @@ def test_profile_layers_writes_table_and_figure(tmp_path):
     assert by.loc["asl", "mflops"] == pytest.approx(4 * 8 * 32 * 32 / 1e6, rel=1e-3)
     assert (tmp_path / "layers_time_per_mflop.png").stat().st_size > 1000
     assert (tmp_path / "layers_time_per_mflop.svg").exists()
-    invoke("profile", "--layer", "asl,relu", "--shape", "1x8x16x16", "--backward", "--min-run-time", "0.05", "--out", tmp_path / "b.csv")
+    invoke("profile", "layers", "asl", "relu", "--shape", "1x8x16x16", "--backward", "--min-run-time", "0.05", "--out", tmp_path / "b.csv")
 
 
 def test_profile_models_and_pairs(tmp_path):
     csv = tmp_path / "models.csv"
-    out = invoke("profile", "--model", "as_resnet_w32", "mobilenet_v2_x0.5", "--min-run-time", "0.05", "--out", csv)
+    out = invoke("profile", "models", "as_resnet_w32", "mobilenet_v2_x0.5", "--min-run-time", "0.05", "--out", csv)
     assert "as_resnet_w32 / mobilenet_v2_x0.5" in out
     df = pd.read_csv(csv)
     for col in ["model", "params", "macs", "cpu_ms_batch1", "top1", "paper_top1", "paper_cpu_ms", *PROV]:
@@ -70,7 +70,7 @@ def test_profile_models_and_pairs(tmp_path):
 def test_profile_op_cpu(tmp_path):
     csv = tmp_path / "op.csv"
     csv.write_text("commit,op\n12363e220724,old\n")  # an earlier row whose hash looks like a number
-    out = invoke("profile", "--op", "asl", "--min-run-time", "0.05", "--out", csv)
+    out = invoke("profile", "op", "--min-run-time", "0.05", "--out", csv)
     assert "forward / ReLU" in out and "grid_sample" in out
     df = pd.read_csv(csv, dtype={"commit": str})
     assert df["commit"].iloc[0] == "12363e220724"
@@ -83,10 +83,16 @@ def test_profile_op_cpu(tmp_path):
 def test_profile_errors():
     res = runner.invoke(app, ["profile"])
     assert res.exit_code == 2
-    res = runner.invoke(app, ["profile", "--layer", "conv7"])
+    res = runner.invoke(app, ["profile", "layers", "conv7"])
     assert res.exit_code == 2 and "dw3" in res.output
-    res = runner.invoke(app, ["profile", "--model", "as_resnet_w33"])
+    res = runner.invoke(app, ["profile", "models", "as_resnet_w33"])
     assert res.exit_code == 2 and "did you mean" in res.output
+    res = runner.invoke(app, ["profile", "train-speed", "asnet20_16x1", "--mode", "warp"])
+    assert res.exit_code == 2 and "compile+graph" in res.output
+    # --help lists every choice
+    for sub, words in (("layers", ["dw3", "pw", "bn", "relu", "add", "asl", "all"]), ("train-speed", ["eager", "graph", "bf16"])):
+        text = runner.invoke(app, ["profile", sub, "--help"], terminal_width=200).output
+        assert all(w in text for w in words), text
 
 
 def test_plot_shifts_from_run(tmp_path):

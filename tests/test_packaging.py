@@ -37,7 +37,7 @@ def test_operator_needs_only_torch():
 def test_outputs_land_under_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()}
-    res = runner.invoke(app, ["profile", "--layer", "asl", "--shape", "1x4x8x8", "--min-run-time", "0.02"])
+    res = runner.invoke(app, ["profile", "layers", "asl", "--shape", "1x4x8x8", "--min-run-time", "0.02"])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "results" / "profile_layers_cpu.csv")) == 1
     tiny = ["data.train_size=64", "data.test_size=32", "train.batch_size=32", "train.iterations=2", "train.eval_every=2"]

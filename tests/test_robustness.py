@@ -169,7 +169,7 @@ def test_zero_byte_checkpoint(tmp_path, command):
     shutil.copy(Path(load_config("quick")["_source"]), run / "config.yaml")
     args = {"eval": ["eval", empty, "--no-latency"], "predict": ["predict", empty, img], "plot-shifts": ["plot-shifts", empty],
             "resume": ["train", "--resume", run], "init-from": ["train", "quick", *TINY, "--init-from", empty],
-            "profile": ["profile", "--model", empty, "--min-run-time", "0.01"]}[command]
+            "profile": ["profile", "models", empty, "--min-run-time", "0.01"]}[command]
     code, out = cli(*args)
     assert code in (1, 2) and "empty file" in out, out
 
@@ -182,7 +182,7 @@ def test_unwritable_output_paths(tmp_path, finished_run, command):
     args = {"train": ["train", "quick", *TINY, f"output.dir={bad}"],
             "eval": ["eval", finished_run, "--no-latency", "--csv", bad / "e.csv"],
             "plot-shifts": ["plot-shifts", finished_run, "--out", bad],
-            "profile": ["profile", "--layer", "relu", "--shape", "1x2x4x4", "--min-run-time", "0.01", "--out", bad / "p.csv"],
+            "profile": ["profile", "layers", "relu", "--shape", "1x2x4x4", "--min-run-time", "0.01", "--out", bad / "p.csv"],
             "ablate": ["ablate", "quick", *TINY, "--variant", "TR", "--root", bad]}[command]
     code, out = cli(*args)
     assert code == 1 and "Not a directory" in out, out

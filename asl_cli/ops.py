@@ -24,8 +24,15 @@ __all__ = ["active_shift", "reference_active_shift", "backends", "output_size", 
 
 IntPair = Union[int, Sequence[int]]
 _OPS = ("active_shift", "active_shift_grad_input", "active_shift_grad_shift")
-_BACKWARD_SCHEMA = ("active_shift_backward(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) "
-                    "-> (Tensor, Tensor)")
+# The schemas are declared by the compiled library (ext/active_shift.cpp, TORCH_LIBRARY); these
+# copies serve only when it cannot be loaded, and a test checks that they are identical.
+_ARGS = "Tensor input, Tensor shift, int[2] stride, int[2] padding"
+FALLBACK_SCHEMAS = {
+    "active_shift": f"active_shift({_ARGS}) -> Tensor",
+    "active_shift_grad_input": f"active_shift_grad_input(Tensor grad_output, {_ARGS}) -> Tensor",
+    "active_shift_grad_shift": f"active_shift_grad_shift(Tensor grad_output, {_ARGS}) -> Tensor",
+    "active_shift_backward": f"active_shift_backward(Tensor grad_output, {_ARGS}) -> (Tensor, Tensor)",
+}
 
 _EXT_ERROR: Exception | None = None
 if os.environ.get("ASL_DISABLE_EXTENSION") == "1":
@@ -145,14 +152,8 @@ def _channels_last(t: Tensor) -> bool:
 _LIB = None
 if not hasattr(torch.ops.asl, "active_shift"):
     _LIB = torch.library.Library("asl", "DEF")
-    _LIB.define("active_shift(Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor")
-    _LIB.define(
-        "active_shift_grad_input(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor"
-    )
-    _LIB.define(
-        "active_shift_grad_shift(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, int[2] padding) -> Tensor"
-    )
-    _LIB.define(_BACKWARD_SCHEMA)
+    for _schema in FALLBACK_SCHEMAS.values():
+        _LIB.define(_schema)
 
     def _backward_composite(grad, input, shift, stride, padding):
         return (torch.ops.asl.active_shift_grad_input(grad, input, shift, stride, padding),

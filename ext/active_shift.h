@@ -55,6 +55,23 @@ struct ChannelShift {
   }
 };
 
+// The bilinear blend of the four taps v00 (row r, col c), v01 (r, c+1), v10 (r+1, c) and v11
+// (r+1, c+1) at fractions (fr, fc), and its derivatives with respect to alpha and beta (the shift
+// gradient's terms; at an integer position the one-sided right difference, as in the authors'
+// code). One definition for every kernel of every device.
+template <typename T>
+C10_HOST_DEVICE inline T bilinear(T v00, T v01, T v10, T v11, T fr, T fc) {
+  return (T(1) - fr) * ((T(1) - fc) * v00 + fc * v01) + fr * ((T(1) - fc) * v10 + fc * v11);
+}
+template <typename T>
+C10_HOST_DEVICE inline T d_alpha(T v00, T v01, T v10, T v11, T fr) {
+  return (T(1) - fr) * (v01 - v00) + fr * (v11 - v10);
+}
+template <typename T>
+C10_HOST_DEVICE inline T d_beta(T v00, T v01, T v10, T v11, T fc) {
+  return (T(1) - fc) * (v10 - v00) + fc * (v11 - v01);
+}
+
 // Any |shift| beyond this puts all four taps outside the image for every output position.
 inline double shift_limit(int64_t H, int64_t W, int64_t Ho, int64_t Wo, at::IntArrayRef stride,
                           at::IntArrayRef padding) {

@@ -482,3 +482,11 @@ def test_double_backward_is_refused():
     assert torch.isfinite(gx).all()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(active_shift(x, s).pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.skipif(asl_cli.backends()["cpu"] != "compiled C++", reason="compares with the compiled library's declarations")
+def test_fallback_schemas_equal_the_compiled_ones():
+    from asl_cli.ops import FALLBACK_SCHEMAS
+
+    for name, text in FALLBACK_SCHEMAS.items():
+        assert str(getattr(torch.ops.asl, name).default._schema) == f"asl::{text}"

@@ -229,8 +229,8 @@ ASL_MULTIVERSION void shift_grad_unit(const T* __restrict__ g, const T* __restri
     const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
     const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
     const acc_t gv = static_cast<acc_t>(g[i]);
-    sa += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
-    sb += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
+    sa += gv * d_alpha(v00, v01, v10, v11, fr);
+    sb += gv * d_beta(v00, v01, v10, v11, fc);
   }
   *ra += sa;
   *rb += sb;
@@ -258,8 +258,8 @@ void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
       const acc_t v00 = tap<T, acc_t>(a, c, x.W, x.sW), v01 = tap<T, acc_t>(a, c + 1, x.W, x.sW);
       const acc_t v10 = tap<T, acc_t>(b, c, x.W, x.sW), v11 = tap<T, acc_t>(b, c + 1, x.W, x.sW);
       const acc_t gv = static_cast<acc_t>(grow[q * g.sW]);
-      ra += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
-      rb += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
+      ra += gv * d_alpha(v00, v01, v10, v11, fr);
+      rb += gv * d_beta(v00, v01, v10, v11, fc);
     };
     for (int64_t q = 0; q < q_lo; ++q) generic(q);
     if (unit && a && b && q_hi > q_lo) {
@@ -539,8 +539,8 @@ void grad_shift_channels_last(const T* go, const T* x, const Geometry& g,
       std::fill(rb.begin(), rb.end(), acc_t(0));
       auto accumulate = [&](int64_t c, acc_t gv, acc_t v00, acc_t v01, acc_t v10, acc_t v11) {
         const acc_t fr = ch[c].wr1, fc = ch[c].wc1;
-        ra[c] += gv * ((acc_t(1) - fr) * (v01 - v00) + fr * (v11 - v10));
-        rb[c] += gv * ((acc_t(1) - fc) * (v10 - v00) + fc * (v11 - v01));
+        ra[c] += gv * d_alpha(v00, v01, v10, v11, fr);
+        rb[c] += gv * d_beta(v00, v01, v10, v11, fc);
       };
       auto checked = [&](int64_t q) {
         for (int64_t c = 0; c < C; ++c) {

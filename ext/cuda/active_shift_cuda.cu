@@ -83,9 +83,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const acc_t* __re
       continue;
     }
     const Taps4<scalar_t, acc_t, CL, index_t> t(x, n, c, p * g.sh - g.ph + static_cast<index_t>(s.dr), q * g.sw - g.pw + static_cast<index_t>(s.dc), g);
-    const acc_t fr = s.fr, fc = s.fc;
-    y[idx] = static_cast<scalar_t>((acc_t(1) - fr) * ((acc_t(1) - fc) * t.v00 + fc * t.v01) +
-                                   fr * ((acc_t(1) - fc) * t.v10 + fc * t.v11));
+    y[idx] = static_cast<scalar_t>(bilinear(t.v00, t.v01, t.v10, t.v11, s.fr, s.fc));
   }
 }
 
@@ -170,8 +168,8 @@ __global__ void grad_shift_partial_kernel(const scalar_t* __restrict__ go,
     const index_t q = m % g.Wo, p = (m / g.Wo) % g.Ho, n = m / (g.Wo * g.Ho);
     const Taps4<scalar_t, acc_t, CL, index_t> t(x, n, c, p * g.sh - g.ph + static_cast<index_t>(s.dr), q * g.sw - g.pw + static_cast<index_t>(s.dc), g);
     const acc_t gv = static_cast<acc_t>(go[offset<CL, index_t>(n, c, p, q, g.C, g.Ho, g.Wo)]);
-    da += gv * ((acc_t(1) - s.fr) * (t.v01 - t.v00) + s.fr * (t.v11 - t.v10));
-    db += gv * ((acc_t(1) - s.fc) * (t.v10 - t.v00) + s.fc * (t.v11 - t.v01));
+    da += gv * d_alpha(t.v00, t.v01, t.v10, t.v11, s.fr);
+    db += gv * d_beta(t.v00, t.v01, t.v10, t.v11, s.fc);
   }
   block_sum2(da, db);
   if (threadIdx.x == 0) {
@@ -377,8 +375,8 @@ __global__ void __launch_bounds__(kThreads) backward_vec_kernel(const scalar_t* 
       for (int i = 0; i < G; ++i) {
         const acc_t xv = static_cast<acc_t>(xc.v[i]);
         const acc_t Al = a[OO + i], A = a[OO + i + 1], Bl = b[OO + i], B = b[OO + i + 1];
-        da += xv * ((acc_t(1) - fr) * (Al - A) + fr * (Bl - B));
-        db += xv * ((acc_t(1) - fc) * (B - A) + fc * (Bl - Al));
+        da += xv * d_alpha(A, Al, B, Bl, fr);  // input-centric: the taps are grad_output's
+        db += xv * d_beta(A, Al, B, Bl, fc);
       }
     });
     Chunk<scalar_t, G> out;

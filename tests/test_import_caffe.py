@@ -130,3 +130,17 @@ def test_imported_model_evaluates_on_an_imagefolder_and_fine_tunes(imported, pho
     with pytest.warns(UserWarning, match="fc.weight"):
         out = train(load_config("quick", tiny + ["train.init_skip_mismatched=true", f"output.dir={tmp_path / 'ft2'}"]), init_from=path)
     assert out["steps"] == 1
+
+
+def test_unwritable_out_leaves_no_temp_file(imported, tmp_path):
+    model, report, _ = imported
+    target = tmp_path / "a_folder"
+    target.mkdir()
+    with pytest.raises(OSError):
+        to_checkpoint(model, report, target)  # a folder where the file should go
+    assert list(tmp_path.rglob("*tmp*")) == []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(app, ["import-caffe", str(MODEL), "--out", str(blocker / "w32.pt")])
+    assert res.exit_code == 1 and "Not a directory" in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)

@@ -20,8 +20,12 @@ class _Commands(TyperGroup):
         except BrokenPipeError:  # output piped into a program that stopped reading (e.g. head)
             raise typer.Exit(0) from None
         except OSError as e:
-            where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            err.print(f"[bold red]error:[/] {e.strerror or e}{where}", soft_wrap=True, highlight=False)
+            name = getattr(e, "filename", None)
+            if isinstance(e, FileExistsError) and name and Path(name).is_file():
+                text = f"Not a directory: {name} is a file where a folder is needed"
+            else:
+                text = f"{e.strerror or e}" + (f": {name}" if name else "")
+            err.print(f"[bold red]error:[/] {text}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
 

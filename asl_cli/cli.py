@@ -194,14 +194,27 @@ def profile_layers(
     _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
 
 
+class Form(str, Enum):
+    eager = "eager"
+    inference = "inference"
+    frozen = "frozen"
+    frozen_inference = "frozen-inference"
+    compile = "compile"
+
+
 @profile_app.command("models")
 def profile_models(
     models: List[str] = typer.Argument(..., metavar="MODEL|CHECKPOINT...", help="Zoo models or checkpoints (see asl zoo)."),
+    form: Optional[List[Form]] = typer.Option(None, "--form", help="Forms to time (repeatable; default eager, inference, frozen, "
+                                              "frozen-inference). inference: BatchNorm folded, shift fused into the 1x1 conv; "
+                                              "frozen: torch.jit trace + freeze + optimize_for_inference."),
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
-    """Parameters, MACs and latency of models, and the latency ratios of the paper's pairs (Table 5, Fig. 4)."""
+    """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
+    pairs with each model in its fastest form (Table 5, Fig. 4)."""
     dev = _profile_device(device, threads)
-    _profile_models(models, dev, threads, min_run_time, out)
+    forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
+    _profile_models(models, dev, threads, min_run_time, out, forms)
 
 
 @profile_app.command("train-speed")
@@ -259,33 +272,36 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     console.print(f"appended {len(rows)} rows to {path}")
 
 
-def _profile_models(specs, device, threads, min_run_time, out) -> None:
+def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",)) -> None:
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_models import figure, ratios, run
 
-    with console.status(f"timing {', '.join(specs)}"):
+    with console.status(f"timing {', '.join(specs)} as {', '.join(forms)}"):
         try:
-            rows = run(list(specs), device, threads, min_run_time)
+            rows = run(list(specs), device, threads, min_run_time, forms=forms)
         except KeyError as e:
             fail(e.args[0], code=2)
         except ckpt_io.CheckpointError as e:
             fail(str(e))
-    t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s)")
-    cols = ["model", "params (M)", "MACs (M)", "CPU ms", "paper CPU ms", "top-1", "paper top-1"]
+    t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s); "
+                    f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s")
+    cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "paper CPU ms", "top-1", "paper top-1"]
     if device == "cuda":
-        cols[4:4] = ["GPU ms", "GPU img/s (b256)"]
+        cols[5:5] = ["GPU ms", "GPU img/s (b256 bf16)"]
     for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+        t.add_column(c, justify="left" if c in ("model", "form") else "right", no_wrap=c == "model")
     for r in rows:
-        vals = [r["model"], f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}", f"{r['cpu_ms_batch1']:.2f}", _fmt(r["paper_cpu_ms"]),
-                _fmt(r["top1"]), _fmt(r["paper_top1"])]
+        vals = [r["model"], r["form"] + (" *" if r["fastest"] else ""), f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}",
+                f"{r['cpu_ms_batch1']:.2f}", f"{r['cpu_gmacs_per_s']:.1f}", _fmt(r["paper_cpu_ms"]), _fmt(r["top1"]), _fmt(r["paper_top1"])]
         if device == "cuda":
-            vals[4:4] = [f"{r['gpu_ms_batch1']:.3f}", f"{r['gpu_images_per_s_batch256']:.0f}"]
+            vals[5:5] = [_fmt(r.get("gpu_ms_batch1")), _fmt(r.get("gpu_images_per_s_batch256"))]
         t.add_row(*vals)
     console.print(t)
+    console.print("* the model's fastest CPU form")
     for rr in ratios(rows):
-        console.print(f"CPU latency {rr['pair']}: [bold]{rr['ratio']:.3f}x[/] (paper: {rr['paper_ratio']:.3f}x)")
+        console.print(f"CPU latency {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
+                      f"(MACs {rr['macs_ratio']:.2f}x; paper, Caffe: {rr['paper_ratio']:.3f}x)")
     path = out or results_dir() / f"profile_models_{device}.csv"
     append_csv(rows, path)
     for f in figure(rows, path.with_name(path.stem + "_accuracy_vs_latency")):
@@ -466,6 +482,7 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     csv: Path = typer.Option(Path("results/eval.csv"), "--csv", help="CSV the result row is appended to."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurements."),
+    form: str = typer.Option("eager", "--form", help="eager, or inference (BatchNorm folded, shift fused into the 1x1 conv)."),
 ) -> None:
     """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row."""
     from asl_cli import checkpoint as ckpt_io
@@ -477,7 +494,7 @@ def eval_(
     if split not in ("test", "train"):
         fail(f"--split must be test or train, got {split!r}", code=2)
     try:
-        row = run(target, split, device, not no_latency, tuple(overrides or ()))
+        row = run(target, split, device, not no_latency, tuple(overrides or ()), form)
     except (ckpt_io.CheckpointError, ConfigError, DataError) as e:
         fail(str(e))
     t = Table(title=f"eval: {row['model']} ({row['dataset']} {split})", show_header=False)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["active_shift", "reference_active_shift", "backends", "output_size", "grid_sample_shift"]
+__all__ = ["active_shift", "shift_conv1x1", "reference_active_shift", "backends", "output_size", "grid_sample_shift"]
 
 IntPair = Union[int, Sequence[int]]
 _OPS = ("active_shift", "active_shift_grad_input", "active_shift_grad_shift")
@@ -32,6 +32,9 @@ FALLBACK_SCHEMAS = {
     "active_shift_grad_input": f"active_shift_grad_input(Tensor grad_output, {_ARGS}) -> Tensor",
     "active_shift_grad_shift": f"active_shift_grad_shift(Tensor grad_output, {_ARGS}) -> Tensor",
     "active_shift_backward": f"active_shift_backward(Tensor grad_output, {_ARGS}) -> (Tensor, Tensor)",
+    "shift_conv1x1": ("shift_conv1x1(Tensor input, Tensor shift, Tensor weight, Tensor? bias, Tensor? residual, "
+                      "int[2] stride, int[2] padding) -> Tensor"),
+    "scale_bias_relu": "scale_bias_relu(Tensor input, Tensor scale, Tensor bias) -> Tensor",
 }
 
 _EXT_ERROR: Exception | None = None
@@ -161,6 +164,19 @@ if not hasattr(torch.ops.asl, "active_shift"):
 
     _LIB.impl("active_shift_backward", _backward_composite, "CompositeExplicitAutograd")
 
+    def _shift_conv1x1_composite(input, shift, weight, bias, residual, stride, padding):
+        _check_conv1x1(input, shift, weight, bias, residual, stride, padding)
+        out = F.conv2d(torch.ops.asl.active_shift(input, shift, stride, padding), weight.reshape(weight.shape[0], -1, 1, 1), bias)
+        return out + residual if residual is not None else out
+
+    _LIB.impl("shift_conv1x1", _shift_conv1x1_composite, "CompositeExplicitAutograd")
+
+    def _scale_bias_relu_composite(input, scale, bias):
+        _check_scale_bias(input, scale, bias)
+        return torch.relu(input * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1))
+
+    _LIB.impl("scale_bias_relu", _scale_bias_relu_composite, "CompositeExplicitAutograd")
+
 
 def _check_args(op: str, input: Tensor, shift: Tensor, stride, padding, grad: Tensor | None = None) -> None:
     """The compiled kernels' argument checks (ext/active_shift.cpp, `check_args`/`prepare`), for the
@@ -183,6 +199,29 @@ def _check_args(op: str, input: Tensor, shift: Tensor, stride, padding, grad: Te
         torch._check_with(ValueError, tuple(grad.shape) == expected,
                           lambda: f"{op}: grad_output must have shape {list(expected)}, got {list(grad.shape)}")
         torch._check_with(ValueError, grad.device == input.device, lambda: f"{op}: grad_output is on {grad.device} but input is on {input.device}")
+
+
+def _check_conv1x1(input, shift, weight, bias, residual, stride, padding) -> None:
+    """shift_conv1x1's checks (ext/active_shift.cpp, `check_conv1x1`)."""
+    op = "shift_conv1x1"
+    _check_args(op, input, shift, stride, padding)
+    C = input.shape[1]
+    torch._check_with(ValueError, (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1))
+                      and weight.shape[1] == C,
+                      lambda: f"{op}: weight must be (C_out, {C}) or (C_out, {C}, 1, 1), got {tuple(weight.shape)}")
+    torch._check_with(TypeError, weight.dtype == input.dtype, lambda: f"{op}: weight dtype {weight.dtype} differs from input dtype {input.dtype}")
+    torch._check_with(ValueError, weight.device == input.device, lambda: f"{op}: weight is on {weight.device} but input is on {input.device}")
+    Co = weight.shape[0]
+    if bias is not None:
+        torch._check_with(ValueError, bias.dim() == 1 and bias.shape[0] == Co and bias.device == input.device,
+                          lambda: f"{op}: bias must be ({Co}) on {input.device}, got {tuple(bias.shape)} on {bias.device}")
+        torch._check_with(TypeError, bias.dtype == input.dtype, lambda: f"{op}: bias dtype {bias.dtype} differs from input dtype {input.dtype}")
+    if residual is not None:
+        N, _, H, W = input.shape
+        expected = (N, Co, output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1]))
+        torch._check_with(ValueError, tuple(residual.shape) == expected and residual.device == input.device,
+                          lambda: f"{op}: residual must have shape {list(expected)} on {input.device}, got {list(residual.shape)} on {residual.device}")
+        torch._check_with(TypeError, residual.dtype == input.dtype, lambda: f"{op}: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
 
 
 def _ref_forward(input, shift, stride, padding):
@@ -264,6 +303,26 @@ def _fake_backward(grad_output, input, shift, stride, padding):
     return _fake_grad_input(grad_output, input, shift, stride, padding), _fake_grad_shift(grad_output, input, shift, stride, padding)
 
 
+def _check_scale_bias(input, scale, bias) -> None:
+    torch._check_with(ValueError, input.dim() == 4, lambda: f"scale_bias_relu: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
+    C = input.shape[1]
+    torch._check_with(ValueError, scale.numel() == C and bias.numel() == C,
+                      lambda: f"scale_bias_relu: scale and bias need {C} values, got {scale.numel()} and {bias.numel()}")
+
+
+@torch.library.register_fake("asl::scale_bias_relu")
+def _fake_scale_bias_relu(input, scale, bias):
+    _check_scale_bias(input, scale, bias)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("asl::shift_conv1x1")
+def _fake_shift_conv1x1(input, shift, weight, bias, residual, stride, padding):
+    _check_conv1x1(input, shift, weight, bias, residual, stride, padding)
+    N, _, H, W = input.shape
+    return input.new_empty((N, weight.shape[0], output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1])))
+
+
 def _setup_context(ctx, inputs, output):
     input, shift, stride, padding = inputs
     ctx.save_for_backward(input, shift)
@@ -315,6 +374,12 @@ def _flops_grad_shift(grad_shape, input_shape, *args, out_shape=None, **kwargs) 
     return 2 * 8 * _numel(grad_shape)
 
 
+@register_flop_formula(torch.ops.asl.shift_conv1x1)
+def _flops_shift_conv1x1(input_shape, shift_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    N, Co, Ho, Wo = out_shape
+    return 2 * 4 * N * input_shape[1] * Ho * Wo + 2 * N * Ho * Wo * Co * weight_shape[1]
+
+
 @register_flop_formula(torch.ops.asl.active_shift_backward)
 def _flops_backward(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * 4 * _numel(input_shape) + 2 * 8 * _numel(grad_shape)
@@ -350,3 +415,14 @@ def active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: Int
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"active_shift: input dtype {str(input.dtype).replace('torch.', '')} is not supported on {input.device.type}; use one of {names}")
     return torch.ops.asl.active_shift(input, shift, [sh, sw], [ph, pw])
+
+
+def shift_conv1x1(input: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+                  stride: IntPair = 1, padding: IntPair = 0) -> Tensor:
+    """Inference: `conv2d(active_shift(input, shift, stride, padding), weight, bias) + residual` in
+    one operator. On the CPU it shifts one cache-sized tile of output rows at a time and multiplies
+    it at once, never writing the shifted tensor; on CUDA it is the two operators in sequence.
+    No autograd (use `active_shift` and a convolution for training)."""
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    return torch.ops.asl.shift_conv1x1(input, shift, weight, bias, residual, [sh, sw], [ph, pw])

@@ -3,6 +3,7 @@
 
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/conv2d.h>
 #include <torch/library.h>
 
 namespace asl {
@@ -57,6 +58,34 @@ Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayR
   return g;
 }
 
+int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  const char* op = "shift_conv1x1";
+  TORCH_CHECK_VALUE((weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)) &&
+                        weight.size(1) == g.C,
+                    op, ": weight must be (C_out, ", g.C, ") or (C_out, ", g.C, ", 1, 1), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+                   " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == input.device(), op, ": weight is on ", weight.device(), " but input is on ",
+                    input.device());
+  const int64_t Co = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Co && bias->device() == input.device(), op,
+                      ": bias must be (", Co, ") on ", input.device(), ", got ", bias->sizes(), " on ", bias->device());
+    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                     " differs from input dtype ", input.scalar_type());
+  }
+  if (residual.has_value()) {
+    const std::vector<int64_t> expected{g.N, Co, g.Ho, g.Wo};
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(expected) && residual->device() == input.device(), op,
+                      ": residual must have shape ", at::IntArrayRef(expected), " on ", input.device(), ", got ",
+                      residual->sizes(), " on ", residual->device());
+    TORCH_CHECK_TYPE(residual->scalar_type() == input.scalar_type(), op, ": residual dtype ",
+                     residual->scalar_type(), " differs from input dtype ", input.scalar_type());
+  }
+  return Co;
+}
+
 }  // namespace asl
 
 TORCH_LIBRARY(asl, m) {
@@ -72,6 +101,13 @@ TORCH_LIBRARY(asl, m) {
   m.def(
       "active_shift_backward(Tensor grad_output, Tensor input, Tensor shift, int[2] stride, "
       "int[2] padding) -> (Tensor, Tensor)");
+  // Inference: active shift, then a 1x1 convolution (+ bias, + residual), without writing the
+  // shifted tensor (the CPU kernel shifts a cache-sized tile and multiplies it at once).
+  m.def(
+      "shift_conv1x1(Tensor input, Tensor shift, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding) -> Tensor");
+  // Inference: relu(input * scale + bias) per channel (a BatchNorm and its ReLU) in one pass.
+  m.def("scale_bias_relu(Tensor input, Tensor scale, Tensor bias) -> Tensor");
 }
 
 namespace {
@@ -84,10 +120,31 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_composite(const at::Ten
       const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef)>();
   return {gi.call(grad, input, shift, stride, padding), gs.call(grad, input, shift, stride, padding)};
 }
+// Elsewhere (CUDA): the active shift, then cuDNN's convolution.
+at::Tensor shift_conv1x1_composite(const at::Tensor& input, const at::Tensor& shift, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                   at::IntArrayRef stride, at::IntArrayRef padding) {
+  const asl::Geometry g = asl::prepare(input, shift, stride, padding, "shift_conv1x1");
+  const int64_t Co = asl::check_conv1x1(g, input, weight, bias, residual);
+  static auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("asl::active_shift", "").typed<at::Tensor(
+      const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef)>();
+  at::Tensor out = at::conv2d(fwd.call(input, shift, stride, padding), weight.reshape({Co, g.C, 1, 1}), bias);
+  if (residual.has_value()) out.add_(*residual);
+  return out;
+}
+at::Tensor scale_bias_relu_composite(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "scale_bias_relu: input must be 4-D (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK_VALUE(scale.numel() == input.size(1) && bias.numel() == input.size(1), "scale_bias_relu: scale and bias need ",
+                    input.size(1), " values, got ", scale.numel(), " and ", bias.numel());
+  const std::vector<int64_t> shape{1, input.size(1), 1, 1};
+  return input.mul(scale.reshape(shape).to(input.scalar_type())).add_(bias.reshape(shape).to(input.scalar_type())).relu_();
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asl, CompositeExplicitAutograd, m) {
   m.impl("active_shift_backward", &active_shift_backward_composite);
+  m.impl("shift_conv1x1", &shift_conv1x1_composite);
+  m.impl("scale_bias_relu", &scale_bias_relu_composite);
 }
 
 // An importable module with no Python functions: importing it registers the operators.

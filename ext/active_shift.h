@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace asl {
 
@@ -103,5 +104,10 @@ struct Geometry {
 // geometry. Every entry point of every device starts here.
 Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayRef stride,
                  at::IntArrayRef padding, const char* op, const at::Tensor* grad = nullptr);
+
+// shift_conv1x1: checks the 1x1 weight ((Co, C) or (Co, C, 1, 1)), the optional bias (Co) and
+// residual (N, Co, Ho, Wo) against the shift's geometry; returns Co.
+int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
 
 }  // namespace asl

@@ -144,3 +144,19 @@ def test_unwritable_out_leaves_no_temp_file(imported, tmp_path):
     res = CliRunner().invoke(app, ["import-caffe", str(MODEL), "--out", str(blocker / "w32.pt")])
     assert res.exit_code == 1 and "Not a directory" in res.output, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_inference_form_of_the_authors_w32_keeps_its_predictions(imported, photos):
+    from asl_cli.inference import inference_form
+    from asl_cli.preprocess import load_image, to_input
+
+    model, _, path = imported
+    prep = ckpt_io.load(path)["preprocessing"]
+    fast = inference_form(model)
+    with torch.no_grad():
+        for name, cls, p in (("chelsea", 285, 0.680), ("coffee", 967, 0.906)):  # Egyptian cat, espresso
+            x = to_input(load_image(photos[name]), prep)
+            ref, out = model.eval()(x), fast(x)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            prob = torch.softmax(out, dim=1)[0]
+            assert int(prob.argmax()) == cls and abs(float(prob[cls]) - p) < 0.0015, (name, float(prob[cls]))

@@ -14,9 +14,17 @@ from .bench import model_latency, provenance
 
 
 def run(path: str | Path, split: str = "test", device: str = "auto", with_latency: bool = True,
-        overrides: tuple[str, ...] = ()) -> dict:
+        overrides: tuple[str, ...] = (), form: str = "eager") -> dict:
+    """`form`: eager, or inference (BatchNorm folded, the shift fused into the 1x1 convolution;
+    asl_cli.inference) for both the accuracy and the latency."""
     ckpt = ckpt_io.load(path, prefer="best")
     model = ckpt_io.build_model(ckpt)
+    if form not in ("eager", "inference"):
+        raise ConfigError(f"--form must be eager or inference, got {form!r}")
+    if form == "inference":
+        from ..inference import inference_form
+
+        model = inference_form(model)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
@@ -54,6 +62,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         "model": ckpt["model_name"],
         "dataset": d["dataset"],
         "split": split,
+        "form": form,
         "step": ckpt.get("step"),
         "top1": round(res["test_top1"], 3),
         "top5": round(res["test_top5"], 3),

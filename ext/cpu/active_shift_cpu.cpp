@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace asl {
@@ -628,7 +629,205 @@ at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor
 
 }  // namespace
 
+// Rows of one channel's shifted tile at stride 1: out row p blends source rows p + off_r and
+// p + off_r + 1 (zeros outside) at columns q + off_c and q + off_c + 1; `in` holds the columns
+// whose two taps are inside. A lean version of sample_plane for short tiles (no allocations).
+template <typename T, typename acc_t>
+void shift_rows_unit(Plane<const T> src, Plane<T> out, int64_t off_r, int64_t off_c, Range in, acc_t wr0,
+                     acc_t wr1, acc_t wc0, acc_t wc1) {
+  // Rows whose two source rows are inside, when output and source rows have the same length
+  // (stride 1, no column padding): one blend over the whole run of rows as a flat array (long
+  // vector loops instead of one short loop per row); the columns where a tap wraps into the next
+  // or previous row are recomputed below with the other edge columns.
+  Range flat{0, 0};
+  if (out.W == src.W && src.sH == src.W && out.sH == out.W) {
+    flat = both_taps_inside(off_r, 1, src.H, out.H);
+    if (flat.hi > flat.lo) {
+      const int64_t W = out.W, base = (flat.lo + off_r) * W + off_c;  // source index of out[flat.lo, 0]'s first tap
+      const int64_t begin = std::max<int64_t>(0, -base);                              // no read before the plane
+      const int64_t end = std::min<int64_t>((flat.hi - flat.lo) * W, src.H * W - W - 1 - base);  // nor after it
+      if (end > begin) {
+        blend2_unit<T, acc_t>(out.p + flat.lo * W + begin, src.p + base + begin, src.p + base + begin + W, end - begin,
+                              wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+      }
+    }
+  }
+  for (int64_t p = 0; p < out.H; ++p) {
+    if (p >= flat.lo && p < flat.hi) {
+      // Fix the columns whose taps wrapped into a neighbouring row. Elements the flat run left
+      // out at its two ends (reads that would leave the plane) are among them: they lie in the
+      // first row left of in.lo or in the last row from in.hi on.
+      const T* a = src.p + (p + off_r) * src.sH;
+      const T* b = a + src.sH;
+      T* o = out.p + p * out.sH;
+      auto fix = [&](int64_t q) {
+        const int64_t c = q + off_c;
+        o[q] = static_cast<T>(wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, 1) + wc1 * tap<T, acc_t>(a, c + 1, src.W, 1)) +
+                              wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, 1) + wc1 * tap<T, acc_t>(b, c + 1, src.W, 1)));
+      };
+      for (int64_t q = 0; q < in.lo; ++q) fix(q);
+      for (int64_t q = in.hi; q < out.W; ++q) fix(q);
+      continue;
+    }
+    const T* a = src.row(p + off_r);
+    const T* b = src.row(p + off_r + 1);
+    T* o = out.p + p * out.sH;
+    if (!a && !b) {
+      std::fill(o, o + out.W, T(0));
+      continue;
+    }
+    auto edge = [&](int64_t q) {
+      const int64_t c = q + off_c;
+      acc_t v = acc_t(0);
+      if (a) v += wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, 1) + wc1 * tap<T, acc_t>(a, c + 1, src.W, 1));
+      if (b) v += wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, 1) + wc1 * tap<T, acc_t>(b, c + 1, src.W, 1));
+      o[q] = static_cast<T>(v);
+    };
+    for (int64_t q = 0; q < in.lo; ++q) edge(q);
+    for (int64_t q = in.hi; q < out.W; ++q) edge(q);
+    const int64_t n = in.hi - in.lo;
+    if (n <= 0) continue;
+    const int64_t c0 = in.lo + off_c;
+    if (a && b) {
+      blend2_unit<T, acc_t>(o + in.lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+    } else {
+      const acc_t w = a ? wr0 : wr1;
+      blend1_unit<T, acc_t>(o + in.lo, (a ? a : b) + c0, n, w * wc0, w * wc1);
+    }
+  }
+}
+
+// The BLAS that torch links (Fortran interface; weak, so a build without it still loads and uses
+// addmm instead). Column-major: C(m x n) = A(m x k) B(k x n) + beta C.
+extern "C" {
+__attribute__((weak)) void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+                                  const float*, const int*, const float*, const int*, const float*, float*, const int*);
+__attribute__((weak)) void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+                                  const double*, const int*, const double*, const int*, const double*, double*,
+                                  const int*);
+}
+
+// o[co * ldo + p] = (accumulate ? o[co * ldo + p] : 0) + sum_c w[co * C + c] * t[c * P + p].
+template <typename T>
+void tile_gemm(T* o, int64_t ldo, const T* w, const T* t, int64_t Co, int64_t C, int64_t P, bool accumulate,
+               const at::TensorOptions& opts) {
+  const int m = static_cast<int>(P), n = static_cast<int>(Co), k = static_cast<int>(C);
+  const int lda = static_cast<int>(P), ldb = static_cast<int>(C), ldc = static_cast<int>(ldo);
+  const T one = T(1), beta = accumulate ? T(1) : T(0);
+  const char nt = 'N';
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (dgemm_ != nullptr) return dgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
+  }
+  at::Tensor dst = at::from_blob(o, {Co, P}, {ldo, 1}, opts);
+  if (!accumulate) dst.zero_();
+  dst.addmm_(at::from_blob(const_cast<T*>(w), {Co, C}, opts), at::from_blob(const_cast<T*>(t), {C, P}, opts));
+}
+
+// out[n, :, tile] = weight @ shift(input)[n, :, tile] + bias + residual, one tile of whole output
+// rows at a time: the tile is shifted into a buffer that stays in cache and multiplied at once
+// (BLAS through addmm on the output's strided view), so the shifted tensor is never written out.
+at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  const Geometry g = prepare(input_, shift, stride, padding, "shift_conv1x1");
+  check_cpu_dtype(input_, "shift_conv1x1");
+  const int64_t Co = check_conv1x1(g, input_, weight, bias, residual);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor w = weight.reshape({Co, g.C}).contiguous();
+  const int64_t N = g.N, C = g.C, Ho = g.Ho, Wo = g.Wo, HWo = Ho * Wo;
+  at::Tensor out = at::empty({N, Co, Ho, Wo}, input.options());
+  if (out.numel() == 0) return out;
+  // rows per tile: the shifted tile (C x rows*Wo) within about 128 KiB
+  const int64_t budget = std::max<int64_t>(1, (128 * 1024) / static_cast<int64_t>(input.element_size() * C));
+  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(Wo, 1), 1, Ho);
+  const int64_t tiles = (Ho + rows - 1) / rows;
+  const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "shift_conv1x1_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto shifts = channel_shifts<acc_t>(shift, g.limit);
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    // Stride 1 (most layers): each channel's columns whose two taps are inside are found once.
+    const bool lean = g.sh == 1 && g.sw == 1;
+    std::vector<Range> cols(lean ? C : 0);
+    for (int64_t c = 0; lean && c < C; ++c) cols[c] = both_taps_inside(shifts[c].dc - g.pw, 1, g.W, Wo);
+    at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(static_cast<size_t>(C * rows * Wo));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / tiles, r0 = (i % tiles) * rows, nr = std::min(rows, Ho - r0), P = nr * Wo;
+        for (int64_t c = 0; c < C; ++c) {
+          const auto& s = shifts[c];
+          Plane<scalar_t> dst{buf.data() + c * P, nr, Wo, Wo, 1};
+          if (!s.finite) {
+            fill_nan(dst);
+          } else if (lean) {
+            shift_rows_unit<scalar_t, acc_t>(plane(xp, input, n, c), dst, r0 + s.dr - g.ph, s.dc - g.pw, cols[c],
+                                             acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc);
+          } else {
+            sample_plane<scalar_t, acc_t>(plane(xp, input, n, c), dst, g.sh, g.sw, s.dr - g.ph + r0 * g.sh,
+                                          s.dc - g.pw, acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc);
+          }
+        }
+        scalar_t* o = yp + n * Co * HWo + r0 * Wo;
+        for (int64_t co = 0; (bp || rp) && co < Co; ++co) {  // the addend: bias and residual
+          scalar_t* orow = o + co * HWo;
+          const scalar_t bv = bp ? bp[co] : scalar_t(0);
+          if (rp) {
+            const scalar_t* rrow = rp + (n * Co + co) * HWo + r0 * Wo;
+            for (int64_t p = 0; p < P; ++p) orow[p] = rrow[p] + bv;
+          } else {
+            std::fill(orow, orow + P, bv);
+          }
+        }
+        tile_gemm<scalar_t>(o, HWo, wp, buf.data(), Co, C, P, bp || rp, input.options());
+      }
+    });
+  });
+  return out;
+}
+
+// relu(x * scale[c] + bias[c]) for an NCHW tensor: an evaluation-mode BatchNorm with its ReLU in
+// one pass (per plane a contiguous loop the compiler vectorizes).
+template <typename T>
+ASL_MULTIVERSION void scale_bias_relu_unit(T* __restrict o, const T* __restrict x, int64_t n, T s, T b) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i] * s + b;
+    o[i] = v > T(0) ? v : T(0);
+  }
+}
+
+at::Tensor scale_bias_relu_cpu(const at::Tensor& input_, const at::Tensor& scale, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(input_.dim() == 4, "scale_bias_relu: input must be 4-D (N, C, H, W), got ", input_.sizes());
+  const int64_t N = input_.size(0), C = input_.size(1), HW = input_.size(2) * input_.size(3);
+  TORCH_CHECK_VALUE(scale.numel() == C && bias.numel() == C, "scale_bias_relu: scale and bias need ", C,
+                    " values, got ", scale.numel(), " and ", bias.numel());
+  check_cpu_dtype(input_, "scale_bias_relu");
+  const at::Tensor input = input_.contiguous();
+  at::Tensor out = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "scale_bias_relu_cpu", [&] {
+    const at::Tensor s = scale.to(input.scalar_type()).contiguous(), b = bias.to(input.scalar_type()).contiguous();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scale_bias_relu_unit<scalar_t>(op + i * HW, xp + i * HW, HW, sp[i % C], bp[i % C]);
+      }
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(asl, CPU, m) {
+  m.impl("shift_conv1x1", &shift_conv1x1_cpu);
+  m.impl("scale_bias_relu", &scale_bias_relu_cpu);
   m.impl("active_shift", &active_shift_cpu);
   m.impl("active_shift_grad_input", &active_shift_grad_input_cpu);
   m.impl("active_shift_grad_shift", &active_shift_grad_shift_cpu);

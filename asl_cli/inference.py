@@ -1,0 +1,162 @@
+"""The inference form of a zoo model or checkpoint: the same function, rearranged for speed.
+
+What folds where, in the pre-activation order of a block (BN0-ReLU, 1x1, BN1-ReLU, spatial, 1x1, +):
+- BN1 follows the first 1x1 convolution, so it folds into that convolution's weight and bias, and
+  its ReLU is applied in place on the convolution's output;
+- the BatchNorm after a 3x3 depthwise convolution (1B-DW3-B-1) folds into the depthwise weights;
+- BN0 sits on the residual stream, whose raw value the identity shortcut still needs, so it cannot
+  fold into the previous block's last convolution; it becomes one per-channel scale-and-bias with
+  its ReLU (`ScaleBiasReLU`), as does the head's BatchNorm;
+- the active shift and the 1x1 convolution after it become one operator (`shift_conv1x1`) that
+  also adds the shortcut, so the shifted tensor is never written out on the CPU.
+Other models (MobileNetV2, ShiftResNet's post-activation blocks) get every BatchNorm that directly
+follows a convolution folded into it. Outputs equal the eager model's up to float rounding (tested).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import fuse_conv_bn_eval
+
+from .nn import ActiveShift2d
+from .ops import shift_conv1x1
+from .zoo.blocks import PreActBlock
+from .zoo.shiftresnet import ShiftBlock
+
+FORMS = ("eager", "inference", "frozen", "frozen-inference", "compile")
+
+
+class ScaleBiasReLU(nn.Module):
+    """relu(x * scale + bias) per channel: an evaluation-mode BatchNorm with its ReLU, one pass."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("bias", (bn.bias.detach() - bn.running_mean * scale).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.asl.scale_bias_relu(x, self.scale, self.bias)
+
+
+class Conv1x1(nn.Module):
+    """A stride-1 1x1 convolution with bias (BatchNorm folded) and an optional ReLU, as one matrix
+    product per image: torch's CPU convolution routes these through its slow im2col path."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool):
+        super().__init__()
+        self.register_buffer("weight", conv.weight.detach().flatten(1).clone())
+        b = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.register_buffer("bias", b.clone().view(-1, 1))
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, C, H, W = x.shape
+        if N == 1:
+            y = torch.addmm(self.bias, self.weight, x.reshape(C, H * W)).view(1, -1, H, W)
+        else:
+            y = torch.baddbmm(self.bias, self.weight.expand(N, -1, -1), x.reshape(N, C, H * W)).view(N, -1, H, W)
+        return torch.relu_(y) if self.relu else y
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    return fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+class InferenceBlock(nn.Module):
+    """A PreActBlock with its BatchNorms folded and, for the active shift, the shift fused into
+    the last 1x1 convolution together with the shortcut's addition."""
+
+    def __init__(self, block: PreActBlock):
+        super().__init__()
+        self.pre = ScaleBiasReLU(block.preact[0])
+        self.conv1 = Conv1x1(_conv_bn(block.conv1, block.bn1[0]), relu=True)
+        sp = block.spatial
+        self.shortcut = block.shortcut
+        if isinstance(sp, ActiveShift2d):
+            self.register_buffer("shift", sp.shift.detach().clone())
+            self.register_buffer("weight2", block.conv2.weight.detach().flatten(1).clone())
+            self.stride, self.padding = sp.stride, sp.padding
+            self.spatial, self.conv2 = None, None
+        else:
+            if isinstance(sp, nn.Sequential):  # 3x3 depthwise, BN, ReLU
+                self.spatial = nn.Sequential(_conv_bn(sp[0], sp[1]), nn.ReLU(inplace=True))
+            else:
+                self.spatial = sp
+            self.conv2 = block.conv2
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.pre(x)
+        h = self.conv1(pre)
+        skip = self.shortcut(pre) if self.shortcut is not None else x
+        if self.spatial is None:
+            return shift_conv1x1(h, self.shift, self.weight2, None, skip, self.stride, self.padding)
+        return self.conv2(self.spatial(h)) + skip
+
+
+def _fold_sequential_conv_bn(module: nn.Module) -> None:
+    """Folds every BatchNorm2d that directly follows a Conv2d inside an nn.Sequential."""
+    for child in module.children():
+        _fold_sequential_conv_bn(child)
+    if isinstance(module, nn.Sequential):
+        mods = list(module)
+        for i in range(len(mods) - 1):
+            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                module[i] = _conv_bn(mods[i], mods[i + 1])
+                module[i + 1] = nn.Identity()
+
+
+def _replace(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, PreActBlock):
+            setattr(module, name, InferenceBlock(child))
+        elif isinstance(child, ShiftBlock):  # conv-BN pairs in a post-activation block
+            child.conv1, child.bn1 = _conv_bn(child.conv1, child.bn1), nn.Identity()
+            child.conv2, child.bn2 = _conv_bn(child.conv2, child.bn2), nn.Identity()
+            _replace(child)
+        elif isinstance(child, nn.Sequential) and len(child) == 2 and isinstance(child[0], nn.BatchNorm2d) \
+                and isinstance(child[1], nn.ReLU):
+            setattr(module, name, ScaleBiasReLU(child[0]))  # a BN-ReLU on its own (the head)
+        else:
+            _replace(child)
+
+
+@torch.no_grad()
+def inference_form(model: nn.Module) -> nn.Module:
+    """A copy of `model` in its inference form (evaluation mode, no gradients)."""
+    m = copy.deepcopy(model).eval()
+    _replace(m)
+    _fold_sequential_conv_bn(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@torch.no_grad()
+def frozen(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+    """Frozen TorchScript (traced, BatchNorm folded and oneDNN-fused by torch.jit's passes)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace(copy.deepcopy(model).eval(), example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def make_form(model: nn.Module, form: str, example: Tensor) -> nn.Module:
+    """`model` in one of FORMS: eager, inference (this module), frozen (TorchScript of the eager
+    model), frozen-inference (TorchScript of the inference form), compile (torch.compile of the
+    inference form)."""
+    if form == "eager":
+        return copy.deepcopy(model).eval()
+    if form == "inference":
+        return inference_form(model)
+    if form == "frozen":
+        return frozen(model, example)
+    if form == "frozen-inference":
+        return frozen(inference_form(model), example)
+    if form == "compile":
+        return torch.compile(inference_form(model))
+    raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")

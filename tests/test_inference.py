@@ -1,0 +1,100 @@
+"""The fused shift + 1x1 operator and the inference form of zoo models."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asl_cli.inference import FORMS, inference_form, make_form
+from asl_cli.ops import active_shift, shift_conv1x1
+from asl_cli.zoo import create_model
+
+
+def composed(x, s, w, b, r, stride, padding):
+    out = F.conv2d(active_shift(x, s, stride, padding), w.reshape(w.shape[0], -1, 1, 1), b)
+    return out + r if r is not None else out
+
+
+@pytest.mark.parametrize("shape,stride,padding,reach", [((2, 8, 13, 11), 1, 0, 3), ((1, 16, 56, 56), 1, 0, 3), ((2, 5, 9, 10), 2, 0, 3),
+                                                       ((1, 7, 8, 9), 1, 1, 3), ((3, 4, 6, 6), (2, 1), (0, 1), 3),
+                                                       ((1, 24, 7, 7), 1, 0, 9), ((1, 300, 5, 6), 1, 0, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["none", "bias", "bias+residual"])
+def test_shift_conv1x1_matches_the_composition(shape, stride, padding, reach, dtype, extras):
+    g = torch.Generator().manual_seed(0)
+    N, C, H, W = shape
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    s = (torch.rand(C, 2, generator=g, dtype=dtype) * 2 - 1) * reach  # reach 9 on 7x7: rows and columns wholly outside
+    s[0] = torch.tensor([1.0, -2.0])  # an integer shift
+    w = torch.randn(11, C, generator=g, dtype=dtype)
+    b = torch.randn(11, generator=g, dtype=dtype) if extras != "none" else None
+    ref = composed(x, s, w, b, None, stride, padding)
+    r = torch.randn(ref.shape, generator=g, dtype=dtype) if extras == "bias+residual" else None
+    if r is not None:
+        ref = ref + r
+    out = shift_conv1x1(x, s, w, b, r, stride, padding)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_shift_conv1x1_4d_weight_non_finite_shift_and_channels_last_input():
+    x = torch.randn(1, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    s = torch.tensor([[0.5, 0.5], [float("nan"), 0.0], [0.0, 0.0], [1.5, -0.5]])
+    w = torch.randn(3, 4, 1, 1)
+    out = shift_conv1x1(x, s, w)
+    assert torch.isnan(out).all()  # channel 1's NaN reaches every output channel, as in the composition
+    s[1] = 0.2
+    torch.testing.assert_close(shift_conv1x1(x, s, w), composed(x, s, w, None, None, 1, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (dict(w=torch.randn(3, 5)), ValueError), (dict(w=torch.randn(3, 4).double()), TypeError),
+    (dict(b=torch.randn(4)), ValueError), (dict(r=torch.randn(1, 3, 6, 7)), ValueError),
+    (dict(s=torch.zeros(5, 2)), ValueError),
+])
+def test_shift_conv1x1_wrong_inputs(bad, exc):
+    args = dict(x=torch.randn(1, 4, 7, 7), s=torch.zeros(4, 2), w=torch.randn(3, 4), b=None, r=None) | bad
+    with pytest.raises(exc):
+        shift_conv1x1(args["x"], args["s"], args["w"], args["b"], args["r"])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc):
+        torch.ops.asl.shift_conv1x1(args["x"], args["s"], args["w"], args["b"], args["r"], [1, 1], [0, 0])
+
+
+def test_shift_conv1x1_opcheck():
+    x, s, w, b = torch.randn(2, 4, 6, 7), torch.rand(4, 2) * 2 - 1, torch.randn(5, 4), torch.randn(5)
+    torch.library.opcheck(torch.ops.asl.shift_conv1x1, (x, s, w, b, None, [1, 1], [0, 0]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _trained_like(model):
+    """Random BatchNorm statistics and affine parameters, so folding is actually exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,args,size", [("asnet20_16x1", {}, 32), ("asnet20_16x1", {"spatial": "dw3_bn"}, 32),
+                                            ("asnet20_16x1", {"spatial": "dw3"}, 32), ("as_resnet_w32", {}, 64),
+                                            ("mobilenet_v2_x0.5", {}, 64), ("shiftresnet20_x1", {}, 32)])
+def test_inference_form_gives_the_eager_logits(name, args, size):
+    model = _trained_like(create_model(name, **args))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+        fast = inference_form(model)
+        out = fast(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "compile"])
+def test_every_form_agrees(form):
+    model = _trained_like(create_model("asnet20_16x1"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(make_form(model, form, x)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -300,7 +300,8 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",))
     console.print(t)
     console.print("* the model's fastest CPU form")
     for rr in ratios(rows):
-        console.print(f"CPU latency {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
+        what = "GPU images/s" if rr["kind"].startswith("GPU") else "CPU latency"
+        console.print(f"{what} {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
                       f"(MACs {rr['macs_ratio']:.2f}x; paper, Caffe: {rr['paper_ratio']:.3f}x)")
     path = out or results_dir() / f"profile_models_{device}.csv"
     append_csv(rows, path)

@@ -71,5 +71,5 @@ cp "$WORK/run/metrics.csv" "$OUT/train_metrics.csv" 2>/dev/null || true
 
 log "== model latency"
 python -m asl_cli profile models as_resnet_w68 mobilenet_v2_x1.0 as_resnet_w32 mobilenet_v2_x0.5 --device cuda --min-run-time 0.2 \
-  --out "$WORK/profile_models_cuda.csv" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+  --form eager --form inference --out "$WORK/profile_models_cuda.csv" 2>&1 | tail -24 | tee -a "$OUT/log.txt"
 cp "$WORK/profile_models_cuda.csv" "$OUT/" 2>/dev/null || true

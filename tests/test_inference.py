@@ -98,3 +98,22 @@ def test_every_form_agrees(form):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(make_form(model, form, x)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_inference_ops_and_form(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, s, w = torch.randn(2, 8, 9, 10, generator=g), torch.rand(8, 2, generator=g) * 2 - 1, torch.randn(5, 8, generator=g)
+    r = torch.randn(2, 5, 9, 10, generator=g)
+    ref = shift_conv1x1(x, s, w, None, r)
+    out = shift_conv1x1(x.cuda().to(dtype), s.cuda(), w.cuda().to(dtype), None, r.cuda().to(dtype))
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
+    sc, b = torch.rand(8), torch.randn(8)
+    torch.testing.assert_close(torch.ops.asl.scale_bias_relu(x.cuda(), sc.cuda(), b.cuda()).cpu(),
+                               torch.ops.asl.scale_bias_relu(x, sc, b), rtol=1e-5, atol=1e-5)
+    model = _trained_like(create_model("asnet20_16x1"))
+    xi = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_form(model).cuda()(xi.cuda()).cpu(), model(xi), rtol=1e-3, atol=1e-3)

@@ -89,7 +89,15 @@ def ratios(rows: list[dict]) -> list[dict]:
     """CPU latency ratios of the paper's AS-ResNet / MobileNetV2 pairs present in this run: each
     model in its fastest form (and eager against eager where both were timed)."""
     out = []
+    gpu = {}
+    for r in rows:  # each model's form with the highest GPU throughput
+        if r.get("gpu_images_per_s_batch256") and r["gpu_images_per_s_batch256"] > gpu.get(r["arch"], {}).get("gpu_images_per_s_batch256", 0):
+            gpu[r["arch"]] = r
     for a, b in PAIRS:
+        if a in gpu and b in gpu:
+            out.append({"pair": f"{a} / {b}", "forms": f"{gpu[a]['form']} / {gpu[b]['form']}", "kind": "GPU images/s, batch 256 bf16",
+                        "ratio": gpu[a]["gpu_images_per_s_batch256"] / gpu[b]["gpu_images_per_s_batch256"],
+                        "macs_ratio": gpu[a]["macs"] / gpu[b]["macs"], "paper_ratio": PAPER[b]["gpu_ms"] / PAPER[a]["gpu_ms"]})
         for kind, pick in (("fastest", fastest(rows)), ("eager", [r for r in rows if r.get("form", "eager") == "eager"])):
             by = {r["arch"]: r for r in pick}
             if a in by and b in by:

@@ -175,6 +175,20 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
         except RuntimeError as e:
             fail(str(e))
     _render_op_rows(rows, dev)
+    from asl_cli.experiments.profile_op import FUSED_TARGET, fused_rows
+
+    with console.status("timing the fused shift + 1x1 convolution"):
+        fused = fused_rows(dev, threads, min_run_time)
+    t = Table(title="active shift + 1x1 convolution (AS-ResNet shapes, batch 1, float32)")
+    for c in ("shape", "1x1 conv ms", "shift then conv ms", "fused ms", "fused / conv", "fused / shift then conv"):
+        t.add_column(c, justify="left" if c == "shape" else "right")
+    for r in fused:
+        verdict = "[green]" if r["fused_vs_conv1x1"] <= FUSED_TARGET else "[red]"
+        t.add_row(r["shape"], f"{r['conv1x1_ms']:.3f}", f"{r['shift_then_conv_ms']:.3f}", f"{r['ms']:.3f}",
+                  f"{verdict}{r['fused_vs_conv1x1']:.2f}x[/]", f"{r['fused_vs_shift_then_conv']:.2f}x")
+    console.print(t)
+    console.print(f"target: fused within {FUSED_TARGET}x of the 1x1 convolution alone")
+    rows = rows + fused
     path = out or results_dir() / f"profile_op_{dev}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path}")

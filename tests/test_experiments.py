@@ -79,9 +79,11 @@ def test_profile_op_cpu(tmp_path):
     df = pd.read_csv(csv, dtype={"commit": str})
     assert df["commit"].iloc[0] == "12363e220724"
     df = df.iloc[1:]
-    assert set(df["op"]) == {"copy", "relu", "dw3", "grid_sample_asl", "asl"}
-    for col in ["fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", *PROV]:
+    assert set(df["op"]) == {"copy", "relu", "dw3", "grid_sample_asl", "asl", "shift_conv1x1"}
+    for col in ["fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", "fused_vs_conv1x1", "fused_vs_shift_then_conv", *PROV]:
         assert col in df.columns
+    fused = df[df["op"] == "shift_conv1x1"]
+    assert len(fused) == 9 and (fused["fused_vs_conv1x1"].astype(float) > 0).all() and "fused / conv" in out
 
 
 def test_profile_errors():

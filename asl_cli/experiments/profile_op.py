@@ -150,3 +150,35 @@ def run(device: str = "cpu", threads: int = 1, cases: list[Case] | None = None, 
             row.update(prov)
         out.extend(rows)
     return out
+
+
+# The 1x1 convolutions that follow an active shift in AS-ResNet-w68 and -w32 (stride-1 blocks),
+# batch 1: the fused shift + 1x1 against the 1x1 convolution alone on the same tensor.
+FUSED_SHAPES = [(1, 68, 112, 112), (1, 68, 56, 56), (1, 136, 28, 28), (1, 272, 14, 14), (1, 544, 7, 7),
+                (1, 32, 56, 56), (1, 64, 28, 28), (1, 128, 14, 14), (1, 256, 7, 7)]
+FUSED_TARGET = 1.1
+
+
+def fused_rows(device: str = "cpu", threads: int = 1, min_run_time: float = 1.0, shapes=FUSED_SHAPES) -> list[dict]:
+    """Per shape: the 1x1 convolution alone, the active shift then the convolution, and the fused
+    shift_conv1x1, all float32 without bias (ms and ratios to the convolution alone)."""
+    from ..ops import shift_conv1x1
+
+    prov = provenance(device, threads if device == "cpu" else None)
+    out = []
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device)
+        C = shape[1]
+        s = (torch.rand(C, 2, generator=g) * 2 - 1).to(device)
+        w = torch.randn(C, C, generator=g).to(device)
+        w4 = w.view(C, C, 1, 1)
+        with torch.no_grad():
+            conv = median_ms(lambda: F.conv2d(x, w4), threads, min_run_time)
+            comp = median_ms(lambda: F.conv2d(active_shift(x, s), w4), threads, min_run_time)
+            fused = median_ms(lambda: shift_conv1x1(x, s, w), threads, min_run_time)
+        out.append({"case": "x".join(map(str, shape)) + " shift+1x1", "shape": "x".join(map(str, shape)), "dtype": "float32",
+                    "memory_format": "nchw", "stride": 1, "op": "shift_conv1x1", "pass": "fwd", "ms": round(fused, 5),
+                    "conv1x1_ms": round(conv, 5), "shift_then_conv_ms": round(comp, 5),
+                    "fused_vs_conv1x1": round(fused / conv, 4), "fused_vs_shift_then_conv": round(fused / comp, 4), **prov})
+    return out

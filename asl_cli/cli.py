@@ -612,12 +612,21 @@ def _run_sweep(recipe: str, runs, jobs: int) -> None:
     return failed
 
 
-def _sweep_errors():
+def _guarded(work):
+    """Runs a sweep's planning and training; its errors end the command with one message."""
     from asl_cli import checkpoint as ckpt_io
+    from asl_cli.config import ConfigError
     from asl_cli.data import DataError
-    from asl_cli.engine import NonFiniteLoss, TrainingError
+    from asl_cli.engine import Interrupted, TrainingError
 
-    return (NonFiniteLoss, TrainingError, DataError, ckpt_io.CheckpointError)
+    try:
+        return work()
+    except Interrupted as e:
+        fail(f"{e}. Run the same command again to continue.", code=130)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (TrainingError, DataError, ckpt_io.CheckpointError) as e:
+        fail(str(e))
 
 
 def _write_summary(summary, csv: Path, title: str, paper_label: str) -> None:
@@ -678,7 +687,6 @@ def sweep(
     Example: asl sweep asnet20_16x1 data.dataset=folder data.path=cifar10 --axis model.args.spatial=asl,dw3_bn,dw3 --seeds 2 --jobs 2
     """
     from asl_cli.config import ConfigError
-    from asl_cli.engine import Interrupted
     from asl_cli.experiments.sweep import Axis, per_run, plan, summary_table
     from asl_cli.zoo.paper import TABLE2
 
@@ -687,23 +695,20 @@ def sweep(
         fail("name the recipe first, e.g. asl sweep quick --axis optim.lr=0.05,0.1", code=2)
     name = Path(recipe).stem
     root = root or Path("runs") / f"sweep-{name}"
-    try:
-        axes = [Axis.parse(a) for a in axis]
+    axes = _guarded(lambda: [Axis.parse(a) for a in axis])
+
+    def work():
         runs = plan(recipe, overrides, axes, seeds, root, tuple(seed_key))
         cells = list(dict.fromkeys(r.cell for r in runs))
         base = baseline if baseline is not None else cells[0]
         if base not in cells:
             raise ConfigError(f"--baseline {base!r} is not a cell of this sweep ({', '.join(cells)})")
         failed = _run_sweep(recipe, runs, jobs)
-        paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
-        label = "paper Table 2 (CIFAR-10, full schedule)" if paper else ""
-        summary = summary_table(runs, per_run(runs), base, recipe, overrides, paper, label)
-    except Interrupted as e:
-        fail(f"{e}. Run the same command again to continue.", code=130)
-    except ConfigError as e:
-        fail(str(e), code=2)
-    except _sweep_errors() as e:
-        fail(str(e))
+        return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
+
+    paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
+    label = "paper Table 2 (CIFAR-10, full schedule)" if paper else ""
+    summary, failed = _guarded(work)
     _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
                   title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")
 
@@ -720,8 +725,6 @@ def ablate(
 ) -> None:
     """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
     runs are reused (the shift-variant preset of `asl sweep`)."""
-    from asl_cli.config import ConfigError
-    from asl_cli.engine import Interrupted
     from asl_cli.experiments.ablate import PAPER_LABEL, parse_variants, plan_variants, variant_columns
     from asl_cli.experiments.sweep import per_run, summary_table
     from asl_cli.zoo.paper import TABLE4
@@ -731,18 +734,14 @@ def ablate(
         fail("name the recipe to ablate first, e.g. asl ablate quick --variant all", code=2)
     name = Path(recipe).stem
     root = root or Path("runs") / f"ablate-{name}"
-    try:
+    def work():
         chosen = parse_variants(variant)
         base = baseline.upper() if baseline.upper() in chosen else chosen[-1]
         runs = plan_variants(recipe, chosen, seeds, overrides, root)
         failed = _run_sweep(recipe, runs, jobs)
-        summary = variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL))
-    except Interrupted as e:
-        fail(f"{e}. Run the same command again to continue.", code=130)
-    except ConfigError as e:
-        fail(str(e), code=2)
-    except _sweep_errors() as e:
-        fail(str(e))
+        return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
+
+    summary, failed = _guarded(work)
     _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
                   f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant")
 

@@ -212,3 +212,11 @@ def test_jit_script_says_what_to_use_instead():
 
     with pytest.raises(RuntimeError, match="torch.jit.trace"):
         torch.jit.script(create_model("asnet20_16x1"))
+
+
+def test_ablate_with_a_zero_byte_checkpoint_in_a_run_folder(tmp_path):
+    run = tmp_path / "runs" / "TR-seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").touch()
+    code, out = cli("ablate", "quick", *TINY, "--variant", "TR", "--root", tmp_path / "runs", "--csv", tmp_path / "a.csv")
+    assert code == 1 and "empty file" in out, out

@@ -490,3 +490,20 @@ def test_fallback_schemas_equal_the_compiled_ones():
 
     for name, text in FALLBACK_SCHEMAS.items():
         assert str(getattr(torch.ops.asl, name).default._schema) == f"asl::{text}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,stride,padding", [((2, 3, 9, 10), 1, 0), ((2, 70, 11, 9), 2, 1), ((1, 33, 5, 64), 1, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_channels_last_forward_kernel(shape, stride, padding, dtype):
+    """The channels_last forward (a block per output row, shifts decoded in shared memory)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    s = (torch.rand(shape[1], 2, generator=g, dtype=torch.float64) * 8 - 4)
+    s[0] = torch.tensor([math.nan, 0.0])
+    s[-1] = torch.tensor([1e6, -1e6])
+    ref = reference_active_shift(x.to(dtype).double(), s, stride, padding)
+    out = active_shift(x.to(dtype).cuda().contiguous(memory_format=torch.channels_last), s.float().cuda(), stride, padding)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol, equal_nan=True)

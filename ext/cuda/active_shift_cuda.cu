@@ -466,6 +466,55 @@ int blocks_for(int64_t total) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 32)));
 }
 
+// channels_last forward: a block per output row (n, p) decodes every channel's shift once into
+// shared memory; its threads then walk the row's pixels (y) and channels (x, innermost in memory,
+// so writes are coalesced) with no per-element division.
+template <typename acc_t>
+struct DecodedShift {
+  int dr, dc;
+  acc_t fr, fc;  // fr is NaN for a channel with a non-finite shift
+};
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) forward_cl_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ shift,
+                                                              scalar_t* __restrict__ y, Geom<index_t> g, acc_t limit) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto* sh = reinterpret_cast<DecodedShift<acc_t>*>(smem_raw);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+  for (index_t c = tid; c < g.C; c += nthreads) {
+    const auto d = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
+    sh[c] = DecodedShift<acc_t>{static_cast<int>(d.dr), static_cast<int>(d.dc),
+                                d.finite ? d.fr : static_cast<acc_t>(NAN), d.fc};
+  }
+  __syncthreads();
+  for (index_t row = blockIdx.x; row < g.N * g.Ho; row += gridDim.x) {
+    const index_t n = row / g.Ho, p = row - n * g.Ho;
+    const scalar_t* xn = x + static_cast<int64_t>(n) * g.H * g.W * g.C;
+    scalar_t* yrow = y + static_cast<int64_t>(row) * g.Wo * g.C;
+    for (index_t q = threadIdx.y; q < g.Wo; q += blockDim.y) {
+      for (index_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+        const DecodedShift<acc_t> d = sh[c];
+        acc_t v;
+        if (d.fr != d.fr) {
+          v = static_cast<acc_t>(NAN);
+        } else {
+          const index_t r = p * g.sh - g.ph + d.dr, col = q * g.sw - g.pw + d.dc;
+          const bool r0 = r >= 0 && r < g.H, r1 = r + 1 >= 0 && r + 1 < g.H;
+          const bool c0 = col >= 0 && col < g.W, c1 = col + 1 >= 0 && col + 1 < g.W;
+          // 64-bit: a tap far outside the image may lie beyond the 32-bit range (never dereferenced)
+          const scalar_t* px = xn + (static_cast<int64_t>(r) * g.W + col) * g.C + c;
+          const acc_t v00 = (r0 && c0) ? static_cast<acc_t>(px[0]) : acc_t(0);
+          const acc_t v01 = (r0 && c1) ? static_cast<acc_t>(px[g.C]) : acc_t(0);
+          const acc_t v10 = (r1 && c0) ? static_cast<acc_t>(px[g.W * g.C]) : acc_t(0);
+          const acc_t v11 = (r1 && c1) ? static_cast<acc_t>(px[(g.W + 1) * g.C]) : acc_t(0);
+          v = bilinear(v00, v01, v10, v11, d.fr, d.fc);
+        }
+        yrow[q * g.C + c] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+}
+
 at::Tensor opmath_shift(const at::Tensor& shift, at::ScalarType input_type) {
   return shift.to(at::toOpMathType(input_type)).contiguous();
 }
@@ -496,6 +545,23 @@ at::Tensor active_shift_cuda(const at::Tensor& input_, const at::Tensor& shift,
       return true;
     });
     if (fast) return;
+    const size_t smem = static_cast<size_t>(g.C) * sizeof(DecodedShift<acc_t>);
+    if (g.channels_last && smem <= 48 * 1024) {
+      auto launch_cl = [&](auto index_tag) {
+        using index_t = decltype(index_tag);
+        const int tx = g.C >= 32 ? 32 : static_cast<int>(g.C);
+        const dim3 block(tx, kThreads / tx);
+        const int64_t rows = g.N * g.Ho;
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, sms * 16)));
+        forward_cl_kernel<scalar_t, acc_t, index_t><<<grid, block, smem, stream>>>(
+            input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), out.data_ptr<scalar_t>(), Geom<index_t>(g),
+            static_cast<acc_t>(g.limit));
+      };
+      with_index_type(g, launch_cl);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       auto kernel = g.channels_last ? forward_kernel<scalar_t, acc_t, true, index_t>

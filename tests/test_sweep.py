@@ -169,3 +169,17 @@ def test_sweep_reports_a_failed_worker(tmp_path):
 def test_sweep_and_ablate_refuse_bad_requests(args, message, tmp_path):
     res = runner.invoke(app, args + ["--root", str(tmp_path / "r")])
     assert res.exit_code == 2 and message in res.output.replace("\n", " "), res.output
+
+
+def test_encode_folder_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = make_folder(tmp_path / "png", n=2)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "encode_folder.py"
+    out = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "jpg"), "--quality", "80"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = imf.image_folder(str(tmp_path / "jpg"), cache="none")
+    assert d.x_train.shape == (4, 3, 8, 8) and d.encoding == "JPEG files" and d.y_test.tolist() == [0, 0, 1, 1]

@@ -42,23 +42,33 @@ class ScaleBiasReLU(nn.Module):
 
 
 class Conv1x1(nn.Module):
-    """A stride-1 1x1 convolution with bias (BatchNorm folded) and an optional ReLU, as one matrix
-    product per image: torch's CPU convolution routes these through its slow im2col path."""
+    """A 1x1 convolution (any stride, no padding) with an optional bias (BatchNorm folded) and ReLU,
+    as one matrix product per image followed by one bias-and-ReLU pass: torch's CPU convolution
+    routes stride-1 1x1 convolutions through its slow im2col path, and a stride-2 one through
+    oneDNN at several times the cost of the product on the subsampled input."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool):
         super().__init__()
+        if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
+            raise ValueError(f"Conv1x1 takes an ungrouped 1x1 convolution without padding, got {conv}")
         self.register_buffer("weight", conv.weight.detach().flatten(1).clone())
-        b = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-        self.register_buffer("bias", b.clone().view(-1, 1))
-        self.relu = relu
+        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
+        self.register_buffer("ones", torch.ones(conv.out_channels) if conv.bias is not None and relu else None)
+        self.stride, self.relu = tuple(conv.stride), relu
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
         N, C, H, W = x.shape
         if N == 1:
-            y = torch.addmm(self.bias, self.weight, x.reshape(C, H * W)).view(1, -1, H, W)
+            y = torch.mm(self.weight, x.reshape(C, H * W)).view(1, -1, H, W)
         else:
-            y = torch.baddbmm(self.bias, self.weight.expand(N, -1, -1), x.reshape(N, C, H * W)).view(N, -1, H, W)
-        return torch.relu_(y) if self.relu else y
+            y = torch.matmul(self.weight, x.reshape(N, C, H * W)).view(N, -1, H, W)
+        if self.bias is None:
+            return torch.relu_(y) if self.relu else y
+        if self.relu:
+            return torch.ops.asl.scale_bias_relu(y, self.ones, self.bias)
+        return y.add_(self.bias.view(1, -1, 1, 1))
 
 
 def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -74,7 +84,7 @@ class InferenceBlock(nn.Module):
         self.pre = ScaleBiasReLU(block.preact[0])
         self.conv1 = Conv1x1(_conv_bn(block.conv1, block.bn1[0]), relu=True)
         sp = block.spatial
-        self.shortcut = block.shortcut
+        self.shortcut = Conv1x1(block.shortcut, relu=False) if block.shortcut is not None else None
         if isinstance(sp, ActiveShift2d):
             self.register_buffer("shift", sp.shift.detach().clone())
             self.register_buffer("weight2", block.conv2.weight.detach().flatten(1).clone())

@@ -60,6 +60,10 @@ python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --m
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
 python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then  # torch.compile of three networks takes minutes: on request
+  python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode compile --mode compile+graph \
+    --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
+fi
 
 log "== asl train, 3000 steps with 3 evaluations of 10,000 images (synthetic data, CUDA graph)"
 WORK=$(mktemp -d)

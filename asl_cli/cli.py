@@ -707,7 +707,7 @@ def sweep(
         return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
 
     paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
-    label = "paper Table 2 (CIFAR-10, full schedule)" if paper else ""
+    label = "paper Table 2 (ASNet-20 b88, CIFAR-10, full schedule)" if paper else ""
     summary, failed = _guarded(work)
     _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
                   title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")

@@ -604,9 +604,20 @@ def _run_sweep(recipe: str, runs, jobs: int) -> None:
     status = lambda m: console.print(f"[bold]{m}[/]")  # noqa: E731
     if jobs == 1:
         failed = execute(recipe, runs, 1, train_one, on_status=status)
-    else:
+    elif console.is_terminal:
         with Live(_live_view(runs), console=console, refresh_per_second=2) as live:
             failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=lambda rs: live.update(_live_view(rs)))
+    else:  # a log file: one line whenever a run changes state
+        seen: dict = {}
+
+        def log_changes(rs):
+            for r in rs:
+                if seen.get(id(r)) != r.state:
+                    seen[id(r)] = r.state
+                    top1 = r.progress.get("test_top1")
+                    console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else ""))
+
+        failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=log_changes)
     for r in failed:
         err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {r.run_dir / 'sweep.log'}): {r.message}", highlight=False)
     return failed

@@ -144,6 +144,7 @@ def test_sweep_parallel_workers_reuse_and_statistics(tmp_path):
     assert df.loc[0, "diff_vs_baseline"] == 0 and df.loc[1, "params"] != df.loc[0, "params"]
     assert df.loc[0, "dataset"] == "synthetic" and df.loc[0, "paper_top1"] == 94.5
     assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "s.svg").exists()
+    assert "dw3 seed 1: running" in res.output and "dw3 seed 1: done" in res.output  # the log-file view
     for run in (tmp_path / "runs").iterdir():
         assert (run / "progress.json").exists() and (run / "checkpoints" / "last.pt").exists()
     again = runner.invoke(app, args)

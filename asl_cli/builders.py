@@ -30,6 +30,11 @@ class Dist:
         return self.rank == 0
 
 
+def device_kind(spec: str) -> str:
+    """'cuda' or 'cpu' for a train.device setting (auto: CUDA when a GPU is visible)."""
+    return "cuda" if str(spec).startswith("cuda") or (spec == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def setup_distributed(device_kind: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

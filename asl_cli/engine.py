@@ -17,7 +17,8 @@ from torch import nn
 
 from . import train_state as run_folder
 from .builders import (AllReduceBatchNorm2d, Dist, FolderStream, build_data, build_model, build_optimizer,  # noqa: F401
-                       build_schedule, convert_allreduce_bn, lr_factor, pick_device, setup_distributed, total_steps)
+                       build_schedule, convert_allreduce_bn, device_kind, lr_factor, pick_device, setup_distributed,
+                       total_steps)
 from .errors import Interrupted, NonFiniteLoss, TrainingError  # noqa: F401
 from .run_lock import RunLock
 from .step import TrainStep, graph_blocker
@@ -67,7 +68,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
           callbacks: Callbacks | None = None) -> dict:
     """Trains per the resolved recipe `cfg`; returns a summary dict. Resuming reads the run
     folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life."""
-    lock = RunLock(Path("."))  # pointed at the run folder once it is known
+    lock = RunLock()  # acquired on the run folder once it is known
     try:
         return _train(cfg, resume, init_from, callbacks or Callbacks(), lock)
     finally:
@@ -76,8 +77,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
 
 def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
     t = cfg["train"]
-    device_kind = "cuda" if (t["device"].startswith("cuda") or (t["device"] == "auto" and torch.cuda.is_available())) else "cpu"
-    d = setup_distributed(device_kind)
+    d = setup_distributed(device_kind(t["device"]))
     device = pick_device(t["device"], d)
     if device.type == "cuda":
         torch.cuda.set_device(device)

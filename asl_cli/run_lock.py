@@ -13,11 +13,14 @@ class RunLock:
     """An exclusive lock on `<run_dir>/.lock` (flock: released by the OS if the process dies, so a
     killed run never leaves the folder locked)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: Path | None = None):
+        self.path = Path(run_dir) / ".lock" if run_dir is not None else None
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, run_dir: Path | None = None) -> "RunLock":
+        """Locks `run_dir` (or the folder given at construction); RunFolderBusy if another process holds it."""
+        if run_dir is not None:
+            self.path = Path(run_dir) / ".lock"
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock

@@ -120,9 +120,8 @@ def new_run_dir(cfg: dict) -> Path:
 
 def own(lock: RunLock, run_dir: Path) -> None:
     """Takes the folder's lock (held until the run ends) and removes what killed writers left."""
-    lock.path = run_dir / ".lock"
     try:
-        lock.acquire()
+        lock.acquire(run_dir)
     except RunFolderBusy as e:
         raise TrainingError(str(e)) from None
     remove_stale_temps(run_dir)

@@ -67,10 +67,9 @@ def gpu_bf16_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     the precision, and the operator takes a float32 shift with a bfloat16 input)."""
     m = model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     for mod in m.modules():
-        for name in ("shift",):
-            t = getattr(mod, name, None)
-            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 2:
-                t.data = t.data.float()
+        t = getattr(mod, "shift", None)
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 2:
+            t.data = t.data.float()
     return m
 
 

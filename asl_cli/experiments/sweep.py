@@ -286,6 +286,8 @@ def execute(recipe: str, runs: list[Run], jobs: int, train_one: Callable[[dict, 
             r.state = "reused"
             on_status(f"{r.cell} seed {r.seed}: finished earlier, reused ({r.run_dir})")
     queued = [r for r in runs if r.state == "queued"]
+    if not queued:
+        return []
     if jobs == 1:
         for r in queued:
             resume = prepare(r)
@@ -295,8 +297,8 @@ def execute(recipe: str, runs: list[Run], jobs: int, train_one: Callable[[dict, 
         return []
     import torch
 
-    device_kind = "cuda" if (str(queued[0].cfg["train"]["device"]).startswith("cuda") if queued else False) or \
-        (queued and queued[0].cfg["train"]["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-    gpus = torch.cuda.device_count() if device_kind == "cuda" else 0
-    run_parallel(recipe, runs, jobs, device_kind, gpus, on_tick)
+    from ..builders import device_kind
+
+    kind = device_kind(queued[0].cfg["train"]["device"])
+    run_parallel(recipe, runs, jobs, kind, torch.cuda.device_count() if kind == "cuda" else 0, on_tick)
     return [r for r in runs if r.state == "failed"]

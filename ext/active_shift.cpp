@@ -86,6 +86,12 @@ int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tens
   return Co;
 }
 
+void check_scale_bias(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "scale_bias_relu: input must be 4-D (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK_VALUE(scale.numel() == input.size(1) && bias.numel() == input.size(1), "scale_bias_relu: scale and bias need ",
+                    input.size(1), " values, got ", scale.numel(), " and ", bias.numel());
+}
+
 }  // namespace asl
 
 TORCH_LIBRARY(asl, m) {
@@ -132,10 +138,9 @@ at::Tensor shift_conv1x1_composite(const at::Tensor& input, const at::Tensor& sh
   if (residual.has_value()) out.add_(*residual);
   return out;
 }
+
 at::Tensor scale_bias_relu_composite(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& bias) {
-  TORCH_CHECK_VALUE(input.dim() == 4, "scale_bias_relu: input must be 4-D (N, C, H, W), got ", input.sizes());
-  TORCH_CHECK_VALUE(scale.numel() == input.size(1) && bias.numel() == input.size(1), "scale_bias_relu: scale and bias need ",
-                    input.size(1), " values, got ", scale.numel(), " and ", bias.numel());
+  asl::check_scale_bias(input, scale, bias);
   const std::vector<int64_t> shape{1, input.size(1), 1, 1};
   return input.mul(scale.reshape(shape).to(input.scalar_type())).add_(bias.reshape(shape).to(input.scalar_type())).relu_();
 }

@@ -110,4 +110,7 @@ Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayR
 int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
 
+// scale_bias_relu: a 4-D input and one scale and one bias per channel.
+void check_scale_bias(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& bias);
+
 }  // namespace asl

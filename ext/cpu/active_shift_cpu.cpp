@@ -45,6 +45,16 @@ inline acc_t tap(const T* row, int64_t c, int64_t W, int64_t sW) {
   return (row != nullptr && c >= 0 && c < W) ? static_cast<acc_t>(row[c * sW]) : acc_t(0);
 }
 
+// One output value from source rows a and b (nullptr when outside) at columns c and c + 1.
+template <typename T, typename acc_t>
+inline acc_t blend_taps(const T* a, const T* b, int64_t c, int64_t W, int64_t sW, acc_t wr0, acc_t wr1, acc_t wc0,
+                        acc_t wc1) {
+  acc_t v = acc_t(0);
+  if (a) v += wr0 * (wc0 * tap<T, acc_t>(a, c, W, sW) + wc1 * tap<T, acc_t>(a, c + 1, W, sW));
+  if (b) v += wr1 * (wc0 * tap<T, acc_t>(b, c, W, sW) + wc1 * tap<T, acc_t>(b, c + 1, W, sW));
+  return v;
+}
+
 // Contiguous interior loops: the hot path of NCHW tensors with unit column stride. They are
 // compiled twice, for AVX2+FMA and for the baseline, and picked at load time by the CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -120,6 +130,32 @@ void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p
   }
 }
 
+// One output row o (out_W values, stride o_sW) from source rows a and b (nullptr when outside) at
+// columns q*s_c + off_c and + 1; `in` holds the columns whose two taps are inside, blended by
+// the vectorized loops when the strides are unit.
+template <typename T, typename acc_t>
+void sample_row(T* o, int64_t o_sW, int64_t out_W, const T* a, const T* b, Plane<const T> src, int64_t s_c,
+                int64_t off_c, Range in, bool unit, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1) {
+  auto edge = [&](int64_t q) {
+    o[q * o_sW] = static_cast<T>(blend_taps<T, acc_t>(a, b, q * s_c + off_c, src.W, src.sW, wr0, wr1, wc0, wc1));
+  };
+  for (int64_t q = 0; q < in.lo; ++q) edge(q);
+  for (int64_t q = in.hi; q < out_W; ++q) edge(q);
+  const int64_t n = in.hi - in.lo;
+  if (n <= 0) return;
+  const int64_t c0 = in.lo * s_c + off_c;
+  if (unit && a && b) {
+    blend2_unit<T, acc_t>(o + in.lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
+  } else if (unit && (a || b)) {
+    const acc_t w = a ? wr0 : wr1;
+    blend1_unit<T, acc_t>(o + in.lo, (a ? a : b) + c0, n, w * wc0, w * wc1);
+  } else if (!a && !b) {
+    for (int64_t q = in.lo; q < in.hi; ++q) o[q * o_sW] = T(0);
+  } else {
+    for (int64_t q = in.lo; q < in.hi; ++q) edge(q);
+  }
+}
+
 // out[p, q] = sum over k, l in {0, 1} of wr_k * wc_l * src[p*s_r + off_r + k, q*s_c + off_c + l],
 // with zeros outside src. The forward pass is this with the layer's stride; the input gradient
 // at stride 1 is this too, applied to grad_output with mirrored offsets and weights.
@@ -150,31 +186,8 @@ void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, in
   for (int64_t p = 0; p < out.H; ++p) {
     if (flat && p >= p_lo && p < p_hi) continue;  // done above
     const int64_t r = p * s_r + off_r;
-    const T* a = src.row(r);
-    const T* b = src.row(r + 1);
-    T* o = out.p + p * out.sH;
-    auto edge = [&](int64_t q) {
-      const int64_t c = q * s_c + off_c;
-      acc_t v = acc_t(0);
-      if (a) v += wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, src.sW) + wc1 * tap<T, acc_t>(a, c + 1, src.W, src.sW));
-      if (b) v += wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, src.sW) + wc1 * tap<T, acc_t>(b, c + 1, src.W, src.sW));
-      o[q * out.sW] = static_cast<T>(v);
-    };
-    for (int64_t q = 0; q < q_lo; ++q) edge(q);
-    for (int64_t q = q_hi; q < out.W; ++q) edge(q);
-    const int64_t n = q_hi - q_lo;
-    if (n <= 0) continue;
-    const int64_t c0 = q_lo * s_c + off_c;
-    if (unit && a && b) {
-      blend2_unit<T, acc_t>(o + q_lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
-    } else if (unit && (a || b)) {
-      const acc_t w = a ? wr0 : wr1;
-      blend1_unit<T, acc_t>(o + q_lo, (a ? a : b) + c0, n, w * wc0, w * wc1);
-    } else if (!a && !b) {
-      for (int64_t q = q_lo; q < q_hi; ++q) o[q * out.sW] = T(0);
-    } else {
-      for (int64_t q = q_lo; q < q_hi; ++q) edge(q);
-    }
+    sample_row<T, acc_t>(out.p + p * out.sH, out.sW, out.W, src.row(r), src.row(r + 1), src, s_c, off_c, cols, unit,
+                         wr0, wr1, wc0, wc1);
   }
 }
 
@@ -660,40 +673,13 @@ void shift_rows_unit(Plane<const T> src, Plane<T> out, int64_t off_r, int64_t of
       const T* a = src.p + (p + off_r) * src.sH;
       const T* b = a + src.sH;
       T* o = out.p + p * out.sH;
-      auto fix = [&](int64_t q) {
-        const int64_t c = q + off_c;
-        o[q] = static_cast<T>(wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, 1) + wc1 * tap<T, acc_t>(a, c + 1, src.W, 1)) +
-                              wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, 1) + wc1 * tap<T, acc_t>(b, c + 1, src.W, 1)));
-      };
+      auto fix = [&](int64_t q) { o[q] = static_cast<T>(blend_taps<T, acc_t>(a, b, q + off_c, src.W, 1, wr0, wr1, wc0, wc1)); };
       for (int64_t q = 0; q < in.lo; ++q) fix(q);
       for (int64_t q = in.hi; q < out.W; ++q) fix(q);
       continue;
     }
-    const T* a = src.row(p + off_r);
-    const T* b = src.row(p + off_r + 1);
-    T* o = out.p + p * out.sH;
-    if (!a && !b) {
-      std::fill(o, o + out.W, T(0));
-      continue;
-    }
-    auto edge = [&](int64_t q) {
-      const int64_t c = q + off_c;
-      acc_t v = acc_t(0);
-      if (a) v += wr0 * (wc0 * tap<T, acc_t>(a, c, src.W, 1) + wc1 * tap<T, acc_t>(a, c + 1, src.W, 1));
-      if (b) v += wr1 * (wc0 * tap<T, acc_t>(b, c, src.W, 1) + wc1 * tap<T, acc_t>(b, c + 1, src.W, 1));
-      o[q] = static_cast<T>(v);
-    };
-    for (int64_t q = 0; q < in.lo; ++q) edge(q);
-    for (int64_t q = in.hi; q < out.W; ++q) edge(q);
-    const int64_t n = in.hi - in.lo;
-    if (n <= 0) continue;
-    const int64_t c0 = in.lo + off_c;
-    if (a && b) {
-      blend2_unit<T, acc_t>(o + in.lo, a + c0, b + c0, n, wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1);
-    } else {
-      const acc_t w = a ? wr0 : wr1;
-      blend1_unit<T, acc_t>(o + in.lo, (a ? a : b) + c0, n, w * wc0, w * wc1);
-    }
+    sample_row<T, acc_t>(out.p + p * out.sH, 1, out.W, src.row(p + off_r), src.row(p + off_r + 1), src, 1, off_c, in, true,
+                         wr0, wr1, wc0, wc1);
   }
 }
 
@@ -803,10 +789,8 @@ ASL_MULTIVERSION void scale_bias_relu_unit(T* __restrict o, const T* __restrict 
 }
 
 at::Tensor scale_bias_relu_cpu(const at::Tensor& input_, const at::Tensor& scale, const at::Tensor& bias) {
-  TORCH_CHECK_VALUE(input_.dim() == 4, "scale_bias_relu: input must be 4-D (N, C, H, W), got ", input_.sizes());
+  check_scale_bias(input_, scale, bias);
   const int64_t N = input_.size(0), C = input_.size(1), HW = input_.size(2) * input_.size(3);
-  TORCH_CHECK_VALUE(scale.numel() == C && bias.numel() == C, "scale_bias_relu: scale and bias need ", C,
-                    " values, got ", scale.numel(), " and ", bias.numel());
   check_cpu_dtype(input_, "scale_bias_relu");
   const at::Tensor input = input_.contiguous();
   at::Tensor out = at::empty_like(input);

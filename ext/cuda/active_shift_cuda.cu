@@ -649,10 +649,13 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& 
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous(g.format());
   const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
-  if (input.numel() == 0 || grad.numel() == 0) {
-    return {active_shift_grad_input_cuda(grad_, input_, shift, stride, padding),
-            active_shift_grad_shift_cuda(grad_, input_, shift, stride, padding)};
-  }
+  // Where the fused kernel does not apply: the two general kernels, on the tensors already made
+  // dense above (so they copy nothing again).
+  auto separately = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    return {active_shift_grad_input_cuda(grad, input, shift, stride, padding),
+            active_shift_grad_shift_cuda(grad, input, shift, stride, padding)};
+  };
+  if (input.numel() == 0 || grad.numel() == 0) return separately();
   at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(g.format()));
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const at::Tensor s = opmath_shift(shift, input.scalar_type());
@@ -681,10 +684,7 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& 
       return true;
     });
   });
-  if (!done) {
-    return {active_shift_grad_input_cuda(grad_, input_, shift, stride, padding),
-            active_shift_grad_shift_cuda(grad_, input_, shift, stride, padding)};
-  }
+  if (!done) return separately();
   return {gx, total.to(shift.scalar_type())};
 }
 

@@ -159,7 +159,9 @@ def _profile_device(device: Device, threads: int) -> str:
 @profile_app.command("op")
 def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT,
                out: Optional[Path] = OUT_OPT) -> None:
-    """The operator against copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and forward+backward."""
+    """The operator against copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and
+    forward+backward; then the fused shift + 1x1 convolution against the 1x1 convolution alone at
+    AS-ResNet's shapes."""
     from rich.progress import Progress
 
     from asl_cli.experiments.bench import append_csv, results_dir

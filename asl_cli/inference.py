@@ -5,8 +5,10 @@ What folds where, in the pre-activation order of a block (BN0-ReLU, 1x1, BN1-ReL
   its ReLU is applied in place on the convolution's output;
 - the BatchNorm after a 3x3 depthwise convolution (1B-DW3-B-1) folds into the depthwise weights;
 - BN0 sits on the residual stream, whose raw value the identity shortcut still needs, so it cannot
-  fold into the previous block's last convolution; it becomes one per-channel scale-and-bias with
-  its ReLU (`ScaleBiasReLU`), as does the head's BatchNorm;
+  fold into the previous block's last convolution; it becomes a per-channel scale-and-bias with its
+  ReLU applied by the first 1x1 convolution as it reads its input (`asl::conv1x1`), or, where a
+  projection shortcut reads the pre-activated input too, one pass of its own (`ScaleBiasReLU`), as
+  for the head's BatchNorm;
 - the active shift and the 1x1 convolution after it become one operator (`shift_conv1x1`) that
   also adds the shortcut, so the shifted tensor is never written out on the CPU.
 Other models (MobileNetV2, ShiftResNet's post-activation blocks) get every BatchNorm that directly
@@ -42,33 +44,27 @@ class ScaleBiasReLU(nn.Module):
 
 
 class Conv1x1(nn.Module):
-    """A 1x1 convolution (any stride, no padding) with an optional bias (BatchNorm folded) and ReLU,
-    as one matrix product per image followed by one bias-and-ReLU pass: torch's CPU convolution
-    routes stride-1 1x1 convolutions through its slow im2col path, and a stride-2 one through
-    oneDNN at several times the cost of the product on the subsampled input."""
+    """A 1x1 convolution (any stride, no padding) with an optional bias (BatchNorm folded), ReLU
+    and input transform relu(x * scale + bias) (the pre-activation BatchNorm and ReLU before it), as
+    one `asl::conv1x1`: on the CPU a transform-in-cache-then-multiply kernel, so neither the
+    transformed input nor the product before its bias and ReLU is ever written out. A strided
+    convolution reads the subsampled input. The weight is kept transposed (a (C_out, C) view of a
+    (C, C_out) tensor), the layout the CPU kernel multiplies with."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool):
+    def __init__(self, conv: nn.Conv2d, relu: bool, pre: ScaleBiasReLU | None = None):
         super().__init__()
         if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1:
             raise ValueError(f"Conv1x1 takes an ungrouped 1x1 convolution without padding, got {conv}")
-        self.register_buffer("weight", conv.weight.detach().flatten(1).clone())
+        self.register_buffer("weight_t", conv.weight.detach().flatten(1).t().contiguous())
         self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
-        self.register_buffer("ones", torch.ones(conv.out_channels) if conv.bias is not None and relu else None)
+        self.register_buffer("in_scale", pre.scale.clone() if pre is not None else None)
+        self.register_buffer("in_bias", pre.bias.clone() if pre is not None else None)
         self.stride, self.relu = tuple(conv.stride), relu
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride != (1, 1):
             x = x[:, :, ::self.stride[0], ::self.stride[1]]
-        N, C, H, W = x.shape
-        if N == 1:
-            y = torch.mm(self.weight, x.reshape(C, H * W)).view(1, -1, H, W)
-        else:
-            y = torch.matmul(self.weight, x.reshape(N, C, H * W)).view(N, -1, H, W)
-        if self.bias is None:
-            return torch.relu_(y) if self.relu else y
-        if self.relu:
-            return torch.ops.asl.scale_bias_relu(y, self.ones, self.bias)
-        return y.add_(self.bias.view(1, -1, 1, 1))
+        return torch.ops.asl.conv1x1(x, self.weight_t.t(), self.bias, self.in_scale, self.in_bias, self.relu)
 
 
 def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -81,13 +77,17 @@ class InferenceBlock(nn.Module):
 
     def __init__(self, block: PreActBlock):
         super().__init__()
-        self.pre = ScaleBiasReLU(block.preact[0])
-        self.conv1 = Conv1x1(_conv_bn(block.conv1, block.bn1[0]), relu=True)
+        pre = ScaleBiasReLU(block.preact[0])
+        conv1 = _conv_bn(block.conv1, block.bn1[0])
+        if block.shortcut is None:  # BN0-ReLU applied inside conv1 as it reads its input
+            self.pre, self.conv1, self.shortcut = None, Conv1x1(conv1, relu=True, pre=pre), None
+        else:  # the projection shortcut reads the pre-activated input too: computed once
+            self.pre, self.conv1 = pre, Conv1x1(conv1, relu=True)
+            self.shortcut = Conv1x1(block.shortcut, relu=False)
         sp = block.spatial
-        self.shortcut = Conv1x1(block.shortcut, relu=False) if block.shortcut is not None else None
         if isinstance(sp, ActiveShift2d):
             self.register_buffer("shift", sp.shift.detach().clone())
-            self.register_buffer("weight2", block.conv2.weight.detach().flatten(1).clone())
+            self.register_buffer("weight2_t", block.conv2.weight.detach().flatten(1).t().contiguous())
             self.stride, self.padding = sp.stride, sp.padding
             self.spatial, self.conv2 = None, None
         else:
@@ -98,11 +98,13 @@ class InferenceBlock(nn.Module):
             self.conv2 = block.conv2
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self.pre(x)
-        h = self.conv1(pre)
-        skip = self.shortcut(pre) if self.shortcut is not None else x
+        if self.pre is None:
+            h, skip = self.conv1(x), x
+        else:
+            pre = self.pre(x)
+            h, skip = self.conv1(pre), self.shortcut(pre)
         if self.spatial is None:
-            return shift_conv1x1(h, self.shift, self.weight2, None, skip, self.stride, self.padding)
+            return shift_conv1x1(h, self.shift, self.weight2_t.t(), None, skip, self.stride, self.padding)
         return self.conv2(self.spatial(h)) + skip
 
 

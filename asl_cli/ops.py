@@ -35,6 +35,7 @@ FALLBACK_SCHEMAS = {
     "shift_conv1x1": ("shift_conv1x1(Tensor input, Tensor shift, Tensor weight, Tensor? bias, Tensor? residual, "
                       "int[2] stride, int[2] padding) -> Tensor"),
     "scale_bias_relu": "scale_bias_relu(Tensor input, Tensor scale, Tensor bias) -> Tensor",
+    "conv1x1": "conv1x1(Tensor input, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_bias, bool relu) -> Tensor",
 }
 
 _EXT_ERROR: Exception | None = None
@@ -177,6 +178,15 @@ if not hasattr(torch.ops.asl, "active_shift"):
 
     _LIB.impl("scale_bias_relu", _scale_bias_relu_composite, "CompositeExplicitAutograd")
 
+    def _conv1x1_composite(input, weight, bias, in_scale, in_bias, relu):
+        _check_pointwise(input, weight, bias, in_scale, in_bias)
+        if in_scale is not None:
+            input = torch.relu(input * in_scale.reshape(1, -1, 1, 1) + in_bias.reshape(1, -1, 1, 1))
+        out = F.conv2d(input, weight.reshape(weight.shape[0], -1, 1, 1), bias)
+        return torch.relu(out) if relu else out
+
+    _LIB.impl("conv1x1", _conv1x1_composite, "CompositeExplicitAutograd")
+
 
 def _check_args(op: str, input: Tensor, shift: Tensor, stride, padding, grad: Tensor | None = None) -> None:
     """The compiled kernels' argument checks (ext/active_shift.cpp, `check_args`/`prepare`), for the
@@ -310,6 +320,32 @@ def _check_scale_bias(input, scale, bias) -> None:
                       lambda: f"scale_bias_relu: scale and bias need {C} values, got {scale.numel()} and {bias.numel()}")
 
 
+def _check_pointwise(input, weight, bias, in_scale, in_bias) -> None:
+    """conv1x1's checks (ext/active_shift.cpp, `check_pointwise`)."""
+    op = "conv1x1"
+    torch._check_with(ValueError, input.dim() == 4, lambda: f"{op}: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
+    torch._check_with(TypeError, input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}")
+    C = input.shape[1]
+    torch._check_with(ValueError, (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1))
+                      and weight.shape[1] == C,
+                      lambda: f"{op}: weight must be (C_out, {C}) or (C_out, {C}, 1, 1), got {tuple(weight.shape)}")
+    torch._check_with(ValueError, (in_scale is None) == (in_bias is None), lambda: f"{op}: in_scale and in_bias go together")
+    torch._check_with(TypeError, weight.dtype == input.dtype, lambda: f"{op}: weight dtype {weight.dtype} differs from input dtype {input.dtype}")
+    torch._check_with(ValueError, weight.device == input.device, lambda: f"{op}: weight is on {weight.device} but input is on {input.device}")
+    for t, name, n in ((bias, "bias", weight.shape[0]), (in_scale, "in_scale", C), (in_bias, "in_bias", C)):
+        if t is not None:
+            torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == n and t.device == input.device,
+                              lambda: f"{op}: {name} must be ({n}) on {input.device}, got {tuple(t.shape)} on {t.device}")
+            torch._check_with(TypeError, t.dtype == input.dtype, lambda: f"{op}: {name} dtype {t.dtype} differs from input dtype {input.dtype}")
+
+
+@torch.library.register_fake("asl::conv1x1")
+def _fake_conv1x1(input, weight, bias, in_scale, in_bias, relu):
+    _check_pointwise(input, weight, bias, in_scale, in_bias)
+    N, _, H, W = input.shape
+    return input.new_empty((N, weight.shape[0], H, W))
+
+
 @torch.library.register_fake("asl::scale_bias_relu")
 def _fake_scale_bias_relu(input, scale, bias):
     _check_scale_bias(input, scale, bias)
@@ -378,6 +414,12 @@ def _flops_grad_shift(grad_shape, input_shape, *args, out_shape=None, **kwargs) 
 def _flops_shift_conv1x1(input_shape, shift_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     N, Co, Ho, Wo = out_shape
     return 2 * 4 * N * input_shape[1] * Ho * Wo + 2 * N * Ho * Wo * Co * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.asl.conv1x1)
+def _flops_conv1x1(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    N, Co, H, W = out_shape
+    return 2 * N * H * W * Co * weight_shape[1]
 
 
 @register_flop_formula(torch.ops.asl.active_shift_backward)

@@ -113,4 +113,14 @@ int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tens
 // scale_bias_relu: a 4-D input and one scale and one bias per channel.
 void check_scale_bias(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& bias);
 
+// conv1x1: a 4-D input, a (Co, C) or (Co, C, 1, 1) weight, an optional bias (Co) and an optional
+// input transform relu(input * in_scale + in_bias) (both C values, or neither); returns Co.
+int64_t check_pointwise(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_bias);
+
+// conv1x1 from ATen operators (every device; the CPU kernel's path for what it does not serve).
+at::Tensor conv1x1_composite(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_bias,
+                             bool relu);
+
 }  // namespace asl

@@ -66,6 +66,84 @@ def test_shift_conv1x1_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def conv1x1_reference(x, w, b, scale, shift, relu):
+    if scale is not None:
+        x = torch.relu(x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+    out = F.conv2d(x, w.reshape(w.shape[0], -1, 1, 1), b)
+    return torch.relu(out) if relu else out
+
+
+@pytest.mark.parametrize("shape,Co", [((2, 50, 23, 29), 50), ((1, 7, 5, 3), 13), ((1, 40, 7, 7), 90), ((3, 17, 1, 1), 5),
+                                      ((1, 3, 4, 4), 25)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["none", "bias+relu", "transform+bias+relu", "transform"])
+@pytest.mark.parametrize("layout", ["plain", "transposed weight", "channels_last input"])
+def test_conv1x1_matches_the_composition(shape, Co, dtype, extras, layout):
+    g = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    w = torch.randn(Co, C, generator=g, dtype=dtype)
+    b = torch.randn(Co, generator=g, dtype=dtype) if "bias" in extras else None
+    sc, sb = (torch.rand(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)) if "transform" in extras else (None, None)
+    relu = "relu" in extras
+    if layout == "transposed weight":
+        w = w.t().contiguous().t()  # the inference form's layout
+    if layout == "channels_last input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.ops.asl.conv1x1(x, w, b, sc, sb, relu)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, conv1x1_reference(x, w, b, sc, sb, relu), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (dict(w=torch.randn(3, 5)), ValueError), (dict(w=torch.randn(3, 4).double()), TypeError),
+    (dict(b=torch.randn(4)), ValueError), (dict(b=torch.randn(3).double()), TypeError),
+    (dict(sc=torch.rand(4)), ValueError), (dict(sc=torch.rand(5), sb=torch.rand(5)), ValueError),
+    (dict(x=torch.randn(4, 7, 7)), ValueError), (dict(x=torch.ones(1, 4, 7, 7, dtype=torch.int32)), TypeError),
+])
+def test_conv1x1_wrong_inputs(bad, exc):
+    args = dict(x=torch.randn(1, 4, 7, 7), w=torch.randn(3, 4), b=None, sc=None, sb=None) | bad
+    call = (args["x"], args["w"], args["b"], args["sc"], args["sb"], True)
+    with pytest.raises(exc):
+        torch.ops.asl.conv1x1(*call)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc):
+        torch.ops.asl.conv1x1(*call)
+
+
+def test_conv1x1_opcheck():
+    x, w, b, sc, sb = torch.randn(2, 4, 6, 7), torch.randn(5, 4), torch.randn(5), torch.rand(4), torch.randn(4)
+    torch.library.opcheck(torch.ops.asl.conv1x1, (x, w, b, sc, sb, True), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_blas_path_gives_the_same_products():
+    """ASL_CPU_GEMM=blas sends float32 products through BLAS (every CPU without AVX-512 does): the
+    fused operators agree with the other path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, asl_cli.ops\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, s, w = torch.randn(1, 24, 9, 11, generator=g), torch.rand(24, 2, generator=g) - .5, torch.randn(30, 24, generator=g)\n"
+        "sc, sb, b = torch.rand(24, generator=g), torch.randn(24, generator=g), torch.randn(30, generator=g)\n"
+        "torch.save([torch.ops.asl.shift_conv1x1(x, s, w.t().contiguous().t(), b, None, [1, 1], [0, 0]),\n"
+        "            torch.ops.asl.conv1x1(x, w, b, sc, sb, True)], __import__('sys').argv[1])\n"
+    )
+    outs = []
+    for env in ({}, {"ASL_CPU_GEMM": "blas"}):
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "out.pt")
+            subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, **env})
+            outs.append(torch.load(path))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _trained_like(model):
     """Random BatchNorm statistics and affine parameters, so folding is actually exercised."""
     g = torch.Generator().manual_seed(1)
@@ -113,6 +191,11 @@ def test_cuda_inference_ops_and_form(dtype):
     sc, b = torch.rand(8), torch.randn(8)
     torch.testing.assert_close(torch.ops.asl.scale_bias_relu(x.cuda(), sc.cuda(), b.cuda()).cpu(),
                                torch.ops.asl.scale_bias_relu(x, sc, b), rtol=1e-5, atol=1e-5)
+    wc, bc, sb2 = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.randn(8, generator=g)
+    ref = torch.ops.asl.conv1x1(x, wc, bc, sc, sb2, True)
+    out = torch.ops.asl.conv1x1(x.cuda().to(dtype), wc.cuda().to(dtype), bc.cuda().to(dtype), sc.cuda().to(dtype),
+                                sb2.cuda().to(dtype), True)
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)
     model = _trained_like(create_model("asnet20_16x1"))
     xi = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

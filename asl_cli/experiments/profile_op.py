@@ -176,7 +176,9 @@ def fused_rows(device: str = "cpu", threads: int = 1, min_run_time: float = 1.0,
         with torch.no_grad():
             conv = median_ms(lambda: F.conv2d(x, w4), threads, min_run_time)
             comp = median_ms(lambda: F.conv2d(active_shift(x, s), w4), threads, min_run_time)
-            fused = median_ms(lambda: shift_conv1x1(x, s, w), threads, min_run_time)
+            # the weight as the inference form stores it: a transposed view, the CPU kernel's layout
+            wt = w.t().contiguous().t()
+            fused = median_ms(lambda: shift_conv1x1(x, s, wt), threads, min_run_time)
         out.append({"case": "x".join(map(str, shape)) + " shift+1x1", "shape": "x".join(map(str, shape)), "dtype": "float32",
                     "memory_format": "nchw", "stride": 1, "op": "shift_conv1x1", "pass": "fwd", "ms": round(fused, 5),
                     "conv1x1_ms": round(conv, 5), "shift_then_conv_ms": round(comp, 5),

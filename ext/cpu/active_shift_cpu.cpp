@@ -12,7 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -693,7 +699,174 @@ __attribute__((weak)) void dgemm_(const char*, const char*, const int*, const in
                                   const int*);
 }
 
-// o[co * ldo + p] = (accumulate ? o[co * ldo + p] : 0) + sum_c w[co * C + c] * t[c * P + p].
+#if defined(__x86_64__) && defined(__GNUC__)
+// A register-blocked single-precision product for AVX-512 machines, used by shift_conv1x1 on its
+// cache-resident tiles and by conv1x1 on 32-pixel panels:
+//   o[co * ldo + p] = epilogue((accumulate ? o[co * ldo + p] : 0) + sum_k w[k * ldw + co] * t[k * ldt + p])
+// with the weight transposed (K x Co), so that the MR weights of one step are adjacent. MR output
+// channels times NV 16-pixel vectors are held in registers; each step of k loads NV vectors of t
+// and broadcasts MR weights.
+constexpr int kGemmMR = 12;
+
+struct GemmPanel {
+  const float* w;
+  int64_t ldw;
+  const float* t;
+  int64_t ldt;
+  float* o;
+  int64_t ldo;
+  int64_t K;
+  __mmask16 m0, m1;           // the panel's valid pixels in its two 16-lane halves
+  bool accumulate;
+  const float* bias;          // added per output channel before the store (nullable)
+  bool relu;                  // then max(., 0)
+  const float* prefetch;      // rows (stride ldp) to pull into cache while multiplying (nullable)
+  int64_t ldp;
+};
+
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, const float* __restrict w,
+                                                         float* __restrict o, const float* __restrict bias) {
+  const __mmask16 m0 = g.m0, m1 = g.m1;
+  const float* __restrict t = g.t;
+  const int64_t ldw = g.ldw, ldt = g.ldt, ldo = g.ldo;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = g.accumulate ? _mm512_maskz_loadu_ps(m0, o + i * ldo) : _mm512_setzero_ps();
+    if constexpr (NV == 2) acc[i][1] = g.accumulate ? _mm512_maskz_loadu_ps(m1, o + i * ldo + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < g.K; ++k, w += ldw) {
+    if (g.prefetch != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(g.prefetch + k * g.ldp), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(g.prefetch + k * g.ldp + 16), _MM_HINT_T0);
+    }
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, t + k * ldt);
+    const __m512 b1 = NV == 2 ? _mm512_maskz_loadu_ps(m1, t + k * ldt + 16) : b0;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(w[i]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      if constexpr (NV == 2) acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  if (bias != nullptr || g.relu) {
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 b = bias != nullptr ? _mm512_set1_ps(bias[i]) : zero;
+      for (int v = 0; v < NV; ++v) {
+        acc[i][v] = _mm512_add_ps(acc[i][v], b);
+        if (g.relu) acc[i][v] = _mm512_max_ps(acc[i][v], zero);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(o + i * ldo, m0, acc[i][0]);
+    if constexpr (NV == 2) _mm512_mask_storeu_ps(o + i * ldo + 16, m1, acc[i][1]);
+  }
+}
+
+// The micro-kernel for `rows` (1..kGemmMR) output channels: a compile-time count for each.
+template <int NV, int MR = kGemmMR>
+void gemm_rows_avx512(int rows, const GemmPanel& g, const float* w, float* o, const float* bias) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return gemm_micro_avx512<MR, NV>(g, w, o, bias);
+    gemm_rows_avx512<NV, MR - 1>(rows, g, w, o, bias);
+  }
+}
+
+inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+}
+
+// One panel of n <= 32 pixels times every block of output channels (Co in all). The first block
+// pulls g.prefetch's rows (the next panel's input) into cache.
+void gemm_panel_avx512(GemmPanel g, int64_t Co, int64_t n) {
+  g.m0 = lanes(n);
+  g.m1 = lanes(std::max<int64_t>(0, n - 16));
+  for (int64_t co = 0; co < Co; co += kGemmMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, Co - co));
+    const float* b = g.bias != nullptr ? g.bias + co : nullptr;
+    if (n > 16) gemm_rows_avx512<2>(rows, g, g.w + co, g.o + co * g.ldo, b);
+    else gemm_rows_avx512<1>(rows, g, g.w + co, g.o + co * g.ldo, b);
+    g.prefetch = nullptr;
+  }
+}
+
+// o (+)= w * t over P pixels (t's rows of stride ldt): 32-pixel panels (the last one masked), each
+// multiplied by every block of output channels while it sits in L1.
+void gemm_avx512(float* o, int64_t ldo, const float* w, int64_t ldw, const float* t, int64_t ldt, int64_t Co,
+                 int64_t K, int64_t P, bool accumulate) {
+  for (int64_t j = 0; j < P; j += 32) {
+    const GemmPanel g{w, ldw, t + j, ldt, o + j, ldo, K, 0, 0, accumulate, nullptr, false, nullptr, 0};
+    gemm_panel_avx512(g, Co, std::min<int64_t>(32, P - j));
+  }
+}
+
+// Copies n (<= 32) pixels of K channel rows (x[k * ldx + i]) into a dense K x 32 panel, as
+// relu(x * scale[k] + bias[k]) when scale is given; lanes past n are zero.
+__attribute__((target("avx512f"))) void pack_panel_avx512(float* __restrict panel, const float* __restrict x, int64_t ldx,
+                                                         int64_t K, int64_t n, const float* scale, const float* bias) {
+  const __mmask16 m0 = lanes(n), m1 = lanes(std::max<int64_t>(0, n - 16));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 a = _mm512_maskz_loadu_ps(m0, x + k * ldx), b = _mm512_maskz_loadu_ps(m1, x + k * ldx + 16);
+    if (scale != nullptr) {
+      const __m512 s = _mm512_set1_ps(scale[k]), c = _mm512_set1_ps(bias[k]);
+      a = _mm512_maskz_max_ps(m0, _mm512_fmadd_ps(a, s, c), zero);
+      b = _mm512_maskz_max_ps(m1, _mm512_fmadd_ps(b, s, c), zero);
+    }
+    _mm512_store_ps(panel + k * 32, a);
+    _mm512_store_ps(panel + k * 32 + 16, b);
+  }
+}
+
+// Whether gemm_avx512 serves float products: an AVX-512 CPU, unless ASL_CPU_GEMM=blas asks for
+// the BLAS path (which every other machine takes).
+bool use_gemm_avx512() {
+  static const bool use = [] {
+    const char* env = std::getenv("ASL_CPU_GEMM");
+    return __builtin_cpu_supports("avx512f") && !(env != nullptr && std::string(env) == "blas");
+  }();
+  return use;
+}
+#else
+bool use_gemm_avx512() { return false; }
+void gemm_avx512(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, bool) {}
+struct GemmPanel {
+  const float* w;
+  int64_t ldw;
+  const float* t;
+  int64_t ldt;
+  float* o;
+  int64_t ldo;
+  int64_t K;
+  uint16_t m0, m1;
+  bool accumulate;
+  const float* bias;
+  bool relu;
+  const float* prefetch;
+  int64_t ldp;
+};
+void gemm_panel_avx512(GemmPanel, int64_t, int64_t) {}
+void pack_panel_avx512(float*, const float*, int64_t, int64_t, int64_t, const float*, const float*) {}
+#endif
+
+// Whether a product with this dtype runs on gemm_avx512 (which takes the weight transposed).
+bool own_gemm(at::ScalarType t) { return t == at::kFloat && use_gemm_avx512(); }
+
+// A 1x1 convolution's weight (C_out, C) or (C_out, C, 1, 1), dense in the layout the product
+// takes: transposed (C x C_out) for gemm_avx512 (free when the caller passes a transposed view),
+// else C_out x C.
+at::Tensor gemm_weight(const at::Tensor& weight, int64_t Co, int64_t C) {
+  const at::Tensor w = weight.reshape({Co, C});
+  return own_gemm(weight.scalar_type()) ? w.t().contiguous() : w.contiguous();
+}
+
+// o[co * ldo + p] = (accumulate ? o[co * ldo + p] : 0) + sum_c w(co, c) * t[c * P + p], w from
+// gemm_weight.
 template <typename T>
 void tile_gemm(T* o, int64_t ldo, const T* w, const T* t, int64_t Co, int64_t C, int64_t P, bool accumulate,
                const at::TensorOptions& opts) {
@@ -702,6 +875,7 @@ void tile_gemm(T* o, int64_t ldo, const T* w, const T* t, int64_t Co, int64_t C,
   const T one = T(1), beta = accumulate ? T(1) : T(0);
   const char nt = 'N';
   if constexpr (std::is_same_v<T, float>) {
+    if (own_gemm(at::kFloat)) return gemm_avx512(o, ldo, w, Co, t, P, Co, C, P, accumulate);
     if (sgemm_ != nullptr) return sgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
   } else if constexpr (std::is_same_v<T, double>) {
     if (dgemm_ != nullptr) return dgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
@@ -721,7 +895,7 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
   check_cpu_dtype(input_, "shift_conv1x1");
   const int64_t Co = check_conv1x1(g, input_, weight, bias, residual);
   const at::Tensor input = input_.contiguous();
-  const at::Tensor w = weight.reshape({Co, g.C}).contiguous();
+  const at::Tensor w = gemm_weight(weight, Co, g.C);
   const int64_t N = g.N, C = g.C, Ho = g.Ho, Wo = g.Wo, HWo = Ho * Wo;
   at::Tensor out = at::empty({N, Co, Ho, Wo}, input.options());
   if (out.numel() == 0) return out;
@@ -778,6 +952,48 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
   return out;
 }
 
+// conv1x1 for float32 on AVX-512 CPUs: per image, 32-pixel panels of the input are copied (through
+// the input transform, when there is one) into a dense panel that stays in L1 and multiplied by
+// every block of output channels, bias and ReLU applied before the store; nothing but the output
+// is written. Everything else goes through the ATen composite.
+at::Tensor conv1x1_cpu(const at::Tensor& input_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_bias, bool relu) {
+  const int64_t Co = check_pointwise(input_, weight, bias, in_scale, in_bias);
+  if (!own_gemm(input_.scalar_type()) || input_.size(1) == 0)
+    return conv1x1_composite(input_, weight, bias, in_scale, in_bias, relu);
+  const at::Tensor input = input_.contiguous();
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  const at::Tensor w = gemm_weight(weight, Co, C);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor sc = in_scale.has_value() ? in_scale->contiguous() : at::Tensor();
+  const at::Tensor sb = in_bias.has_value() ? in_bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({N, Co, input.size(2), input.size(3)}, input.options());
+  if (out.numel() == 0) return out;
+  const float* xp = input.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float* sp = sc.defined() ? sc.const_data_ptr<float>() : nullptr;
+  const float* tp = sb.defined() ? sb.const_data_ptr<float>() : nullptr;
+  float* yp = out.data_ptr<float>();
+  const int64_t panels = (HW + 31) / 32;
+  // about 2^17 multiply-adds per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
+  at::parallel_for(0, N * panels, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> storage;  // reused across calls: no allocation per call
+    storage.resize(static_cast<size_t>(C * 32 + 16));
+    float* panel = storage.data() + ((64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64) / sizeof(float);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / panels, j = (i % panels) * 32, cnt = std::min<int64_t>(32, HW - j);
+      const float* x = xp + n * C * HW + j;
+      pack_panel_avx512(panel, x, HW, C, cnt, sp, tp);
+      // while the first block of channels is multiplied, the next panel's input comes into cache
+      const float* next = i + 1 < end && j + 32 < HW ? x + 32 : nullptr;
+      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HW + j, HW, C, 0, 0, false, bp, relu, next, HW}, Co, cnt);
+    }
+  });
+  return out;
+}
+
 // relu(x * scale[c] + bias[c]) for an NCHW tensor: an evaluation-mode BatchNorm with its ReLU in
 // one pass (per plane a contiguous loop the compiler vectorizes).
 template <typename T>
@@ -812,6 +1028,7 @@ at::Tensor scale_bias_relu_cpu(const at::Tensor& input_, const at::Tensor& scale
 TORCH_LIBRARY_IMPL(asl, CPU, m) {
   m.impl("shift_conv1x1", &shift_conv1x1_cpu);
   m.impl("scale_bias_relu", &scale_bias_relu_cpu);
+  m.impl("conv1x1", &conv1x1_cpu);
   m.impl("active_shift", &active_shift_cpu);
   m.impl("active_shift_grad_input", &active_shift_grad_input_cpu);
   m.impl("active_shift_grad_shift", &active_shift_grad_shift_cpu);

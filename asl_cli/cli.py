@@ -224,13 +224,19 @@ def profile_models(
     form: Optional[List[Form]] = typer.Option(None, "--form", help="Forms to time (repeatable; default eager, inference, frozen, "
                                               "frozen-inference). inference: BatchNorm folded, shift fused into the 1x1 conv; "
                                               "frozen: torch.jit trace + freeze + optimize_for_inference."),
+    malloc_pad: int = typer.Option(64, "--malloc-pad", min=0, metavar="MIB",
+                                   help="Have glibc's malloc keep this many MiB of freed memory instead of returning it "
+                                        "to the system after every pass (mallopt, this process only, every model alike; "
+                                        "0: glibc's default). Recorded in the CSV's malloc column."),
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
     pairs with each model in its fastest form (Table 5, Fig. 4)."""
+    from asl_cli.experiments.bench import pad_malloc
+
     dev = _profile_device(device, threads)
     forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
-    _profile_models(models, dev, threads, min_run_time, out, forms)
+    _profile_models(models, dev, threads, min_run_time, out, forms, pad_malloc(malloc_pad))
 
 
 @profile_app.command("train-speed")
@@ -288,20 +294,20 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     console.print(f"appended {len(rows)} rows to {path}")
 
 
-def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",)) -> None:
+def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",), malloc="default") -> None:
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_models import figure, ratios, run
 
     with console.status(f"timing {', '.join(specs)} as {', '.join(forms)}"):
         try:
-            rows = run(list(specs), device, threads, min_run_time, forms=forms)
+            rows = [{**r, "malloc": malloc} for r in run(list(specs), device, threads, min_run_time, forms=forms)]
         except KeyError as e:
             fail(e.args[0], code=2)
         except ckpt_io.CheckpointError as e:
             fail(str(e))
     t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s); "
-                    f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s")
+                    f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s; malloc: {malloc}")
     cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "paper CPU ms", "top-1", "paper top-1"]
     if device == "cuda":
         cols[5:5] = ["GPU ms", "GPU img/s (b256 bf16)"]

@@ -507,3 +507,37 @@ def test_cuda_channels_last_forward_kernel(shape, stride, padding, dtype):
     assert out.is_contiguous(memory_format=torch.channels_last)
     tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,padding", [((2, 3, 9, 10), 0), ((2, 70, 11, 9), 1), ((1, 33, 5, 64), 0), ((3, 16, 56, 56), 0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_channels_last_backward_kernel(shape, padding, dtype):
+    """The channels_last backward at stride 1 (grad_input and the shift gradient's partial sums in
+    one pass, 32 channels per block): reference gradients, non-finite and far-out shifts,
+    run-to-run determinism."""
+    g = torch.Generator().manual_seed(4)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    s = torch.rand(C, 2, generator=g, dtype=torch.float64) * 6 - 3
+    s[0] = s[0].round()  # integer shift: one-sided differences
+    if C > 2:
+        s[1] = torch.tensor([math.nan, 0.0])
+        s[2] = torch.tensor([1e6, -1e6])
+    Ho, Wo = shape[2] + 2 * padding, shape[3] + 2 * padding
+    go = torch.randn(shape[0], C, Ho, Wo, generator=g, dtype=torch.float64).to(dtype)
+    rgi, rgs = ref_grads(x.double(), s, 1, padding, go.double())
+    cl = torch.channels_last
+    xc, goc = x.cuda().contiguous(memory_format=cl), go.cuda().contiguous(memory_format=cl)
+    sc = s.to(torch.float64 if dtype == torch.float64 else torch.float32).cuda()
+    gi, gs = torch.ops.asl.active_shift_backward(goc, xc, sc, [1, 1], [padding, padding])
+    assert gi.is_contiguous(memory_format=cl)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    ok = torch.isfinite(s).all(1)  # a channel with a non-finite shift gets NaN gradients
+    if C > 2:
+        assert torch.isnan(gi[:, 1]).all() and torch.isnan(gs[1]).all()
+    torch.testing.assert_close(gi.double().cpu()[:, ok], rgi[:, ok], rtol=tol, atol=tol)
+    scale = max(1.0, rgs[ok].abs().max().item())
+    torch.testing.assert_close(gs.double().cpu()[ok], rgs[ok], rtol=tol, atol=tol * scale)
+    again = torch.ops.asl.active_shift_backward(goc, xc, sc, [1, 1], [padding, padding])
+    assert torch.equal(again[0].nan_to_num(), gi.nan_to_num()) and torch.equal(again[1].nan_to_num(), gs.nan_to_num())

@@ -1,6 +1,9 @@
-// CUDA kernels of the active shift operator: one thread per element, threads ordered like the
-// tensor's memory (NCHW or channels_last) so that writes are coalesced. Half and bfloat16
-// inputs are computed in float32; the shift gradient is a two-stage, fixed-order reduction.
+// CUDA kernels of the active shift operator. General kernels: one thread per element, threads
+// ordered like the tensor's memory (NCHW or channels_last) so that writes are coalesced. Fast
+// paths: NCHW stride 1 with 16-byte chunks per thread, and channels_last kernels of their own
+// (forward: a block per output row; backward at stride 1: one pass writing grad_input and the
+// shift gradient's partial sums). Half and bfloat16 inputs are computed in float32; every shift
+// gradient is a two-stage, fixed-order (deterministic) reduction.
 #include "../active_shift.h"
 
 #include <ATen/ATen.h>
@@ -515,6 +518,89 @@ __global__ void __launch_bounds__(kThreads) forward_cl_kernel(const scalar_t* __
   }
 }
 
+// channels_last backward at stride 1: one pass over grad_output and input writing grad_input and
+// per-block partial sums of the shift gradient (the input-centric form of backward_vec_kernel).
+// A block owns `rows` input rows of one image and 32 consecutive channels: lane x is the channel
+// (so every load of x and store of grad_input is one contiguous 32-channel run), y walks the
+// columns. Each thread decodes its channel's shift once and accumulates its channel's two sums;
+// the block adds them over y in a fixed order into partial[(n * strips + strip) * C + c].
+constexpr int kClRows = 4;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) backward_cl_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+                                                               const acc_t* __restrict__ shift, scalar_t* __restrict__ gx,
+                                                               acc_t* __restrict__ partial, Geom<int64_t> g, int strips,
+                                                               acc_t limit) {
+  __shared__ acc_t sa[kThreads], sb[kThreads];
+  const int64_t n = blockIdx.x / strips;
+  const int strip = static_cast<int>(blockIdx.x - n * strips);
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
+  const bool active = c < g.C;
+  acc_t da = 0, db = 0;
+  bool finite = true;
+  if (active) {
+    const auto s = ChannelShift<acc_t>::make(shift[2 * c], shift[2 * c + 1], limit);
+    finite = s.finite;
+    const int64_t dr = s.dr, dc = s.dc;
+    const acc_t fr = s.fr, fc = s.fc;
+    const int64_t r_end = min(static_cast<int64_t>(strip + 1) * kClRows, g.H);
+    for (int64_t r = static_cast<int64_t>(strip) * kClRows; r < r_end; ++r) {
+      const int64_t rp = r + g.ph - dr;  // grad_output rows rp (A) and rp - 1 (B)
+      const bool a_in = rp >= 0 && rp < g.Ho, b_in = rp >= 1 && rp - 1 < g.Ho;
+      const scalar_t* xrow = x + ((n * g.H + r) * g.W) * g.C + c;
+      scalar_t* gxrow = gx + ((n * g.H + r) * g.W) * g.C + c;
+      // 64-bit: rows or columns far outside are never dereferenced but their offsets are formed
+      const scalar_t* arow = go + ((n * g.Ho + rp) * g.Wo) * g.C + c;
+      const scalar_t* brow = arow - g.Wo * g.C;
+      for (int64_t col = threadIdx.y; col < g.W; col += blockDim.y) {
+        const int64_t cp = col + g.pw - dc;  // grad_output columns cp and cp - 1 (l)
+        const bool c0 = cp >= 0 && cp < g.Wo, c1 = cp >= 1 && cp - 1 < g.Wo;
+        const acc_t A = (a_in && c0) ? static_cast<acc_t>(arow[cp * g.C]) : acc_t(0);
+        const acc_t Al = (a_in && c1) ? static_cast<acc_t>(arow[(cp - 1) * g.C]) : acc_t(0);
+        const acc_t B = (b_in && c0) ? static_cast<acc_t>(brow[cp * g.C]) : acc_t(0);
+        const acc_t Bl = (b_in && c1) ? static_cast<acc_t>(brow[(cp - 1) * g.C]) : acc_t(0);
+        const acc_t v = bilinear(A, Al, B, Bl, fr, fc);
+        const acc_t xv = static_cast<acc_t>(xrow[col * g.C]);
+        da += xv * d_alpha(A, Al, B, Bl, fr);
+        db += xv * d_beta(A, Al, B, Bl, fc);
+        gxrow[col * g.C] = static_cast<scalar_t>(finite ? v : static_cast<acc_t>(NAN));
+      }
+    }
+  }
+  // fixed-order sum over y for each lane (channel)
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  sa[tid] = da;
+  sb[tid] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (int y = 1; y < static_cast<int>(blockDim.y); ++y) {
+      da += sa[y * 32 + threadIdx.x];
+      db += sb[y * 32 + threadIdx.x];
+    }
+    const acc_t bad = finite ? acc_t(0) : static_cast<acc_t>(NAN);
+    acc_t* out = partial + (static_cast<int64_t>(blockIdx.x) * g.C + c) * 2;
+    out[0] = da + bad;
+    out[1] = db + bad;
+  }
+}
+
+// Sums backward_cl_kernel's partials of channel c over the (image, strip) blocks in a fixed order.
+template <typename acc_t>
+__global__ void backward_cl_final_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t blocks,
+                                         int64_t C) {
+  const int64_t c = blockIdx.x;
+  acc_t a = 0, b = 0;
+  for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) {
+    a += partial[(i * C + c) * 2];
+    b += partial[(i * C + c) * 2 + 1];
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    out[2 * c] = a;
+    out[2 * c + 1] = b;
+  }
+}
+
 at::Tensor opmath_shift(const at::Tensor& shift, at::ScalarType input_type) {
   return shift.to(at::toOpMathType(input_type)).contiguous();
 }
@@ -664,6 +750,24 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& 
   at::Tensor total;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "active_shift_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (g.channels_last && g.sh == 1 && g.sw == 1) {
+      const int strips = static_cast<int>((g.H + kClRows - 1) / kClRows);
+      const int64_t blocks = g.N * strips;
+      const int64_t groups = (g.C + 31) / 32;
+      if (blocks >= (int64_t{1} << 31) || groups >= 65536) return;  // the general kernels
+      at::Tensor partial = at::empty({blocks, g.C, 2}, input.options().dtype(acc_type));
+      total = at::empty({g.C, 2}, input.options().dtype(acc_type));
+      backward_cl_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(groups)), dim3(32, kThreads / 32), 0,
+                                            stream>>>(
+          grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), gx.data_ptr<scalar_t>(),
+          partial.data_ptr<acc_t>(), Geom<int64_t>(g), strips, static_cast<acc_t>(g.limit));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_cl_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), blocks, g.C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      done = true;
+      return;
+    }
     done = with_chunk_width<scalar_t>([&](auto width) {
       constexpr int G = decltype(width)::value;
       PlaneGeom pg;

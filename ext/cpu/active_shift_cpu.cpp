@@ -699,6 +699,23 @@ __attribute__((weak)) void dgemm_(const char*, const char*, const int*, const in
                                   const int*);
 }
 
+// One panel's product for gemm_micro_avx512 (see below).
+struct GemmPanel {
+  const float* w;
+  int64_t ldw;
+  const float* t;
+  int64_t ldt;
+  float* o;
+  int64_t ldo;
+  int64_t K;
+  uint16_t m0, m1;            // the panel's valid pixels in its two 16-lane halves (AVX-512 masks)
+  bool accumulate;
+  const float* bias;          // added per output channel before the store (nullable)
+  bool relu;                  // then max(., 0)
+  const float* prefetch;      // rows (stride ldp) to pull into cache while multiplying (nullable)
+  int64_t ldp;
+};
+
 #if defined(__x86_64__) && defined(__GNUC__)
 // A register-blocked single-precision product for AVX-512 machines, used by shift_conv1x1 on its
 // cache-resident tiles and by conv1x1 on 32-pixel panels:
@@ -708,21 +725,6 @@ __attribute__((weak)) void dgemm_(const char*, const char*, const int*, const in
 // and broadcasts MR weights.
 constexpr int kGemmMR = 12;
 
-struct GemmPanel {
-  const float* w;
-  int64_t ldw;
-  const float* t;
-  int64_t ldt;
-  float* o;
-  int64_t ldo;
-  int64_t K;
-  __mmask16 m0, m1;           // the panel's valid pixels in its two 16-lane halves
-  bool accumulate;
-  const float* bias;          // added per output channel before the store (nullable)
-  bool relu;                  // then max(., 0)
-  const float* prefetch;      // rows (stride ldp) to pull into cache while multiplying (nullable)
-  int64_t ldp;
-};
 
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, const float* __restrict w,
@@ -835,21 +837,6 @@ bool use_gemm_avx512() {
 #else
 bool use_gemm_avx512() { return false; }
 void gemm_avx512(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, bool) {}
-struct GemmPanel {
-  const float* w;
-  int64_t ldw;
-  const float* t;
-  int64_t ldt;
-  float* o;
-  int64_t ldo;
-  int64_t K;
-  uint16_t m0, m1;
-  bool accumulate;
-  const float* bias;
-  bool relu;
-  const float* prefetch;
-  int64_t ldp;
-};
 void gemm_panel_avx512(GemmPanel, int64_t, int64_t) {}
 void pack_panel_avx512(float*, const float*, int64_t, int64_t, int64_t, const float*, const float*) {}
 #endif

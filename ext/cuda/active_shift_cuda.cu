@@ -182,15 +182,16 @@ __global__ void grad_shift_partial_kernel(const scalar_t* __restrict__ go,
   }
 }
 
-// Stage 2: one block per channel sums its partials in a fixed order.
+// Stage 2: one block per channel sums its `count` partial pairs, the i-th at
+// partial[(c * stride_c + i * stride_i) * 2], in a fixed order.
 template <typename acc_t>
 __global__ void grad_shift_final_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out,
-                                        int64_t slices) {
+                                        int64_t count, int64_t stride_c, int64_t stride_i) {
   const int64_t c = blockIdx.x;
   acc_t a = 0, b = 0;
-  for (int64_t i = threadIdx.x; i < slices; i += blockDim.x) {
-    a += partial[(c * slices + i) * 2];
-    b += partial[(c * slices + i) * 2 + 1];
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    a += partial[(c * stride_c + i * stride_i) * 2];
+    b += partial[(c * stride_c + i * stride_i) * 2 + 1];
   }
   block_sum2(a, b);
   if (threadIdx.x == 0) {
@@ -584,23 +585,6 @@ __global__ void __launch_bounds__(kThreads) backward_cl_kernel(const scalar_t* _
   }
 }
 
-// Sums backward_cl_kernel's partials of channel c over the (image, strip) blocks in a fixed order.
-template <typename acc_t>
-__global__ void backward_cl_final_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t blocks,
-                                         int64_t C) {
-  const int64_t c = blockIdx.x;
-  acc_t a = 0, b = 0;
-  for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) {
-    a += partial[(i * C + c) * 2];
-    b += partial[(i * C + c) * 2 + 1];
-  }
-  block_sum2(a, b);
-  if (threadIdx.x == 0) {
-    out[2 * c] = a;
-    out[2 * c + 1] = b;
-  }
-}
-
 at::Tensor opmath_shift(const at::Tensor& shift, at::ScalarType input_type) {
   return shift.to(at::toOpMathType(input_type)).contiguous();
 }
@@ -720,7 +704,7 @@ at::Tensor active_shift_grad_shift_cuda(const at::Tensor& grad_, const at::Tenso
     with_index_type(g, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_shift_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), slices);
+        partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), slices, slices, 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return total.to(shift.scalar_type());
@@ -762,8 +746,8 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cuda(const at::Tensor& 
           grad.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), gx.data_ptr<scalar_t>(),
           partial.data_ptr<acc_t>(), Geom<int64_t>(g), strips, static_cast<acc_t>(g.limit));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_cl_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), blocks, g.C);
+      grad_shift_final_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), total.data_ptr<acc_t>(), blocks, 1, g.C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       done = true;
       return;

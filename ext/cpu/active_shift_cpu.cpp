@@ -844,32 +844,29 @@ void pack_panel_avx512(float*, const float*, int64_t, int64_t, int64_t, const fl
 // Whether a product with this dtype runs on gemm_avx512 (which takes the weight transposed).
 bool own_gemm(at::ScalarType t) { return t == at::kFloat && use_gemm_avx512(); }
 
-// A 1x1 convolution's weight (C_out, C) or (C_out, C, 1, 1), dense in the layout the product
-// takes: transposed (C x C_out) for gemm_avx512 (free when the caller passes a transposed view),
-// else C_out x C.
-at::Tensor gemm_weight(const at::Tensor& weight, int64_t Co, int64_t C) {
-  const at::Tensor w = weight.reshape({Co, C});
-  return own_gemm(weight.scalar_type()) ? w.t().contiguous() : w.contiguous();
-}
+// A 1x1 convolution's weight (C_out, C) or (C_out, C, 1, 1) as the dense transposed matrix
+// (C x C_out) every product here takes: free when the caller passes a transposed view (as the
+// inference form does), a copy otherwise.
+at::Tensor gemm_weight(const at::Tensor& weight, int64_t Co, int64_t C) { return weight.reshape({Co, C}).t().contiguous(); }
 
-// o[co * ldo + p] = (accumulate ? o[co * ldo + p] : 0) + sum_c w(co, c) * t[c * P + p], w from
-// gemm_weight.
+// o[co * ldo + p] = (accumulate ? o[co * ldo + p] : 0) + sum_c wt[c * Co + co] * t[c * P + p], wt
+// from gemm_weight (BLAS reads it as the transpose of a column-major C_out x C matrix).
 template <typename T>
-void tile_gemm(T* o, int64_t ldo, const T* w, const T* t, int64_t Co, int64_t C, int64_t P, bool accumulate,
+void tile_gemm(T* o, int64_t ldo, const T* wt, const T* t, int64_t Co, int64_t C, int64_t P, bool accumulate,
                const at::TensorOptions& opts) {
   const int m = static_cast<int>(P), n = static_cast<int>(Co), k = static_cast<int>(C);
-  const int lda = static_cast<int>(P), ldb = static_cast<int>(C), ldc = static_cast<int>(ldo);
+  const int lda = static_cast<int>(P), ldb = static_cast<int>(Co), ldc = static_cast<int>(ldo);
   const T one = T(1), beta = accumulate ? T(1) : T(0);
-  const char nt = 'N';
+  const char nt = 'N', tr = 'T';
   if constexpr (std::is_same_v<T, float>) {
-    if (own_gemm(at::kFloat)) return gemm_avx512(o, ldo, w, Co, t, P, Co, C, P, accumulate);
-    if (sgemm_ != nullptr) return sgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
+    if (own_gemm(at::kFloat)) return gemm_avx512(o, ldo, wt, Co, t, P, Co, C, P, accumulate);
+    if (sgemm_ != nullptr) return sgemm_(&nt, &tr, &m, &n, &k, &one, t, &lda, wt, &ldb, &beta, o, &ldc);
   } else if constexpr (std::is_same_v<T, double>) {
-    if (dgemm_ != nullptr) return dgemm_(&nt, &nt, &m, &n, &k, &one, t, &lda, w, &ldb, &beta, o, &ldc);
+    if (dgemm_ != nullptr) return dgemm_(&nt, &tr, &m, &n, &k, &one, t, &lda, wt, &ldb, &beta, o, &ldc);
   }
   at::Tensor dst = at::from_blob(o, {Co, P}, {ldo, 1}, opts);
   if (!accumulate) dst.zero_();
-  dst.addmm_(at::from_blob(const_cast<T*>(w), {Co, C}, opts), at::from_blob(const_cast<T*>(t), {C, P}, opts));
+  dst.addmm_(at::from_blob(const_cast<T*>(wt), {C, Co}, opts).t(), at::from_blob(const_cast<T*>(t), {C, P}, opts));
 }
 
 // out[n, :, tile] = weight @ shift(input)[n, :, tile] + bias + residual, one tile of whole output

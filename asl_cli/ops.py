@@ -211,21 +211,30 @@ def _check_args(op: str, input: Tensor, shift: Tensor, stride, padding, grad: Te
         torch._check_with(ValueError, grad.device == input.device, lambda: f"{op}: grad_output is on {grad.device} but input is on {input.device}")
 
 
-def _check_conv1x1(input, shift, weight, bias, residual, stride, padding) -> None:
-    """shift_conv1x1's checks (ext/active_shift.cpp, `check_conv1x1`)."""
-    op = "shift_conv1x1"
-    _check_args(op, input, shift, stride, padding)
-    C = input.shape[1]
+def _check_vector(op, input, t, name, n) -> None:
+    """A per-channel vector of n values on the input's device and dtype (`check_vector`)."""
+    torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == n and t.device == input.device,
+                      lambda: f"{op}: {name} must be ({n}) on {input.device}, got {tuple(t.shape)} on {t.device}")
+    torch._check_with(TypeError, t.dtype == input.dtype, lambda: f"{op}: {name} dtype {t.dtype} differs from input dtype {input.dtype}")
+
+
+def _check_weight(op, input, C, weight, bias) -> int:
+    """A 1x1 convolution's weight and optional bias (`check_weight`); returns C_out."""
     torch._check_with(ValueError, (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1))
                       and weight.shape[1] == C,
                       lambda: f"{op}: weight must be (C_out, {C}) or (C_out, {C}, 1, 1), got {tuple(weight.shape)}")
     torch._check_with(TypeError, weight.dtype == input.dtype, lambda: f"{op}: weight dtype {weight.dtype} differs from input dtype {input.dtype}")
     torch._check_with(ValueError, weight.device == input.device, lambda: f"{op}: weight is on {weight.device} but input is on {input.device}")
-    Co = weight.shape[0]
     if bias is not None:
-        torch._check_with(ValueError, bias.dim() == 1 and bias.shape[0] == Co and bias.device == input.device,
-                          lambda: f"{op}: bias must be ({Co}) on {input.device}, got {tuple(bias.shape)} on {bias.device}")
-        torch._check_with(TypeError, bias.dtype == input.dtype, lambda: f"{op}: bias dtype {bias.dtype} differs from input dtype {input.dtype}")
+        _check_vector(op, input, bias, "bias", weight.shape[0])
+    return weight.shape[0]
+
+
+def _check_conv1x1(input, shift, weight, bias, residual, stride, padding) -> None:
+    """shift_conv1x1's checks (ext/active_shift.cpp, `check_conv1x1`)."""
+    op = "shift_conv1x1"
+    _check_args(op, input, shift, stride, padding)
+    Co = _check_weight(op, input, input.shape[1], weight, bias)
     if residual is not None:
         N, _, H, W = input.shape
         expected = (N, Co, output_size(H, stride[0], padding[0]), output_size(W, stride[1], padding[1]))
@@ -326,17 +335,11 @@ def _check_pointwise(input, weight, bias, in_scale, in_bias) -> None:
     torch._check_with(ValueError, input.dim() == 4, lambda: f"{op}: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
     torch._check_with(TypeError, input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}")
     C = input.shape[1]
-    torch._check_with(ValueError, (weight.dim() == 2 or (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1))
-                      and weight.shape[1] == C,
-                      lambda: f"{op}: weight must be (C_out, {C}) or (C_out, {C}, 1, 1), got {tuple(weight.shape)}")
+    _check_weight(op, input, C, weight, bias)
     torch._check_with(ValueError, (in_scale is None) == (in_bias is None), lambda: f"{op}: in_scale and in_bias go together")
-    torch._check_with(TypeError, weight.dtype == input.dtype, lambda: f"{op}: weight dtype {weight.dtype} differs from input dtype {input.dtype}")
-    torch._check_with(ValueError, weight.device == input.device, lambda: f"{op}: weight is on {weight.device} but input is on {input.device}")
-    for t, name, n in ((bias, "bias", weight.shape[0]), (in_scale, "in_scale", C), (in_bias, "in_bias", C)):
-        if t is not None:
-            torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == n and t.device == input.device,
-                              lambda: f"{op}: {name} must be ({n}) on {input.device}, got {tuple(t.shape)} on {t.device}")
-            torch._check_with(TypeError, t.dtype == input.dtype, lambda: f"{op}: {name} dtype {t.dtype} differs from input dtype {input.dtype}")
+    if in_scale is not None:
+        _check_vector(op, input, in_scale, "in_scale", C)
+        _check_vector(op, input, in_bias, "in_bias", C)
 
 
 @torch.library.register_fake("asl::conv1x1")

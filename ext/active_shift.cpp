@@ -58,23 +58,34 @@ Geometry prepare(const at::Tensor& input, const at::Tensor& shift, at::IntArrayR
   return g;
 }
 
-int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
-  const char* op = "shift_conv1x1";
+// A per-channel vector of n values on the input's device and dtype.
+static void check_vector(const at::Tensor& input, const at::Tensor& t, const char* op, const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.device() == input.device(), op, ": ", name, " must be (", n,
+                    ") on ", input.device(), ", got ", t.sizes(), " on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " differs from input dtype ", input.scalar_type());
+}
+
+// A 1x1 convolution's weight ((Co, C) or (Co, C, 1, 1)) and optional bias (Co) against an input of
+// C channels, its device and dtype; returns Co.
+static int64_t check_weight(const at::Tensor& input, int64_t C, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const char* op) {
   TORCH_CHECK_VALUE((weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)) &&
-                        weight.size(1) == g.C,
-                    op, ": weight must be (C_out, ", g.C, ") or (C_out, ", g.C, ", 1, 1), got ", weight.sizes());
+                        weight.size(1) == C,
+                    op, ": weight must be (C_out, ", C, ") or (C_out, ", C, ", 1, 1), got ", weight.sizes());
   TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
                    " differs from input dtype ", input.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == input.device(), op, ": weight is on ", weight.device(), " but input is on ",
                     input.device());
   const int64_t Co = weight.size(0);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Co && bias->device() == input.device(), op,
-                      ": bias must be (", Co, ") on ", input.device(), ", got ", bias->sizes(), " on ", bias->device());
-    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                     " differs from input dtype ", input.scalar_type());
-  }
+  if (bias.has_value()) check_vector(input, *bias, op, "bias", Co);
+  return Co;
+}
+
+int64_t check_conv1x1(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  const char* op = "shift_conv1x1";
+  const int64_t Co = check_weight(input, g.C, weight, bias, op);
   if (residual.has_value()) {
     const std::vector<int64_t> expected{g.N, Co, g.Ho, g.Wo};
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(expected) && residual->device() == input.device(), op,
@@ -99,25 +110,11 @@ int64_t check_pointwise(const at::Tensor& input, const at::Tensor& weight, const
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op, ": input must be a floating-point tensor, got ",
                    input.scalar_type());
   const int64_t C = input.size(1);
-  TORCH_CHECK_VALUE((weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)) &&
-                        weight.size(1) == C,
-                    op, ": weight must be (C_out, ", C, ") or (C_out, ", C, ", 1, 1), got ", weight.sizes());
-  const int64_t Co = weight.size(0);
+  const int64_t Co = check_weight(input, C, weight, bias, op);
   TORCH_CHECK_VALUE(in_scale.has_value() == in_bias.has_value(), op, ": in_scale and in_bias go together");
-  auto same = [&](const at::Tensor& t, const char* name, int64_t n) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.device() == input.device(), op, ": ", name, " must be (", n,
-                      ") on ", input.device(), ", got ", t.sizes(), " on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-                     " differs from input dtype ", input.scalar_type());
-  };
-  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
-                   " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == input.device(), op, ": weight is on ", weight.device(), " but input is on ",
-                    input.device());
-  if (bias.has_value()) same(*bias, "bias", Co);
   if (in_scale.has_value()) {
-    same(*in_scale, "in_scale", C);
-    same(*in_bias, "in_bias", C);
+    check_vector(input, *in_scale, op, "in_scale", C);
+    check_vector(input, *in_bias, op, "in_bias", C);
   }
   return Co;
 }

@@ -648,6 +648,16 @@ at::Tensor active_shift_grad_shift_cpu(const at::Tensor& grad_, const at::Tensor
 
 }  // namespace
 
+// This thread's scratch buffer of at least n elements, 64-byte aligned, kept between calls so that
+// the fused operators allocate nothing per call. One caller at a time per thread (not reentrant).
+template <typename T>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> storage;
+  storage.resize(static_cast<size_t>(n) + 64 / sizeof(T));
+  const auto misalign = reinterpret_cast<uintptr_t>(storage.data()) % 64;
+  return storage.data() + (misalign == 0 ? 0 : (64 - misalign) / sizeof(T));
+}
+
 // Rows of one channel's shifted tile at stride 1: out row p blends source rows p + off_r and
 // p + off_r + 1 (zeros outside) at columns q + off_c and q + off_c + 1; `in` holds the columns
 // whose two taps are inside. A lean version of sample_plane for short tiles (no allocations).
@@ -724,7 +734,6 @@ struct GemmPanel {
 // channels times NV 16-pixel vectors are held in registers; each step of k loads NV vectors of t
 // and broadcasts MR weights.
 constexpr int kGemmMR = 12;
-
 
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, const float* __restrict w,
@@ -871,7 +880,7 @@ void tile_gemm(T* o, int64_t ldo, const T* wt, const T* t, int64_t Co, int64_t C
 
 // out[n, :, tile] = weight @ shift(input)[n, :, tile] + bias + residual, one tile of whole output
 // rows at a time: the tile is shifted into a buffer that stays in cache and multiplied at once
-// (BLAS through addmm on the output's strided view), so the shifted tensor is never written out.
+// (tile_gemm, into the output's strided view), so the shifted tensor is never written out.
 at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                              at::IntArrayRef stride, at::IntArrayRef padding) {
@@ -902,12 +911,12 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
     std::vector<Range> cols(lean ? C : 0);
     for (int64_t c = 0; lean && c < C; ++c) cols[c] = both_taps_inside(shifts[c].dc - g.pw, 1, g.W, Wo);
     at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(static_cast<size_t>(C * rows * Wo));
+      scalar_t* buf = thread_scratch<scalar_t>(C * rows * Wo);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / tiles, r0 = (i % tiles) * rows, nr = std::min(rows, Ho - r0), P = nr * Wo;
         for (int64_t c = 0; c < C; ++c) {
           const auto& s = shifts[c];
-          Plane<scalar_t> dst{buf.data() + c * P, nr, Wo, Wo, 1};
+          Plane<scalar_t> dst{buf + c * P, nr, Wo, Wo, 1};
           if (!s.finite) {
             fill_nan(dst);
           } else if (lean) {
@@ -929,7 +938,7 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
             std::fill(orow, orow + P, bv);
           }
         }
-        tile_gemm<scalar_t>(o, HWo, wp, buf.data(), Co, C, P, bp || rp, input.options());
+        tile_gemm<scalar_t>(o, HWo, wp, buf, Co, C, P, bp || rp, input.options());
       }
     });
   });
@@ -961,11 +970,9 @@ at::Tensor conv1x1_cpu(const at::Tensor& input_, const at::Tensor& weight, const
   float* yp = out.data_ptr<float>();
   const int64_t panels = (HW + 31) / 32;
   // about 2^17 multiply-adds per task
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
-  at::parallel_for(0, N * panels, grain, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> storage;  // reused across calls: no allocation per call
-    storage.resize(static_cast<size_t>(C * 32 + 16));
-    float* panel = storage.data() + ((64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64) / sizeof(float);
+  const int64_t panels_per_task = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
+  at::parallel_for(0, N * panels, panels_per_task, [&](int64_t begin, int64_t end) {
+    float* panel = thread_scratch<float>(C * 32);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / panels, j = (i % panels) * 32, cnt = std::min<int64_t>(32, HW - j);
       const float* x = xp + n * C * HW + j;

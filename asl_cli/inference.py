@@ -2,7 +2,7 @@
 
 What folds where, in the pre-activation order of a block (BN0-ReLU, 1x1, BN1-ReLU, spatial, 1x1, +):
 - BN1 follows the first 1x1 convolution, so it folds into that convolution's weight and bias, and
-  its ReLU is applied in place on the convolution's output;
+  its ReLU is applied to the product before it is stored;
 - the BatchNorm after a 3x3 depthwise convolution (1B-DW3-B-1) folds into the depthwise weights;
 - BN0 sits on the residual stream, whose raw value the identity shortcut still needs, so it cannot
   fold into the previous block's last convolution; it becomes a per-channel scale-and-bias with its

@@ -719,47 +719,70 @@ struct GemmPanel {
   int64_t ldo;
   int64_t K;
   uint16_t m0, m1;            // the panel's valid pixels in its two 16-lane halves (AVX-512 masks)
-  bool accumulate;
+  const float* addend;        // rows (stride lda) the product is added to (nullable; may be o itself)
+  int64_t lda;
   const float* bias;          // added per output channel before the store (nullable)
   bool relu;                  // then max(., 0)
   const float* prefetch;      // rows (stride ldp) to pull into cache while multiplying (nullable)
   int64_t ldp;
 };
 
+// The active shift of one channel for shift_pack_panel_avx512 (stride 1, output rows as long as
+// input rows): output pixel p (flat index in its plane) blends input pixels p + off, p + off + 1,
+// p + off + W and p + off + W + 1, each where its row and its column lie inside the input.
+struct PanelShift {
+  int64_t off;              // flat offset of the top-left tap
+  int32_t r0, r1, c0, c1;   // the two tap rows' and two tap columns' entries in the panel's mask tables
+  float w00, w01, w10, w11;
+  bool finite;
+};
+
 #if defined(__x86_64__) && defined(__GNUC__)
 // A register-blocked single-precision product for AVX-512 machines, used by shift_conv1x1 on its
 // cache-resident tiles and by conv1x1 on 32-pixel panels:
-//   o[co * ldo + p] = epilogue((accumulate ? o[co * ldo + p] : 0) + sum_k w[k * ldw + co] * t[k * ldt + p])
+//   o[co * ldo + p] = epilogue((addend ? addend[co * lda + p] : 0) + sum_k w[k * ldw + co] * t[k * ldt + p])
 // with the weight transposed (K x Co), so that the MR weights of one step are adjacent. MR output
 // channels times NV 16-pixel vectors are held in registers; each step of k loads NV vectors of t
 // and broadcasts MR weights.
 constexpr int kGemmMR = 12;
 
+// One step of k: acc[i][v] += w[i] * t[16 v .. 16 v + 15] (masked lanes read as zero).
 template <int MR, int NV>
-__attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, const float* __restrict w,
-                                                         float* __restrict o, const float* __restrict bias) {
+__attribute__((target("avx512f"), always_inline)) inline void gemm_step(__m512 (&acc)[MR][NV], const float* __restrict w,
+                                                                        const float* __restrict t, __mmask16 m0,
+                                                                        __mmask16 m1) {
+  const __m512 b0 = _mm512_maskz_loadu_ps(m0, t);
+  const __m512 b1 = NV == 2 ? _mm512_maskz_loadu_ps(m1, t + 16) : b0;
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    const __m512 a = _mm512_set1_ps(w[i]);
+    acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+    if constexpr (NV == 2) acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+  }
+}
+
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, const float* __restrict w, float* o,
+                                                         const float* __restrict bias, const float* add) {
   const __mmask16 m0 = g.m0, m1 = g.m1;
   const float* __restrict t = g.t;
-  const int64_t ldw = g.ldw, ldt = g.ldt, ldo = g.ldo;
+  const int64_t ldw = g.ldw, ldt = g.ldt, ldo = g.ldo, lda = g.lda;
   __m512 acc[MR][NV];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
-    acc[i][0] = g.accumulate ? _mm512_maskz_loadu_ps(m0, o + i * ldo) : _mm512_setzero_ps();
-    if constexpr (NV == 2) acc[i][1] = g.accumulate ? _mm512_maskz_loadu_ps(m1, o + i * ldo + 16) : _mm512_setzero_ps();
+    acc[i][0] = add != nullptr ? _mm512_maskz_loadu_ps(m0, add + i * lda) : _mm512_setzero_ps();
+    if constexpr (NV == 2) acc[i][1] = add != nullptr ? _mm512_maskz_loadu_ps(m1, add + i * lda + 16) : _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < g.K; ++k, w += ldw) {
-    if (g.prefetch != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(g.prefetch + k * g.ldp), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(g.prefetch + k * g.ldp + 16), _MM_HINT_T0);
+  // the prefetching loop apart, so that the common one carries nothing but the product
+  const int64_t K = g.K, ldp = g.ldp;
+  if (const float* pf = g.prefetch; pf != nullptr) {
+    for (int64_t k = 0; k < K; ++k, w += ldw) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldp), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldp + 16), _MM_HINT_T0);
+      gemm_step<MR, NV>(acc, w, t + k * ldt, m0, m1);
     }
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, t + k * ldt);
-    const __m512 b1 = NV == 2 ? _mm512_maskz_loadu_ps(m1, t + k * ldt + 16) : b0;
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(w[i]);
-      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-      if constexpr (NV == 2) acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
-    }
+  } else {
+    for (int64_t k = 0; k < K; ++k, w += ldw) gemm_step<MR, NV>(acc, w, t + k * ldt, m0, m1);
   }
   if (bias != nullptr || g.relu) {
     const __m512 zero = _mm512_setzero_ps();
@@ -781,10 +804,10 @@ __attribute__((target("avx512f"))) void gemm_micro_avx512(const GemmPanel& g, co
 
 // The micro-kernel for `rows` (1..kGemmMR) output channels: a compile-time count for each.
 template <int NV, int MR = kGemmMR>
-void gemm_rows_avx512(int rows, const GemmPanel& g, const float* w, float* o, const float* bias) {
+void gemm_rows_avx512(int rows, const GemmPanel& g, const float* w, float* o, const float* bias, const float* add) {
   if constexpr (MR > 0) {
-    if (rows == MR) return gemm_micro_avx512<MR, NV>(g, w, o, bias);
-    gemm_rows_avx512<NV, MR - 1>(rows, g, w, o, bias);
+    if (rows == MR) return gemm_micro_avx512<MR, NV>(g, w, o, bias, add);
+    gemm_rows_avx512<NV, MR - 1>(rows, g, w, o, bias, add);
   }
 }
 
@@ -800,8 +823,9 @@ void gemm_panel_avx512(GemmPanel g, int64_t Co, int64_t n) {
   for (int64_t co = 0; co < Co; co += kGemmMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, Co - co));
     const float* b = g.bias != nullptr ? g.bias + co : nullptr;
-    if (n > 16) gemm_rows_avx512<2>(rows, g, g.w + co, g.o + co * g.ldo, b);
-    else gemm_rows_avx512<1>(rows, g, g.w + co, g.o + co * g.ldo, b);
+    const float* a = g.addend != nullptr ? g.addend + co * g.lda : nullptr;
+    if (n > 16) gemm_rows_avx512<2>(rows, g, g.w + co, g.o + co * g.ldo, b, a);
+    else gemm_rows_avx512<1>(rows, g, g.w + co, g.o + co * g.ldo, b, a);
     g.prefetch = nullptr;
   }
 }
@@ -811,7 +835,7 @@ void gemm_panel_avx512(GemmPanel g, int64_t Co, int64_t n) {
 void gemm_avx512(float* o, int64_t ldo, const float* w, int64_t ldw, const float* t, int64_t ldt, int64_t Co,
                  int64_t K, int64_t P, bool accumulate) {
   for (int64_t j = 0; j < P; j += 32) {
-    const GemmPanel g{w, ldw, t + j, ldt, o + j, ldo, K, 0, 0, accumulate, nullptr, false, nullptr, 0};
+    const GemmPanel g{w, ldw, t + j, ldt, o + j, ldo, K, 0, 0, accumulate ? o + j : nullptr, ldo, nullptr, false, nullptr, 0};
     gemm_panel_avx512(g, Co, std::min<int64_t>(32, P - j));
   }
 }
@@ -834,6 +858,69 @@ __attribute__((target("avx512f"))) void pack_panel_avx512(float* __restrict pane
   }
 }
 
+// Bit i of out[e - lo] (e in [lo, hi]): whether idx[i] + e lies in [0, len), for the lanes in valid.
+__attribute__((target("avx512f"))) void lane_table(uint32_t* out, const int32_t* idx, int64_t lo, int64_t hi,
+                                                  int64_t len, uint32_t valid) {
+  const __m512i v0 = _mm512_load_si512(idx), v1 = _mm512_load_si512(idx + 16);
+  const __m512i bound = _mm512_set1_epi32(static_cast<int32_t>(len));
+  for (int64_t e = lo; e <= hi; ++e) {  // unsigned: idx + e < 0 fails as well as idx + e >= len
+    const __m512i ev = _mm512_set1_epi32(static_cast<int32_t>(e));
+    const uint32_t m = _mm512_cmplt_epu32_mask(_mm512_add_epi32(v0, ev), bound) |
+                       (static_cast<uint32_t>(_mm512_cmplt_epu32_mask(_mm512_add_epi32(v1, ev), bound)) << 16);
+    out[e - lo] = m & valid;
+  }
+}
+
+// Per panel of n <= 32 output pixels from flat index j (output rows of W pixels): for each row offset
+// e in [rlo, rhi], bit i of rows[e - rlo] says whether input row (j + i) / W + e is one of the H rows;
+// likewise cols[] for columns (j + i) % W + e against W. Shared by every channel of the panel.
+void panel_masks(uint32_t* rows, int64_t rlo, int64_t rhi, uint32_t* cols, int64_t clo, int64_t chi, int64_t j,
+                 int64_t n, int64_t H, int64_t W) {
+  alignas(64) int32_t r[32], q[32];
+  for (int64_t i = 0, rr = j / W, qq = j % W; i < 32; ++i) {
+    r[i] = static_cast<int32_t>(rr);
+    q[i] = static_cast<int32_t>(qq);
+    if (++qq == W) qq = 0, ++rr;
+  }
+  const uint32_t valid = n >= 32 ? ~0u : (1u << n) - 1u;
+  lane_table(rows, r, rlo, rhi, H, valid);
+  lane_table(cols, q, clo, chi, W, valid);
+}
+
+// The shifted panel (C x 32, lanes past the panel's pixels zero) of every channel of one image x
+// (planes of HW floats, rows of W), output pixels j.. of the panel: four masked loads per 16 pixels
+// and channel; a channel with a non-finite shift gives NaN. Taps whose mask is off are never read.
+__attribute__((target("avx512f"))) void shift_pack_panel_avx512(float* __restrict panel, const float* x, int64_t HW,
+                                                               int64_t W, int64_t j, int64_t n,
+                                                               const PanelShift* ch, int64_t C,
+                                                               const uint32_t* rows, const uint32_t* cols) {
+  const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+  const uint32_t valid = n >= 32 ? ~0u : (1u << n) - 1u;
+  for (int64_t c = 0; c < C; ++c) {
+    const PanelShift& s = ch[c];
+    float* dst = panel + c * 32;
+    if (!s.finite) {
+      _mm512_store_ps(dst, _mm512_maskz_mov_ps(static_cast<__mmask16>(valid), nan));
+      _mm512_store_ps(dst + 16, _mm512_maskz_mov_ps(static_cast<__mmask16>(valid >> 16), nan));
+      continue;
+    }
+    const uint32_t ra = rows[s.r0], rb = rows[s.r1], ca = cols[s.c0], cb = cols[s.c1];
+    const uint32_t m00 = ra & ca, m01 = ra & cb, m10 = rb & ca, m11 = rb & cb;
+    // the address of pixel j's top-left tap (outside the plane when its masks are off: never read)
+    const float* b = x + c * HW + (j + s.off);
+    const __m512 w00 = _mm512_set1_ps(s.w00), w01 = _mm512_set1_ps(s.w01), w10 = _mm512_set1_ps(s.w10),
+                 w11 = _mm512_set1_ps(s.w11);
+#pragma GCC unroll 2
+    for (int h = 0; h < 32; h += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m00 >> h), b + h), w00);
+      v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m01 >> h), b + h + 1), w01, v);
+      v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m10 >> h), b + h + W), w10, v);
+      v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(static_cast<__mmask16>(m11 >> h), b + h + W + 1), w11, v);
+      _mm512_store_ps(dst + h, v);
+    }
+  }
+}
+
 // Whether gemm_avx512 serves float products: an AVX-512 CPU, unless ASL_CPU_GEMM=blas asks for
 // the BLAS path (which every other machine takes).
 bool use_gemm_avx512() {
@@ -848,6 +935,9 @@ bool use_gemm_avx512() { return false; }
 void gemm_avx512(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, bool) {}
 void gemm_panel_avx512(GemmPanel, int64_t, int64_t) {}
 void pack_panel_avx512(float*, const float*, int64_t, int64_t, int64_t, const float*, const float*) {}
+void panel_masks(uint32_t*, int64_t, int64_t, uint32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {}
+void shift_pack_panel_avx512(float*, const float*, int64_t, int64_t, int64_t, int64_t, const PanelShift*, int64_t,
+                             const uint32_t*, const uint32_t*) {}
 #endif
 
 // Whether a product with this dtype runs on gemm_avx512 (which takes the weight transposed).
@@ -878,6 +968,50 @@ void tile_gemm(T* o, int64_t ldo, const T* wt, const T* t, int64_t Co, int64_t C
   dst.addmm_(at::from_blob(const_cast<T*>(wt), {C, Co}, opts).t(), at::from_blob(const_cast<T*>(t), {C, P}, opts));
 }
 
+// shift_conv1x1 for float32 on AVX-512 CPUs at stride 1 with output rows as long as input rows (no
+// column padding): per image, each 32-pixel panel is shifted straight from the input into a dense
+// C x 32 panel that stays in L1 and multiplied by every block of output channels, the residual and
+// bias added in the product; nothing but the output is written.
+void shift_conv1x1_panels(const Geometry& g, const float* xp, const at::Tensor& shift, const float* wp, const float* bp,
+                          const float* rp, int64_t Co, float* yp) {
+  const int64_t C = g.C, H = g.H, W = g.W, HW = H * W, HWo = g.Ho * g.Wo;
+  const auto shifts = channel_shifts<float>(shift, g.limit);
+  // Tap row (column) offsets, clamped to the range beyond which every tap is outside, and the
+  // range the panels' mask tables cover.
+  std::vector<PanelShift> ch(C);
+  std::vector<int64_t> er(2 * C), ec(2 * C);
+  int64_t rlo = H, rhi = -g.Ho, clo = W, chi = -g.Wo;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t r = shifts[c].dr - g.ph, q = shifts[c].dc - g.pw;
+    for (int64_t k = 0; k < 2; ++k) {
+      er[2 * c + k] = clamp64(r + k, -g.Ho, H);
+      ec[2 * c + k] = clamp64(q + k, -g.Wo, W);
+    }
+    rlo = std::min(rlo, er[2 * c]), rhi = std::max(rhi, er[2 * c + 1]);
+    clo = std::min(clo, ec[2 * c]), chi = std::max(chi, ec[2 * c + 1]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const auto& s = shifts[c];
+    const auto idx = [](int64_t e, int64_t lo) { return static_cast<int32_t>(e - lo); };
+    ch[c] = {(s.dr - g.ph) * W + (s.dc - g.pw), idx(er[2 * c], rlo), idx(er[2 * c + 1], rlo), idx(ec[2 * c], clo),
+             idx(ec[2 * c + 1], clo), (1 - s.fr) * (1 - s.fc), (1 - s.fr) * s.fc, s.fr * (1 - s.fc), s.fr * s.fc,
+             s.finite};
+  }
+  const int64_t panels = (HWo + 31) / 32;
+  const int64_t panels_per_task = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
+  at::parallel_for(0, g.N * panels, panels_per_task, [&](int64_t begin, int64_t end) {
+    float* panel = thread_scratch<float>(C * 32);
+    std::vector<uint32_t> rows(std::max<int64_t>(0, rhi - rlo + 1)), cols(std::max<int64_t>(0, chi - clo + 1));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / panels, j = (i % panels) * 32, cnt = std::min<int64_t>(32, HWo - j);
+      panel_masks(rows.data(), rlo, rhi, cols.data(), clo, chi, j, cnt, H, W);
+      shift_pack_panel_avx512(panel, xp + n * C * HW, HW, W, j, cnt, ch.data(), C, rows.data(), cols.data());
+      const float* add = rp != nullptr ? rp + n * Co * HWo + j : nullptr;
+      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HWo + j, HWo, C, 0, 0, add, HWo, bp, false, nullptr, 0}, Co, cnt);
+    }
+  });
+}
+
 // out[n, :, tile] = weight @ shift(input)[n, :, tile] + bias + residual, one tile of whole output
 // rows at a time: the tile is shifted into a buffer that stays in cache and multiplied at once
 // (tile_gemm, into the output's strided view), so the shifted tensor is never written out.
@@ -898,6 +1032,12 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
   const int64_t tiles = (Ho + rows - 1) / rows;
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (own_gemm(input.scalar_type()) && g.sh == 1 && g.sw == 1 && Wo == g.W) {
+    shift_conv1x1_panels(g, input.const_data_ptr<float>(), shift, w.const_data_ptr<float>(),
+                         b.defined() ? b.const_data_ptr<float>() : nullptr,
+                         res.defined() ? res.const_data_ptr<float>() : nullptr, Co, out.data_ptr<float>());
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "shift_conv1x1_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto shifts = channel_shifts<acc_t>(shift, g.limit);
@@ -978,8 +1118,9 @@ at::Tensor conv1x1_cpu(const at::Tensor& input_, const at::Tensor& weight, const
       const float* x = xp + n * C * HW + j;
       pack_panel_avx512(panel, x, HW, C, cnt, sp, tp);
       // while the first block of channels is multiplied, the next panel's input comes into cache
+      // while the first block of channels is multiplied, the next panel's input comes into cache
       const float* next = i + 1 < end && j + 32 < HW ? x + 32 : nullptr;
-      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HW + j, HW, C, 0, 0, false, bp, relu, next, HW}, Co, cnt);
+      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HW + j, HW, C, 0, 0, nullptr, 0, bp, relu, next, HW}, Co, cnt);
     }
   });
   return out;

@@ -1014,7 +1014,8 @@ void shift_conv1x1_panels(const Geometry& g, const float* xp, const at::Tensor& 
 
 // out[n, :, tile] = weight @ shift(input)[n, :, tile] + bias + residual, one tile of whole output
 // rows at a time: the tile is shifted into a buffer that stays in cache and multiplied at once
-// (tile_gemm, into the output's strided view), so the shifted tensor is never written out.
+// (tile_gemm, into the output's strided view), so the shifted tensor is never written out. Float32
+// at stride 1 without column padding on AVX-512 takes shift_conv1x1_panels instead.
 at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                              at::IntArrayRef stride, at::IntArrayRef padding) {

@@ -738,8 +738,8 @@ struct PanelShift {
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// A register-blocked single-precision product for AVX-512 machines, used by shift_conv1x1 on its
-// cache-resident tiles and by conv1x1 on 32-pixel panels:
+// A register-blocked single-precision product for AVX-512 machines, used on 32-pixel panels by
+// conv1x1 and shift_conv1x1 (and by the latter's tile path on its cache-resident tiles):
 //   o[co * ldo + p] = epilogue((addend ? addend[co * lda + p] : 0) + sum_k w[k * ldw + co] * t[k * ldt + p])
 // with the weight transposed (K x Co), so that the MR weights of one step are adjacent. MR output
 // channels times NV 16-pixel vectors are held in registers; each step of k loads NV vectors of t
@@ -815,6 +815,9 @@ inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
 }
 
+// The first n (<= 32) lanes of a 32-pixel panel, as the bits of both 16-lane masks.
+inline uint32_t lanes32(int64_t n) { return n >= 32 ? ~0u : (1u << n) - 1u; }
+
 // One panel of n <= 32 pixels times every block of output channels (Co in all). The first block
 // pulls g.prefetch's rows (the next panel's input) into cache.
 void gemm_panel_avx512(GemmPanel g, int64_t Co, int64_t n) {
@@ -882,7 +885,7 @@ void panel_masks(uint32_t* rows, int64_t rlo, int64_t rhi, uint32_t* cols, int64
     q[i] = static_cast<int32_t>(qq);
     if (++qq == W) qq = 0, ++rr;
   }
-  const uint32_t valid = n >= 32 ? ~0u : (1u << n) - 1u;
+  const uint32_t valid = lanes32(n);
   lane_table(rows, r, rlo, rhi, H, valid);
   lane_table(cols, q, clo, chi, W, valid);
 }
@@ -895,7 +898,7 @@ __attribute__((target("avx512f"))) void shift_pack_panel_avx512(float* __restric
                                                                const PanelShift* ch, int64_t C,
                                                                const uint32_t* rows, const uint32_t* cols) {
   const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
-  const uint32_t valid = n >= 32 ? ~0u : (1u << n) - 1u;
+  const uint32_t valid = lanes32(n);
   for (int64_t c = 0; c < C; ++c) {
     const PanelShift& s = ch[c];
     float* dst = panel + c * 32;
@@ -968,6 +971,23 @@ void tile_gemm(T* o, int64_t ldo, const T* wt, const T* t, int64_t Co, int64_t C
   dst.addmm_(at::from_blob(const_cast<T*>(wt), {C, Co}, opts).t(), at::from_blob(const_cast<T*>(t), {C, P}, opts));
 }
 
+// Calls fn(panel, n, j, cnt, more) for every 32-pixel panel (pixels j .. j + cnt - 1) of each of
+// the N images of P pixels, in parallel tasks of about 2^17 multiply-adds (C x Co per pixel);
+// `panel` is the thread's C x 32 scratch, `more` whether the task's next panel follows in the
+// same image (worth prefetching).
+template <typename Fn>
+void for_each_panel(int64_t N, int64_t P, int64_t C, int64_t Co, const Fn& fn) {
+  const int64_t panels = (P + 31) / 32;
+  const int64_t panels_per_task = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
+  at::parallel_for(0, N * panels, panels_per_task, [&](int64_t begin, int64_t end) {
+    float* panel = thread_scratch<float>(C * 32);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / panels, j = (i % panels) * 32;
+      fn(panel, n, j, std::min<int64_t>(32, P - j), i + 1 < end && j + 32 < P);
+    }
+  });
+}
+
 // shift_conv1x1 for float32 on AVX-512 CPUs at stride 1 with output rows as long as input rows (no
 // column padding): per image, each 32-pixel panel is shifted straight from the input into a dense
 // C x 32 panel that stays in L1 and multiplied by every block of output channels, the residual and
@@ -997,18 +1017,14 @@ void shift_conv1x1_panels(const Geometry& g, const float* xp, const at::Tensor& 
              idx(ec[2 * c + 1], clo), (1 - s.fr) * (1 - s.fc), (1 - s.fr) * s.fc, s.fr * (1 - s.fc), s.fr * s.fc,
              s.finite};
   }
-  const int64_t panels = (HWo + 31) / 32;
-  const int64_t panels_per_task = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
-  at::parallel_for(0, g.N * panels, panels_per_task, [&](int64_t begin, int64_t end) {
-    float* panel = thread_scratch<float>(C * 32);
-    std::vector<uint32_t> rows(std::max<int64_t>(0, rhi - rlo + 1)), cols(std::max<int64_t>(0, chi - clo + 1));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / panels, j = (i % panels) * 32, cnt = std::min<int64_t>(32, HWo - j);
-      panel_masks(rows.data(), rlo, rhi, cols.data(), clo, chi, j, cnt, H, W);
-      shift_pack_panel_avx512(panel, xp + n * C * HW, HW, W, j, cnt, ch.data(), C, rows.data(), cols.data());
-      const float* add = rp != nullptr ? rp + n * Co * HWo + j : nullptr;
-      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HWo + j, HWo, C, 0, 0, add, HWo, bp, false, nullptr, 0}, Co, cnt);
-    }
+  const int64_t nrows = std::max<int64_t>(0, rhi - rlo + 1), ncols = std::max<int64_t>(0, chi - clo + 1);
+  for_each_panel(g.N, HWo, C, Co, [&](float* panel, int64_t n, int64_t j, int64_t cnt, bool) {
+    uint32_t* rows = thread_scratch<uint32_t>(nrows + ncols);  // the panel's mask tables
+    uint32_t* cols = rows + nrows;
+    panel_masks(rows, rlo, rhi, cols, clo, chi, j, cnt, H, W);
+    shift_pack_panel_avx512(panel, xp + n * C * HW, HW, W, j, cnt, ch.data(), C, rows, cols);
+    const float* add = rp != nullptr ? rp + n * Co * HWo + j : nullptr;
+    gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HWo + j, HWo, C, 0, 0, add, HWo, bp, false, nullptr, 0}, Co, cnt);
   });
 }
 
@@ -1027,10 +1043,6 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
   const int64_t N = g.N, C = g.C, Ho = g.Ho, Wo = g.Wo, HWo = Ho * Wo;
   at::Tensor out = at::empty({N, Co, Ho, Wo}, input.options());
   if (out.numel() == 0) return out;
-  // rows per tile: the shifted tile (C x rows*Wo) within about 128 KiB
-  const int64_t budget = std::max<int64_t>(1, (128 * 1024) / static_cast<int64_t>(input.element_size() * C));
-  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(Wo, 1), 1, Ho);
-  const int64_t tiles = (Ho + rows - 1) / rows;
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (own_gemm(input.scalar_type()) && g.sh == 1 && g.sw == 1 && Wo == g.W) {
@@ -1039,6 +1051,10 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& input_, const at::Tensor& shift, 
                          res.defined() ? res.const_data_ptr<float>() : nullptr, Co, out.data_ptr<float>());
     return out;
   }
+  // rows per tile: the shifted tile (C x rows*Wo) within about 128 KiB
+  const int64_t budget = std::max<int64_t>(1, (128 * 1024) / static_cast<int64_t>(input.element_size() * C));
+  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(Wo, 1), 1, Ho);
+  const int64_t tiles = (Ho + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "shift_conv1x1_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto shifts = channel_shifts<acc_t>(shift, g.limit);
@@ -1109,20 +1125,12 @@ at::Tensor conv1x1_cpu(const at::Tensor& input_, const at::Tensor& weight, const
   const float* sp = sc.defined() ? sc.const_data_ptr<float>() : nullptr;
   const float* tp = sb.defined() ? sb.const_data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
-  const int64_t panels = (HW + 31) / 32;
-  // about 2^17 multiply-adds per task
-  const int64_t panels_per_task = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 32 * C * Co));
-  at::parallel_for(0, N * panels, panels_per_task, [&](int64_t begin, int64_t end) {
-    float* panel = thread_scratch<float>(C * 32);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / panels, j = (i % panels) * 32, cnt = std::min<int64_t>(32, HW - j);
-      const float* x = xp + n * C * HW + j;
-      pack_panel_avx512(panel, x, HW, C, cnt, sp, tp);
-      // while the first block of channels is multiplied, the next panel's input comes into cache
-      // while the first block of channels is multiplied, the next panel's input comes into cache
-      const float* next = i + 1 < end && j + 32 < HW ? x + 32 : nullptr;
-      gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HW + j, HW, C, 0, 0, nullptr, 0, bp, relu, next, HW}, Co, cnt);
-    }
+  for_each_panel(N, HW, C, Co, [&](float* panel, int64_t n, int64_t j, int64_t cnt, bool more) {
+    const float* x = xp + n * C * HW + j;
+    pack_panel_avx512(panel, x, HW, C, cnt, sp, tp);
+    // while the first block of channels is multiplied, the next panel's input comes into cache
+    const float* next = more ? x + 32 : nullptr;
+    gemm_panel_avx512({wp, Co, panel, 32, yp + n * Co * HW + j, HW, C, 0, 0, nullptr, 0, bp, relu, next, HW}, Co, cnt);
   });
   return out;
 }

@@ -210,7 +210,7 @@ def profile_layers(
     _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
 
 
-class Form(str, Enum):
+class Form(str, Enum):  # asl_cli.inference.FORMS (a test keeps them equal)
     eager = "eager"
     inference = "inference"
     frozen = "frozen"

@@ -203,3 +203,10 @@ def test_cuda_inference_ops_and_form(dtype):
     xi = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(inference_form(model).cuda()(xi.cuda()).cpu(), model(xi), rtol=1e-3, atol=1e-3)
+
+
+def test_cli_forms_are_the_inference_forms():
+    # the CLI spells its --form choices out (importing asl_cli.inference there would load torch for --help)
+    from asl_cli.cli import Form
+
+    assert tuple(f.value for f in Form) == FORMS

@@ -55,6 +55,7 @@ def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: f
 
     eval_csv = eval_csv or results_dir() / "eval.csv"
     peak = blas_gmacs(threads)
+    prov = provenance(device, threads)
     rows = []
     for spec in specs:
         label, name, model = _load(spec)
@@ -62,6 +63,8 @@ def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: f
         s = entry.input_size
         macs, params = count_macs(model, s), count_parameters(model)
         paper = PAPER.get(name, {})
+        known = {"top1": measured_top1(name, eval_csv), "paper_top1": paper.get("top1"), "paper_params_m": paper.get("params_m"),
+                 "paper_macs_m": paper.get("macs_m"), "paper_cpu_ms": paper.get("cpu_ms")}
         mine = []
         for form in forms:
             fm = make_form(model, form, torch.randn(1, 3, s, s))
@@ -69,9 +72,8 @@ def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: f
                    **model_latency(fm, s, device, threads, min_run_time, copy_model=False)}
             row["cpu_gmacs_per_s"] = round(macs / row["cpu_ms_batch1"] / 1e6, 2)
             row["cpu_blas_gmacs_per_s"] = round(peak, 2)
-            row.update({"top1": measured_top1(name, eval_csv), "paper_top1": paper.get("top1"), "paper_params_m": paper.get("params_m"),
-                        "paper_macs_m": paper.get("macs_m"), "paper_cpu_ms": paper.get("cpu_ms")})
-            row.update(provenance(device, threads))
+            row.update(known)
+            row.update(prov)
             mine.append(row)
         best = min(mine, key=lambda r: r["cpu_ms_batch1"])
         for r in mine:

@@ -475,13 +475,69 @@ def test_raw_op_with_a_meta_shift_raises():
         torch.ops.asl.active_shift(torch.randn(1, 3, 5, 5), torch.zeros(3, 2, device="meta"), [1, 1], [0, 0])
 
 
-def test_double_backward_is_refused():
-    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    s = torch.full((2, 2), 0.3, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(active_shift(x, s).pow(2).sum(), x)  # first order still works
-    assert torch.isfinite(gx).all()
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(active_shift(x, s).pow(2).sum(), x, create_graph=True)
+def _derivative_case(stride=1, padding=1, integer=False):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    s = torch.rand(3, 2, dtype=torch.float64) * 5 - 2.5
+    if integer:  # the one-sided (right) derivative, which finite differences cannot check
+        s[0, 0] = 1.0
+    return x, s, (lambda a, b: active_shift(a, b, stride, padding)), (lambda a, b: reference_active_shift(a, b, stride, padding))
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), ((2, 1), (0, 2))])
+def test_forward_mode_gradcheck(stride, padding):
+    x, s, f, _ = _derivative_case(stride, padding)
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), s.requires_grad_()), check_forward_ad=True,
+                                    check_batched_grad=True, check_batched_forward_grad=True)
+
+
+def test_forward_mode_tangents_equal_the_reference():
+    import torch.autograd.forward_ad as fwAD
+
+    x, s, f, ref = _derivative_case(integer=True)
+    tx, ts = torch.randn_like(x), torch.randn_like(s)
+    expected = torch.func.jvp(ref, (x, s), (tx, ts))[1]
+    assert expected.abs().max() > 1  # a real tangent, not zeros
+    torch.testing.assert_close(torch.func.jvp(f, (x, s), (tx, ts))[1], expected)
+    for t_in in ((tx, None), (None, ts)):  # each argument's tangent alone
+        duals = [x if t is None else (x, s)[i] for i, t in enumerate(t_in)]
+        want = torch.func.jvp(ref, (x, s), tuple(t if t is not None else torch.zeros_like(v) for t, v in zip(t_in, (x, s))))[1]
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(v, t) if t is not None else v for v, t in zip((x, s), t_in)]
+            torch.testing.assert_close(fwAD.unpack_dual(f(*args)).tangent, want)
+    with fwAD.dual_level():  # the raw registered operator too
+        out = torch.ops.asl.active_shift(fwAD.make_dual(x, tx), fwAD.make_dual(s, ts), [1, 1], [1, 1])
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "vmap", "hessian"])
+def test_torch_func_transforms_equal_the_reference(transform):
+    x, s, f, ref = _derivative_case(integer=True)
+    loss = lambda fn: (lambda a, b: fn(a, b).pow(2).sum())  # noqa: E731
+    if transform == "grad":
+        got, want = (torch.func.grad(loss(fn), argnums=(0, 1))(x, s) for fn in (f, ref))
+    elif transform in ("jacrev", "jacfwd"):
+        got, want = (getattr(torch.func, transform)(fn, argnums=(0, 1))(x, s) for fn in (f, ref))
+    elif transform == "vmap":
+        xs, ss = torch.stack([x, 2 * x]), torch.stack([s, -s])
+        got = [torch.vmap(f)(xs, ss), torch.vmap(f, in_dims=(0, None))(xs, s), torch.vmap(f, in_dims=(None, 0))(x, ss)]
+        want = [torch.stack([ref(x, s), ref(2 * x, -s)]), torch.stack([ref(x, s), ref(2 * x, s)]), torch.stack([ref(x, s), ref(x, -s)])]
+    else:
+        got, want = ([torch.func.hessian(lambda b: loss(fn)(x, b))(s)] for fn in (f, ref))
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w)
+
+
+def test_double_backward_equals_the_reference():
+    x, s, f, _ = _derivative_case()
+    assert torch.autograd.gradgradcheck(f, (x.requires_grad_(), s.requires_grad_()))
+
+
+def test_raw_op_under_torch_func_says_what_to_call():
+    x, s, _, _ = _derivative_case()
+    with pytest.raises(RuntimeError, match="asl_cli.ops.active_shift"):
+        torch.func.grad(lambda b: torch.ops.asl.active_shift(x, b, [1, 1], [0, 0]).sum())(s)
 
 
 @pytest.mark.skipif(asl_cli.backends()["cpu"] != "compiled C++", reason="compares with the compiled library's declarations")

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from .config import ConfigError
 from .data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
-from .errors import TrainingError
 from .nn import install_shift_grad_normalization, param_groups
 from .zoo import create_model
 
@@ -49,10 +49,10 @@ def pick_device(spec: str, d: Dist) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise TrainingError("train.device asks for CUDA but no GPU is visible; use train.device=cpu")
+            raise ConfigError("train.device asks for CUDA but no GPU is visible; use train.device=cpu")
         return torch.device("cuda", d.local_rank) if spec == "cuda" else torch.device(spec)
     if spec != "cpu":
-        raise TrainingError(f"train.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     return torch.device("cpu")
 
 
@@ -101,7 +101,7 @@ class FolderStream:
 
     def __init__(self, dataset, batch_size: int, seed: int, d: Dist, workers: int):
         if batch_size % d.world:
-            raise TrainingError(f"train.batch_size={batch_size} must be divisible by the number of processes ({d.world})")
+            raise ConfigError(f"train.batch_size={batch_size} must be divisible by the number of processes ({d.world})")
         self.ds, self.batch_size, self.seed, self.d, self.workers = dataset, batch_size, seed, d, workers
         self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size)
 
@@ -175,7 +175,7 @@ def build_model(cfg: dict, num_classes: int, d: Dist, device: torch.device, init
     try:
         model = create_model(cfg["model"]["name"], **model_args)
     except (TypeError, ValueError) as e:
-        raise TrainingError(f"model {cfg['model']['name']}: {e}") from None
+        raise ConfigError(f"model {cfg['model']['name']}: {e}") from None
     if init_from is not None:
         src = ckpt_io.load(init_from, prefer="best")
         fresh = ckpt_io.load_model_state(model, src["model_state"], f"--init-from {src['_path']}", t["init_skip_mismatched"])

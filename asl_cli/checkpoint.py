@@ -55,6 +55,9 @@ def resolve(path: str | Path, prefer: str = "best") -> Path:
             cand = p / "checkpoints" / f"{name}.pt"
             if cand.exists():
                 return cand
+        if (p / "config.yaml").exists():  # a run folder whose run has not saved its first checkpoint yet
+            raise CheckpointError(f"{p} is a run folder with no checkpoint yet (its run stopped, or is still running, "
+                                  f"before the first one was saved)")
         raise CheckpointError(f"{p} has no checkpoints/best.pt or checkpoints/last.pt (is it a run folder?)")
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")

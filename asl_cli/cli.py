@@ -41,8 +41,27 @@ console = Console()
 err = Console(stderr=True)
 
 
+def show(t: Table) -> None:
+    """Prints a table that stays readable in an 80-column terminal: light borders, and every
+    value keeps its full text (a narrow column wraps its header rather than cutting a number)."""
+    from rich import box
+    from rich.text import Text
+
+    t.box, t.pad_edge, t.collapse_padding = box.SIMPLE_HEAD, False, True
+    for col in t.columns:
+        widths = [Text.from_markup(c).cell_len if isinstance(c, str) else 0 for c in col.cells]
+        words = [len(w) for w in str(col.header).split()]
+        width = max(widths + words, default=1)
+        if width <= 24:  # values keep their width; longer text (a note, an error) takes what is left, wrapped
+            col.width = width
+        col.overflow = "fold"
+    console.print(t)
+
+
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -61,7 +80,7 @@ def info() -> None:
     table.add_row("GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible")
     for key, value in backends().items():
         table.add_row(f"backend: {key}", value)
-    console.print(table)
+    show(table)
 
 
 def _render_op_rows(rows: list[dict], device: str) -> None:
@@ -79,7 +98,7 @@ def _render_op_rows(rows: list[dict], device: str) -> None:
         for r in rs:
             gbs = r["gb_per_s"]
             t.add_row(r["op"], r["pass"], f"{r['ms']:.4g}", "" if gbs is None or gbs != gbs else f"{gbs:.1f}")
-        console.print(t)
+        show(t)
         r0 = rs[0]
         targets = CPU_TARGETS if device == "cpu" else CUDA_TARGETS
         lines = [
@@ -121,6 +140,16 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Split(str, Enum):
+    test = "test"
+    train = "train"
+
+
+class EvalForm(str, Enum):
+    eager = "eager"
+    inference = "inference"
+
+
 class StepMode(str, Enum):
     eager = "eager"
     graph = "graph"
@@ -135,7 +164,8 @@ class Amp(str, Enum):
 
 profile_app = typer.Typer(
     help="Measure speed against peers timed in the same run; print ratios and append a CSV (default results/<kind>_<device>.csv "
-         "under the working directory).",
+         "under the working directory). `asl profile --layer dw3` times layers (paper Table 1), the same as "
+         "`asl profile layers dw3`; the subcommands below time the operator, models and training steps.",
     no_args_is_help=True,
 )
 app.add_typer(profile_app, name="profile")
@@ -144,13 +174,33 @@ DEVICE_OPT = typer.Option(Device.cpu, "--device", help="Where to time.")
 THREADS_OPT = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one).")
 MIN_RUN_OPT = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement.")
 OUT_OPT = typer.Option(None, "--out", help="CSV to append to (figures are written beside it).")
+SHAPE_OPT = typer.Option("1x64x224x224", "--shape", help="NxCxHxW (C is also the conv output width).")
+DTYPE_OPT = typer.Option(DType.float32, "--dtype")
+BACKWARD_OPT = typer.Option(False, "--backward", help="Time forward + backward.")
+
+
+@profile_app.callback(invoke_without_command=True)
+def profile_main(
+    ctx: typer.Context,
+    layer: Optional[List[Layer]] = typer.Option(None, "--layer", help="Time these layers (repeatable), as `asl profile layers` does."),
+    shape: str = SHAPE_OPT, dtype: DType = DTYPE_OPT, backward: bool = BACKWARD_OPT,
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        if layer:
+            fail(f"--layer times layers by itself; give it without the {ctx.invoked_subcommand!r} subcommand", code=2)
+        return
+    if not layer:
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
+    profile_layers(layer, shape, dtype, backward, device, threads, min_run_time, out)
 
 
 def _profile_device(device: Device, threads: int) -> str:
     import torch
 
     if device == Device.cuda and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA device is visible")
+        fail("--device cuda was asked for but no CUDA device is visible; use --device cpu", code=2)
     if device == Device.cpu:
         torch.set_num_threads(threads)  # the whole process, so every library sees the same thread count
     return device.value
@@ -188,7 +238,7 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
         verdict = "[green]" if r["fused_vs_conv1x1"] <= FUSED_TARGET else "[red]"
         t.add_row(r["shape"], f"{r['conv1x1_ms']:.3f}", f"{r['shift_then_conv_ms']:.3f}", f"{r['ms']:.3f}",
                   f"{verdict}{r['fused_vs_conv1x1']:.2f}x[/]", f"{r['fused_vs_shift_then_conv']:.2f}x")
-    console.print(t)
+    show(t)
     console.print(f"target: fused within {FUSED_TARGET}x of the 1x1 convolution alone")
     rows = rows + fused
     path = out or results_dir() / f"profile_op_{dev}.csv"
@@ -199,9 +249,7 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
 @profile_app.command("layers")
 def profile_layers(
     layers: Optional[List[Layer]] = typer.Argument(None, help="Layers to time (default all)."),
-    shape: str = typer.Option("1x64x224x224", "--shape", help="NxCxHxW (C is also the conv output width)."),
-    dtype: DType = typer.Option(DType.float32, "--dtype"),
-    backward: bool = typer.Option(False, "--backward", help="Time forward + backward."),
+    shape: str = SHAPE_OPT, dtype: DType = DTYPE_OPT, backward: bool = BACKWARD_OPT,
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Per-layer time and FLOPs (paper Table 1, Fig. 2)."""
@@ -282,7 +330,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
         t.add_column(c, justify="left" if c == "layer" else "right")
     for r in rows:
         t.add_row(r["description"], f"{r['ms']:.3f}", f"{r['mflops']:.1f}", f"{r['ms_per_mflop']:.4f}", _fmt(r["paper_ms"]), _fmt(r["paper_mflops"]))
-    console.print(t)
+    show(t)
     by = {r["layer"]: r for r in rows}
     if "pw" in by and "dw3" in by:
         console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
@@ -308,19 +356,25 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
             fail(str(e))
     t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s); "
                     f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s; malloc: {malloc}")
-    cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "paper CPU ms", "top-1", "paper top-1"]
+    cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "top-1"]
     if device == "cuda":
         cols[5:5] = ["GPU ms", "GPU img/s (b256 bf16)"]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("model", "form") else "right", no_wrap=c == "model")
+        t.add_column(c, justify="left" if c in ("model", "form") else "right")
     for r in rows:
         vals = [r["model"], r["form"] + (" *" if r["fastest"] else ""), f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}",
-                f"{r['cpu_ms_batch1']:.2f}", f"{r['cpu_gmacs_per_s']:.1f}", _fmt(r["paper_cpu_ms"]), _fmt(r["top1"]), _fmt(r["paper_top1"])]
+                f"{r['cpu_ms_batch1']:.2f}", f"{r['cpu_gmacs_per_s']:.1f}", _fmt(r["top1"])]
         if device == "cuda":
             vals[5:5] = [_fmt(r.get("gpu_ms_batch1")), _fmt(r.get("gpu_images_per_s_batch256"))]
         t.add_row(*vals)
-    console.print(t)
+    show(t)
     console.print("* the model's fastest CPU form")
+    paper = Table(title="the paper's figures (Caffe, one i7-5930K thread)")
+    for c in ("model", "paper CPU ms", "paper top-1"):
+        paper.add_column(c, justify="left" if c == "model" else "right")
+    for r in {r["model"]: r for r in rows}.values():
+        paper.add_row(r["model"], _fmt(r["paper_cpu_ms"]), _fmt(r["paper_top1"]))
+    show(paper)
     for rr in ratios(rows):
         what = "GPU images/s" if rr["kind"].startswith("GPU") else "CPU latency"
         console.print(f"{what} {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
@@ -365,7 +419,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
     for r in rows:
         busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", busy, f"{r['speedup_of_first']:.2f}x")
-    console.print(t)
+    show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
@@ -389,7 +443,7 @@ def zoo(
     for r in rows:
         t.add_row(r["name"], r["dataset"], f"{r['input_size']}", f"{r['params'] / 1e6:.4f}", _fmt(r["paper_params_m"]),
                   f"{r['macs'] / 1e6:.1f}", _fmt(r["paper_macs_m"]))
-    console.print(t)
+    show(t)
     if csv is not None:
         import pandas as pd
 
@@ -413,7 +467,28 @@ def _split_recipe(args: list[str]) -> tuple[Optional[str], list[str]]:
 def _recipes_epilog() -> str:
     from asl_cli.config import list_recipes
 
-    return "Recipes: " + ", ".join(list_recipes()) + ". Examples: asl train; asl train asnet20_16x1 data.dataset=cifar100; asl train --resume runs/RUN"
+    return ("Recipes: " + ", ".join(list_recipes()) + ". Every configuration key, its default and the values it takes: "
+            "asl config [RECIPE] [KEY=VALUE]... Examples: asl train; asl train asnet20_16x1 data.dataset=cifar100; "
+            "asl train --resume runs/RUN")
+
+
+@app.command(epilog=_recipes_epilog())
+def config(
+    args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
+                                               help="A recipe name in recipes/ or a YAML path (default: quick), then dotted overrides."),
+    plain: bool = typer.Option(False, "--plain", help="Only the YAML (as written into a run folder's config.yaml), no comments."),
+) -> None:
+    """Print a recipe resolved with its overrides, every key with its default and allowed values."""
+    from asl_cli.config import DEFAULT_RECIPE, ConfigError, describe, dump, load_config
+
+    recipe, overrides = _split_recipe(args)
+    try:
+        cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    if not plain:
+        print(f"# {cfg['_source']}" + (f" with {' '.join(overrides)}" if overrides else ""))
+    print(dump(cfg) if plain else describe(cfg), end="")
 
 
 @app.command(epilog=_recipes_epilog())
@@ -425,7 +500,7 @@ def train(
 ) -> None:
     """Train a zoo model from a YAML recipe; writes a run folder (config, metrics.csv, checkpoints, shifts)."""
     from asl_cli import checkpoint as ckpt_io
-    from asl_cli.config import ConfigError, load_config
+    from asl_cli.config import DEFAULT_RECIPE, ConfigError, load_config
     from asl_cli.data import DataError
     from asl_cli.engine import Interrupted, NonFiniteLoss, TrainingError
     from asl_cli.engine import train as run_training
@@ -439,7 +514,7 @@ def train(
                 fail(f"{resume} is not a run folder (no config.yaml)", code=2)
             cfg = load_config(str(resume / "config.yaml"))
         else:
-            cfg = load_config(recipe or "quick", overrides)
+            cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
     except ConfigError as e:
         fail(str(e), code=2)
     import os
@@ -451,7 +526,9 @@ def train(
         fail(f"{e}. Resume with: asl train --resume {e.run_dir}", code=130)
     except NonFiniteLoss as e:
         fail(str(e), code=3)
-    except (TrainingError, DataError, ckpt_io.CheckpointError, ConfigError) as e:
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (TrainingError, DataError, ckpt_io.CheckpointError) as e:
         fail(str(e))
     if main_rank:
         _render_summary(summary)
@@ -471,11 +548,17 @@ def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
     def on_start(info):
         console.print(f"run folder: [bold]{info['run_dir']}[/]  model {info['model']} on {info['device']}"
                       f" x{info['world']}  ({info['steps_per_epoch']} steps/epoch)")
+        if info["start"] >= info["total"]:
+            console.print(f"this run finished at step {info['total']}: nothing left to train")
+        elif info["start"] > 0:
+            console.print(f"resuming from the checkpoint at step {info['start']} of {info['total']}")
         task["id"] = progress.add_task("train", total=info["total"], completed=info["start"], stats="")
 
     def on_step(step, total, st):
-        progress.update(task["id"], completed=step,
-                        stats=f"loss {st['loss']:.3f}  top1 {st['top1']:.1f}%  lr {st['lr']:.3g}  {st['images_per_s']:.0f} img/s")
+        stats = f"loss {st['loss']:.3f}  top1 {st['top1']:.1f}%  lr {st['lr']:.3g}  {st['images_per_s']:.0f} img/s"
+        progress.update(task["id"], completed=step, stats=stats)
+        if not console.is_terminal:  # a log file gets no live bar: one line per log interval instead
+            console.print(f"step {step:>7}/{total}  {stats}", highlight=False)
 
     def on_eval(row):
         progress.console.print(f"step {row['step']:>7}  test top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  "
@@ -494,37 +577,43 @@ def _render_summary(summary: dict) -> None:
         if k in last:
             t.add_row(k, f"{last[k]:.4f}")
     t.add_row("best test top1", f"{summary['best_top1']:.2f}")
-    console.print(t)
+    show(t)
 
 
 @app.command(name="eval")
 def eval_(
     target: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (uses checkpoints/best.pt) or a checkpoint file."),
     overrides: Optional[List[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Data overrides, e.g. data.root=/data."),
-    split: str = typer.Option("test", "--split", help="test or train."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    split: Split = typer.Option(Split.test, "--split", help="Which split to evaluate."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     csv: Path = typer.Option(Path("results/eval.csv"), "--csv", help="CSV the result row is appended to."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurements."),
-    form: str = typer.Option("eager", "--form", help="eager, or inference (BatchNorm folded, shift fused into the 1x1 conv)."),
+    form: EvalForm = typer.Option(EvalForm.eager, "--form", help="eager, or inference (BatchNorm folded, shift fused into the 1x1 conv)."),
 ) -> None:
-    """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row."""
+    """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row.
+    A checkpoint whose outputs are not finite (a diverged run) is an error (exit status 1) and
+    appends no row."""
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.config import ConfigError
     from asl_cli.data import DataError
     from asl_cli.experiments.bench import append_csv
     from asl_cli.experiments.evaluate import run
 
-    if split not in ("test", "train"):
-        fail(f"--split must be test or train, got {split!r}", code=2)
     try:
-        row = run(target, split, device, not no_latency, tuple(overrides or ()), form)
-    except (ckpt_io.CheckpointError, ConfigError, DataError) as e:
+        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value)
+    except ConfigError as e:
+        fail(str(e), code=2)
+    except (ckpt_io.CheckpointError, DataError) as e:
         fail(str(e))
-    t = Table(title=f"eval: {row['model']} ({row['dataset']} {split})", show_header=False)
-    for k in ("checkpoint", "step", "top1", "top5", "loss", "params", "macs", "cpu_ms_batch1", "gpu_ms_batch1", "gpu_images_per_s_batch256"):
+    t = Table(title=f"eval: {row['model']} ({row['dataset']} {split.value})", show_header=False)
+    for k in ("checkpoint", "step", "top1", "top5", "loss", "nonfinite_outputs", "params", "macs", "cpu_ms_batch1", "gpu_ms_batch1",
+              "gpu_images_per_s_batch256"):
         if k in row:
             t.add_row(k, str(row[k]))
-    console.print(t)
+    show(t)
+    if row["nonfinite_outputs"] or row["loss"] != row["loss"] or abs(row["loss"]) == float("inf"):
+        fail(f"{row['checkpoint']} gives non-finite outputs for {row['nonfinite_outputs']} images (loss {row['loss']}): "
+             f"its weights have diverged; no row was appended to {csv}")
     append_csv([row], csv)
     console.print(f"appended to {csv}")
 
@@ -553,7 +642,7 @@ def import_caffe(
                      ("stale_bn", "stale BatchNorm statistics (set aside)")):
         t.add_row(f"  {label}", f"{report.get('values_' + k, 0):,}")
     t.add_row("checkpoint", str(path))
-    console.print(t)
+    show(t)
 
 
 @app.command()
@@ -584,7 +673,7 @@ def predict(
         t.add_column("probability", justify="right")
         for i, c in enumerate(r["top"], 1):
             t.add_row(str(i), c["class"], f"{c['probability']:.3f}")
-        console.print(t)
+        show(t)
 
 
 def _live_view(runs) -> Table:
@@ -599,7 +688,21 @@ def _live_view(runs) -> Table:
     return t
 
 
-def _run_sweep(recipe: str, runs, jobs: int) -> None:
+def _log_changes():
+    """For a log file: one line whenever a run changes state."""
+    seen: dict = {}
+
+    def log(rs):
+        for r in rs:
+            if seen.get(id(r)) != r.state:
+                seen[id(r)] = r.state
+                top1 = r.progress.get("test_top1")
+                console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else ""),
+                              highlight=False)
+    return log
+
+
+def _run_sweep(recipe: str, runs, jobs: int):
     """Trains the sweep's missing runs (in this process for one job, with a live table for more)."""
     from rich.live import Live
 
@@ -615,17 +718,8 @@ def _run_sweep(recipe: str, runs, jobs: int) -> None:
     elif console.is_terminal:
         with Live(_live_view(runs), console=console, refresh_per_second=2) as live:
             failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=lambda rs: live.update(_live_view(rs)))
-    else:  # a log file: one line whenever a run changes state
-        seen: dict = {}
-
-        def log_changes(rs):
-            for r in rs:
-                if seen.get(id(r)) != r.state:
-                    seen[id(r)] = r.state
-                    top1 = r.progress.get("test_top1")
-                    console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else ""))
-
-        failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=log_changes)
+    else:
+        failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=_log_changes())
     for r in failed:
         err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {r.run_dir / 'sweep.log'}): {r.message}", highlight=False)
     return failed
@@ -680,7 +774,7 @@ def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, firs
 
     for k, val in provenance(str(pick_device("auto", Dist())), None).items():
         summary[k] = val
-    console.print(_summary_table(summary, title, first_col))
+    show(_summary_table(summary, title, first_col))
     _write_summary(summary, csv, title, paper_label)
     if failed:
         fail(f"{len(failed)} run(s) failed (see above); the summary holds the finished ones. Run the same command again to retry them.")
@@ -734,28 +828,35 @@ def sweep(
 
 @app.command()
 def ablate(
-    args: List[str] = typer.Argument(..., metavar="RECIPE [KEY=VALUE]...", help="The recipe to ablate and its overrides."),
+    args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
+                                               help="The recipe to ablate (default: quick) and its overrides."),
     variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per variant (mean, std, 95% CI are reported)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, each in its own process."),
-    baseline: str = typer.Option("TR", "--baseline", help="Variant the others are compared with (Welch t-test)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are compared with (Welch t-test); "
+                                           "default TR when it is trained, else the last variant."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of the variant runs (default runs/ablate-<recipe>)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/ablate_<recipe>.csv)."),
 ) -> None:
     """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
-    runs are reused (the shift-variant preset of `asl sweep`)."""
-    from asl_cli.experiments.ablate import PAPER_LABEL, parse_variants, plan_variants, variant_columns
+    runs are reused (the shift-variant preset of `asl sweep`).
+
+    Examples: asl ablate --variant SR; asl ablate cifar10_cpu data.path=DIR --seeds 3 --jobs 2
+    """
+    from asl_cli.experiments.ablate import PAPER_LABEL, parse_variants, pick_baseline, plan_variants, variant_columns
     from asl_cli.experiments.sweep import per_run, summary_table
     from asl_cli.zoo.paper import TABLE4
 
+    from asl_cli.config import DEFAULT_RECIPE
+
     recipe, overrides = _split_recipe(args)
-    if recipe is None:
-        fail("name the recipe to ablate first, e.g. asl ablate quick --variant all", code=2)
+    recipe = recipe or DEFAULT_RECIPE
     name = Path(recipe).stem
     root = root or Path("runs") / f"ablate-{name}"
+
     def work():
         chosen = parse_variants(variant)
-        base = baseline.upper() if baseline.upper() in chosen else chosen[-1]
+        base = pick_baseline(baseline, chosen)
         runs = plan_variants(recipe, chosen, seeds, overrides, root)
         failed = _run_sweep(recipe, runs, jobs)
         return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
@@ -767,26 +868,33 @@ def ablate(
 
 @app.command(name="plot-shifts")
 def plot_shifts(
-    target: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (last checkpoint and shifts.csv) or a checkpoint."),
+    target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]",
+                                            help="A run folder (last checkpoint and shifts.csv) or a checkpoint "
+                                                 "(default: the newest run under ./runs with a checkpoint)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>)."),
 ) -> None:
     """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training, and per-layer statistics."""
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.plot_shifts import run
+    from asl_cli.experiments.plot_shifts import newest_run, run
 
-    out = out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name)
     try:
+        if target is None:
+            target = newest_run(Path("runs"))
+            console.print(f"plotting the newest run: [bold]{target}[/]")
+        out = out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name)
         res = run(target, out)
     except ckpt_io.CheckpointError as e:
         fail(str(e))
+    for note in res["notes"]:
+        err.print(f"[yellow]warning:[/] {note}", highlight=False)
     st = res["stats"]
     t = Table(title=f"shift statistics ({len(st)} layers)")
     for c in ("layer", "channels", "mean |shift|", "max |shift|", "beyond 1 px"):
         t.add_column(c, justify="left" if c == "layer" else "right")
     for _, r in st.iterrows():
         t.add_row(r["layer"], str(r["channels"]), f"{r['mean_abs_shift']:.3f}", f"{r['max_abs_shift']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%")
-    console.print(t)
+    show(t)
     for f in res["files"]:
         console.print(f"wrote {f}")
 

@@ -16,6 +16,9 @@ _HERE = Path(__file__).resolve().parent
 RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
 
 
+DEFAULT_RECIPE = "quick"  # what `asl train` and `asl ablate` use when no recipe is named
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says what to change."""
 
@@ -305,6 +308,59 @@ def validate(cfg: dict) -> None:
         get_entry(cfg["model"]["name"])
     except KeyError as e:
         raise ConfigError(f"model.name: {e.args[0]}") from None
+
+
+# One line per key for `asl config`: what it does, beyond its type and choices.
+KEY_HELP = {
+    "model.name": "a zoo model (asl zoo)",
+    "model.args": "create_model keyword overrides, e.g. model.args.shift_mode=SR",
+    "data.path": "the .npz file (npz) or DIR with DIR/train/<class>/ and DIR/test/<class>/ (folder)",
+    "data.cache": "folder: decoded-image cache (auto: $ASL_CACHE_DIR or ~/.cache/asl; none: off)",
+    "data.train_size": "synthetic only", "data.test_size": "synthetic only", "data.seed": "synthetic only",
+    "data.image_size": "imagenet crop", "data.resize": "imagenet resize", "data.workers": "imagenet loader processes",
+    "data.on_device": "keep tensor datasets and their augmentation on the training device",
+    "train.iterations": "total optimizer steps (or give train.epochs)",
+    "train.device": "auto, cpu, cuda or cuda:N",
+    "train.cuda_graph": "capture the whole step as a CUDA graph (auto: one CUDA process without fp16)",
+    "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",
+    "train.init_skip_mismatched": "--init-from: keep fresh weights where shapes differ",
+    "optim.shift_lr_mult": "the shifts' learning rate as a multiple of optim.lr",
+    "optim.normalize_shift_grad": "divide each channel's shift gradient by its L2 norm (the authors' solver)",
+    "schedule.milestones": "iterations at which multistep multiplies the rate by gamma",
+    "schedule.warmup": "iterations of linear warm-up",
+    "output.dir": "the run folder (default: <runs_root>/<time>-<name>-<model>)",
+}
+
+
+def _allowed(key: str) -> str:
+    if key in CHOICES:
+        return "one of " + ", ".join(str(c).lower() for c in CHOICES[key])
+    default = _FLAT_DEFAULTS.get(key)
+    types = TYPES.get(key) or ((type(default),) if default is not None else ())
+    return " or ".join(t.__name__ for t in types)
+
+
+def describe(cfg: dict) -> str:
+    """The resolved config as YAML, each key followed by a comment with its default, the values it
+    takes and what it does."""
+    def scalar(v) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+    lines = []
+
+    def walk(d: dict, defaults: dict, prefix: str, indent: int) -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(defaults.get(k), dict) and key != "model.args":
+                lines.append(" " * indent + f"{k}:")
+                walk(v, defaults[k], key + ".", indent + 2)
+                continue
+            text = " " * indent + f"{k}: {scalar(v)}"
+            notes = [f"default {scalar(defaults.get(k))}"] + [n for n in (_allowed(key), KEY_HELP.get(key)) if n]
+            lines.append(f"{text:<40} # " + "; ".join(notes))
+
+    walk({k: v for k, v in cfg.items() if not k.startswith("_")}, DEFAULTS, "", 0)
+    return "\n".join(lines) + "\n"
 
 
 def dump(cfg: dict) -> str:

@@ -4,6 +4,8 @@ folder from `train_state`. No CLI code: progress is reported through callbacks a
 through exceptions."""
 from __future__ import annotations
 
+import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ class Callbacks:
 def evaluate(model: nn.Module, batches: Iterator, device: torch.device, amp_dtype=None, channels_last=False) -> dict:
     """Test loss, top-1 and top-5; sums stay on the device until the last batch."""
     model.eval()
-    sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0  # loss, top1, top5; images
+    sums, n = torch.zeros(4, dtype=torch.float64, device=device), 0  # loss, top1, top5, non-finite outputs; images
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -47,11 +49,11 @@ def evaluate(model: nn.Module, batches: Iterator, device: torch.device, amp_dtyp
         k = min(5, out.shape[1])
         pred = out.topk(k, dim=1).indices
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), (pred[:, 0] == y).sum().double(),
-                             (pred == y[:, None]).any(dim=1).sum().double()])
+                             (pred == y[:, None]).any(dim=1).sum().double(), (~torch.isfinite(out)).any(dim=1).sum().double()])
         n += len(y)
-    loss, top1, top5 = sums.tolist()
+    loss, top1, top5, nonfinite = sums.tolist()
     n = max(n, 1)
-    return {"test_loss": loss / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n}
+    return {"test_loss": loss / n, "test_top1": 100.0 * top1 / n, "test_top5": 100.0 * top5 / n, "nonfinite": nonfinite}
 
 
 def use_cuda_graph(setting, device: torch.device, world: int, amp: str) -> bool:
@@ -69,13 +71,19 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     """Trains per the resolved recipe `cfg`; returns a summary dict. Resuming reads the run
     folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life."""
     lock = RunLock()  # acquired on the run folder once it is known
+    undo: list[Callable[[], None]] = []  # what a start that fails must remove
     try:
-        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock)
+        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock, undo)
+    except BaseException:
+        lock.release()
+        for f in undo:
+            f()
+        raise
     finally:
         lock.release()
 
 
-def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
+def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: list) -> dict:
     t = cfg["train"]
     d = setup_distributed(device_kind(t["device"]))
     device = pick_device(t["device"], d)
@@ -95,7 +103,10 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
             dist.broadcast_object_list(obj, src=0)
             run_dir = Path(obj[0])
         if d.main:
+            created = not run_dir.exists()
             run_folder.start_folder(run_dir, cfg, lock)
+            if created:  # a start that fails (missing data, a wrong device...) leaves no empty run folder behind
+                undo.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
 
     data = build_data(cfg, d, device)
     total = total_steps(cfg, data.steps_per_epoch)
@@ -172,6 +183,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
             except ValueError:  # not the main thread
                 pass
 
+    undo.clear()  # from here on the folder holds the run's own record
     batches = data.batches_from(st.step)
     interval_start, interval_steps = time.time(), 0
     summary_row: dict | None = None
@@ -206,6 +218,9 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock) -> dict:
             if is_eval:
                 seconds = time.time() - interval_start
                 res = evaluate(unwrap(model), data.test_batches(), device, amp_dtype, t["channels_last"])
+                if not all(math.isfinite(v) for v in res.values()):  # never saved, let alone kept as the best
+                    raise NonFiniteLoss(done, run_dir, st.last_good, "the evaluation gave a non-finite test loss "
+                                        f"({res['test_loss']:.4g}; {res['nonfinite']:.0f} non-finite outputs)")
                 train_model.train()
                 row = {"step": done, "epoch": round(done / data.steps_per_epoch, 4), "lr": _lr_of(opt),
                        "train_loss": st.acc.loss / max(st.acc.count, 1), "train_top1": 100 * st.acc.correct / max(st.acc.count, 1),

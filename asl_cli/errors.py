@@ -9,10 +9,10 @@ class TrainingError(RuntimeError):
 
 
 class NonFiniteLoss(TrainingError):
-    def __init__(self, step: int, run_dir: Path, last_good: int | None):
+    def __init__(self, step: int, run_dir: Path, last_good: int | None, what: str = "the loss became non-finite"):
         self.step, self.run_dir, self.last_good = step, run_dir, last_good
         kept = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint had been written yet"
-        super().__init__(f"the loss became non-finite at step {step}; training stopped and {kept} in {run_dir}")
+        super().__init__(f"{what} at step {step}; training stopped and {kept} in {run_dir}")
 
 
 class Interrupted(TrainingError):

@@ -209,18 +209,45 @@ def append_shifts(path: Path, step: int, shifts: dict) -> None:
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["step", "layer", "channel", "alpha", "beta"])
+            w.writerow(SHIFT_COLUMNS)
         for layer, s in shifts.items():
             for c, (a, b) in enumerate(s.tolist()):
                 w.writerow([step, layer, c, f"{a:.6g}", f"{b:.6g}"])
 
 
+SHIFT_COLUMNS = ["step", "layer", "channel", "alpha", "beta"]
+
+
+def read_log(path: Path, columns: list[str]):
+    """A run's CSV log as a DataFrame, and why it could not be used (None when it could). A file
+    left empty or cut short by a kill or a full disk reads as no rows, never as an exception."""
+    import pandas as pd
+
+    empty = pd.DataFrame(columns=columns)
+    if not path.exists():
+        return empty, None
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return empty, f"{path} is empty"
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        return empty, f"{path} cannot be read ({str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__})"
+    lacking = [c for c in columns if c not in df.columns]
+    if lacking:
+        return empty, f"{path} lacks the column(s) {', '.join(lacking)}"
+    df = df[pd.to_numeric(df["step"], errors="coerce").notna()]  # a half-written last line
+    return df.astype({"step": int}), None
+
+
 def truncate_logs(run_dir: Path, step: int, last_row: dict | None) -> None:
-    """Drop log rows written after the checkpoint being resumed (they will be redone)."""
+    """Drop log rows written after the checkpoint being resumed (they will be redone); an empty or
+    damaged log is started again from what the checkpoint holds."""
     import pandas as pd
 
     m = run_dir / "metrics.csv"
-    df = pd.read_csv(m) if m.exists() else pd.DataFrame(columns=METRIC_COLUMNS)
+    df, problem = read_log(m, METRIC_COLUMNS)
+    if problem:
+        warnings.warn(f"{problem}; its rows before step {step} are lost, logging continues", stacklevel=2)
     df = df[df["step"] <= step]
     if last_row is not None and not (df["step"] == step).any():  # killed between the checkpoint and its row
         df = pd.concat([df, pd.DataFrame([last_row])[METRIC_COLUMNS]], ignore_index=True) if len(df) else pd.DataFrame([last_row])[METRIC_COLUMNS]
@@ -228,5 +255,7 @@ def truncate_logs(run_dir: Path, step: int, last_row: dict | None) -> None:
         df.to_csv(m, index=False)
     s = run_dir / "shifts.csv"
     if s.exists():
-        df = pd.read_csv(s)
+        df, problem = read_log(s, SHIFT_COLUMNS)
+        if problem:
+            warnings.warn(f"{problem}; the shift history before step {step} is lost, recording continues", stacklevel=2)
         df[df["step"] <= step].to_csv(s, index=False)

@@ -15,7 +15,8 @@ from asl_cli.ops import reference_active_shift
 
 SHARED = Path(os.environ.get("ASL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MODEL = SHARED / "data" / "as-resnet-w32" / "AS-ResNet-w32_iter_450360.caffemodel"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"the authors' model is not at {MODEL}")
+pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"the authors' model is not at {MODEL} (it is in their public repository "
+                                "jyh2986/Active-Shift, models/ASL_Model/ImageNet/test_model/w32/; set ASL_SHARED to the folder above data/)")
 
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
 

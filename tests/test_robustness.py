@@ -204,7 +204,7 @@ def test_training_set_smaller_than_a_batch():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_eval_on_cuda_without_a_gpu(finished_run):
     code, out = cli("eval", finished_run, "--device", "cuda", "--no-latency")
-    assert code == 1 and "no" in out and "GPU" in out
+    assert code == 2 and "no" in out and "GPU" in out  # a bad option for this machine: a usage error
 
 
 def test_jit_script_says_what_to_use_instead():
@@ -220,3 +220,124 @@ def test_ablate_with_a_zero_byte_checkpoint_in_a_run_folder(tmp_path):
     (run / "checkpoints" / "last.pt").touch()
     code, out = cli("ablate", "quick", *TINY, "--variant", "TR", "--root", tmp_path / "runs", "--csv", tmp_path / "a.csv")
     assert code == 1 and "empty file" in out, out
+
+
+# ---- no silent wrong answer, no traceback on the recovery path ----
+def test_a_diverging_run_never_keeps_a_nan_model(tmp_path):
+    run = tmp_path / "run"
+    code, out = cli("train", "quick", *TINY, "optim.lr=500", "schedule.warmup=0", f"output.dir={run}")
+    assert code == 3 and "non-finite" in out and "no checkpoint had been written" in out, out
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_eval_of_a_diverged_checkpoint_is_an_error(tmp_path, finished_run):
+    ck = ckpt_io.load(finished_run / "checkpoints" / "best.pt")
+    ck["model_state"]["fc.weight"].fill_(float("nan"))
+    ckpt_io.save_atomic({k: v for k, v in ck.items() if k != "_path"}, tmp_path / "nan.pt")
+    code, out = cli("eval", tmp_path / "nan.pt", "--no-latency", "--csv", tmp_path / "e.csv")
+    assert code == 1 and "non-finite outputs" in out and "diverged" in out, out
+    assert not (tmp_path / "e.csv").exists()
+
+
+@pytest.mark.parametrize("log", ["metrics.csv", "shifts.csv"])
+@pytest.mark.parametrize("damage", ["empty", "garbage"])
+def test_resume_with_a_damaged_log(tmp_path, finished_run, log, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    cfg = (run / "config.yaml").read_text().replace("iterations: 4", "iterations: 6")
+    (run / "config.yaml").write_text(cfg)
+    (run / log).write_bytes(b"" if damage == "empty" else b"\x00\xff no,columns\n1,2\n")
+    code, out = cli("train", "--resume", run)
+    assert code == 0, out
+    assert "resuming from the checkpoint at step 4 of 6" in out
+    rows = pd.read_csv(run / log)
+    assert rows["step"].max() == 6 and (rows["step"] > 4).any()
+
+
+@pytest.mark.parametrize("damage", [b"", b"step,layer\n0,a\n", b"\x00\x01\x02"])
+def test_plot_shifts_with_a_damaged_history(tmp_path, finished_run, damage):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "shifts.csv").write_bytes(damage)
+    code, out = cli("plot-shifts", run, "--out", tmp_path / "fig")
+    assert code == 0 and "warning" in out and "no shift movement figure" in out, out
+    assert (tmp_path / "fig" / "shifts.png").exists() and not (tmp_path / "fig" / "shift_movement.png").exists()
+
+
+def test_plot_shifts_defaults_to_the_newest_run(tmp_path, finished_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("plot-shifts")
+    assert code == 1 and "no run with a checkpoint under runs/" in out and "asl train" in out
+    shutil.copytree(finished_run, tmp_path / "runs" / "old")
+    shutil.copytree(finished_run, tmp_path / "runs" / "ablate-x" / "TR-seed0")
+    (tmp_path / "runs" / "ablate-x" / "TR-seed0" / "checkpoints" / "last.pt").touch()  # the newest
+    code, out = cli("plot-shifts")
+    assert code == 0 and "TR-seed0" in out, out
+    assert (tmp_path / "results" / "shifts" / "TR-seed0" / "shifts.png").exists()
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    code, out = cli("train", "--resume", run)
+    assert code == 0 and "nothing left to train" in out, out
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path):
+    run = tmp_path / "run"
+    code, out = cli("train", "quick", "data.dataset=folder", f"data.path={tmp_path / 'missing'}", f"output.dir={run}")
+    assert code == 1 and not run.exists(), out
+    code, out = cli("train", "quick", "train.batch_size=5000", "data.train_size=100", f"output.dir={run}")
+    assert code == 1 and "fewer than one batch" in out and not run.exists(), out
+
+
+def test_a_run_folder_without_a_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("name: x\n")
+    code, out = cli("eval", tmp_path / "run", "--no-latency")
+    assert code == 1 and "run folder with no checkpoint yet" in out and "is it a run folder" not in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages shown without a GPU")
+@pytest.mark.parametrize("args", [("profile", "op", "--device", "cuda"), ("profile", "--layer", "relu", "--device", "cuda"),
+                                  ("train", "quick", *TINY, "train.device=cuda"), ("train", "quick", *TINY, "train.device=tpu")])
+def test_a_device_this_machine_lacks_is_a_usage_error(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(*args)
+    assert code == 2 and ("GPU" in out or "cuda" in out), out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_ablate_refuses_a_baseline_it_does_not_train(tmp_path):
+    code, out = cli("ablate", "quick", *TINY, "--variant", "SR", "--baseline", "ZZ", "--root", tmp_path / "r", "--csv", tmp_path / "a.csv")
+    assert code == 2 and "--baseline 'ZZ' is not among the variants trained (SR)" in out, out
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    code, out = cli("train", "quick", *TINY, "train.log_every=1", f"output.dir={tmp_path / 'run'}")
+    assert code == 0 and all(f"step       {i}/4  loss" in out for i in range(1, 5)), out
+
+
+def test_tables_stay_whole_in_80_columns():
+    # CliRunner's console is 80 columns wide, like a default terminal
+    for args in (("zoo",), ("profile", "models", "as_resnet_w32", "mobilenet_v2_x0.75", "--form", "eager", "--min-run-time", "0.01",
+                            "--out", "/dev/null/x.csv")):
+        res = runner.invoke(app, list(args))
+        assert "…" not in res.output and "as_resnet_w32" in res.output, res.output
+        assert max(len(line) for line in res.output.splitlines()) <= 80
+
+
+def test_config_prints_every_key_with_its_default_and_choices():
+    code, out = cli("config", "quick", "optim.lr=0.05")
+    assert code == 0
+    res = runner.invoke(app, ["config", "quick", "optim.lr=0.05"])
+    lines = res.output.splitlines()
+    lr = next(line for line in lines if line.strip().startswith("lr:"))
+    assert "0.05" in lr and "default 0.1" in lr
+    dataset = next(line for line in lines if line.strip().startswith("dataset:"))
+    assert "one of synthetic, cifar10, cifar100, imagenet, npz, folder" in dataset
+    plain = runner.invoke(app, ["config", "quick", "--plain"]).output
+    assert load_config(__import__("yaml").safe_load(plain))["train"]["iterations"] == 1200
+    code, out = cli("config", "quick", "optim.lrr=1")
+    assert code == 2 and "did you mean optim.lr" in out
+    assert "asl config" in runner.invoke(app, ["train", "--help"]).output.replace("\n", " ")

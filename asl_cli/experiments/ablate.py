@@ -25,6 +25,16 @@ def parse_variants(text: str) -> list[str]:
     return chosen
 
 
+def pick_baseline(baseline: str | None, chosen: list[str]) -> str:
+    """The cell the others are compared with: the one asked for (which must be trained), else TR
+    when it is trained, else the last variant."""
+    if baseline is None:
+        return "TR" if "TR" in chosen else chosen[-1]
+    if baseline.strip().upper() not in chosen:
+        raise ConfigError(f"--baseline {baseline!r} is not among the variants trained ({', '.join(chosen)})")
+    return baseline.strip().upper()
+
+
 def plan_variants(recipe: str, variants: list[str], seeds: int, overrides: list[str], root: Path):
     runs = plan(recipe, overrides, [Axis("model.args.shift_mode", variants)], seeds, root, SEED_KEYS)
     cfg = runs[0].cfg

@@ -67,6 +67,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         "top1": round(res["test_top1"], 3),
         "top5": round(res["test_top5"], 3),
         "loss": round(res["test_loss"], 5),
+        "nonfinite_outputs": int(res["nonfinite"]),
         "params": count_parameters(model),
         "macs": count_macs(model, input_size),
         "input_size": input_size,

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from .. import checkpoint as ckpt_io
+from ..train_state import SHIFT_COLUMNS, read_log
 from . import figures
 
 STATS_COLUMNS = ["layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
@@ -97,9 +98,22 @@ def run(target: str | Path, out_dir: Path) -> dict:
     stats_path = out_dir / "shift_stats.csv"
     stats.to_csv(stats_path, index=False)
     files.append(stats_path)
+    notes = []
     hist_path = Path(target) / "shifts.csv" if Path(target).is_dir() else None
     if hist_path is not None and hist_path.exists():
-        hist = pd.read_csv(hist_path)
-        if hist["step"].nunique() > 1:
+        hist, problem = read_log(hist_path, SHIFT_COLUMNS)
+        if problem:
+            notes.append(f"{problem}: no shift movement figure")
+        elif hist["step"].nunique() > 1:
             files += movement_figure(hist, f"Shift movement during training: {ckpt['model_name']}", out_dir / "shift_movement")
-    return {"files": [str(f) for f in files], "stats": stats}
+    return {"files": [str(f) for f in files], "stats": stats, "notes": notes}
+
+
+def newest_run(root: Path) -> Path:
+    """The run folder under `root` (sweeps' and ablations' included) whose last checkpoint was
+    written most recently."""
+    found = sorted(root.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise ckpt_io.CheckpointError(f"no run with a checkpoint under {root}/; train one with `asl train`, "
+                                      f"or name a run folder or checkpoint: asl plot-shifts RUN_DIR|CHECKPOINT")
+    return found[-1].parent.parent

@@ -678,14 +678,43 @@ def predict(
 
 def _live_view(runs) -> Table:
     t = Table(title="runs", show_lines=False)
-    for c in ("run", "state", "step", "train top-1", "test top-1", "img/s", "elapsed"):
+    notes = any(r.message for r in runs)
+    for c in ("run", "state", "step", "train top-1", "test top-1", "img/s", "elapsed") + (("note",) if notes else ()):
         t.add_column(c)
     for r in runs:
         p = r.progress
         step = f"{p.get('step', 0)}/{p['total']}" if p.get("total") else ""
         t.add_row(f"{r.cell} seed {r.seed}", r.state, step, str(p.get("train_top1", "")), str(p.get("test_top1", "")),
-                  str(p.get("images_per_s", "")), f"{p['elapsed_s']:.0f} s" if "elapsed_s" in p else "")
+                  str(p.get("images_per_s", "")), f"{p['elapsed_s']:.0f} s" if "elapsed_s" in p else "",
+                  *((r.message,) if notes else ()))
     return t
+
+
+class Executor(str, Enum):
+    pool = "pool"
+    cluster = "cluster"
+    slurm = "slurm"
+    local = "local"
+    debug = "debug"
+
+
+EXECUTOR_OPT = typer.Option(Executor.pool, "--executor", help="pool: worker processes on this machine (--jobs at once). "
+                            "slurm: one submitit job per run; local: the same jobs as processes of this machine; debug: in this "
+                            "process; cluster: slurm where Slurm is installed, else local. Needs pip install 'asl-cli[cluster]'.")
+WAIT_OPT = typer.Option(None, "--wait/--no-wait", help="With a job executor, wait for the jobs with a live table (default: "
+                        "return once submitted; run the same command again to collect the summary).")
+STATUS_OPT = typer.Option(False, "--status", help="Show each run's state (done, running, pending, failed, queued) and submit nothing.")
+PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition (default: the recipe's cluster.partition).")
+TIME_OPT = typer.Option(None, "--time", min=1, metavar="MINUTES", help="Each job's time limit; a job that reaches it saves a "
+                        "checkpoint and requeues itself (default: cluster.timeout_min).")
+GPUS_OPT = typer.Option(None, "--gpus-per-node", min=0, help="GPUs per job, one process each with DistributedDataParallel.")
+CPUS_OPT = typer.Option(None, "--cpus-per-task", min=1, help="CPUs per process of a job.")
+NODES_OPT = typer.Option(None, "--nodes", min=1, help="Nodes per job.")
+
+
+def _grid(executor, wait, status, partition, time_min, gpus, cpus, nodes) -> dict:
+    return {"executor": executor.value, "wait": wait, "status": status,
+            "resources": dict(partition=partition, timeout_min=time_min, gpus_per_node=gpus, cpus_per_task=cpus, nodes=nodes)}
 
 
 def _log_changes():
@@ -697,31 +726,57 @@ def _log_changes():
             if seen.get(id(r)) != r.state:
                 seen[id(r)] = r.state
                 top1 = r.progress.get("test_top1")
-                console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else ""),
-                              highlight=False)
+                console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else "")
+                              + (f": {r.message}" if r.state == "failed" else ""), highlight=False)
     return log
 
 
-def _run_sweep(recipe: str, runs, jobs: int):
-    """Trains the sweep's missing runs (in this process for one job, with a live table for more)."""
+def _watch(work, runs):
+    """Runs work(on_tick) with a live table in a terminal, log lines otherwise."""
     from rich.live import Live
 
+    if console.is_terminal:
+        with Live(_live_view(runs), console=console, refresh_per_second=2) as live:
+            return work(lambda rs: live.update(_live_view(rs)))
+    return work(_log_changes())
+
+
+def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
+    """Trains the sweep's missing runs: in this process for one job, in worker processes for more,
+    or as submitit jobs. Returns the failed runs, or None when runs are still to finish (the
+    summary then waits for a later call)."""
     from asl_cli.engine import train as run_training
+    from asl_cli.experiments import cluster
     from asl_cli.experiments.sweep import execute
 
-    def train_one(cfg, resume):
-        return _train_with_progress(run_training, cfg, resume, None, show=True)
-
-    status = lambda m: console.print(f"[bold]{m}[/]")  # noqa: E731
-    if jobs == 1:
-        failed = execute(recipe, runs, 1, train_one, on_status=status)
-    elif console.is_terminal:
-        with Live(_live_view(runs), console=console, refresh_per_second=2) as live:
-            failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=lambda rs: live.update(_live_view(rs)))
+    status = lambda m: console.print(f"[bold]{m}[/]", highlight=False)  # noqa: E731
+    if grid["status"]:
+        cluster.refresh(runs)
+        show(_live_view(runs))
+        return None
+    if grid["executor"] != "pool":
+        cluster.refresh(runs)
+        res = cluster.Resources.from_config(runs[0].cfg, **grid["resources"])
+        jobs_by_run = cluster.submit(recipe, runs, grid["executor"], res, root / ".jobs", status)
+        waiting = grid["wait"] if grid["wait"] is not None else grid["executor"] == "debug"
+        if waiting:
+            _watch(lambda tick: cluster.wait(runs, jobs_by_run, tick), runs)
+        else:
+            show(_live_view(runs))
+        live = [r for r in runs if r.state in ("running", "pending")]
+        if live:
+            console.print(f"{len(live)} run(s) still queued or running; run the same command again (or with --status) to see "
+                          "them, and to write the summary once every run is done")
+            return None
+        failed = [r for r in runs if r.state == "failed"]
+    elif jobs == 1:
+        failed = execute(recipe, runs, 1, lambda cfg, resume: _train_with_progress(run_training, cfg, resume, None, show=True),
+                         on_status=status)
     else:
-        failed = execute(recipe, runs, jobs, train_one, on_status=status, on_tick=_log_changes())
+        failed = _watch(lambda tick: execute(recipe, runs, jobs, None, on_status=status, on_tick=tick), runs)
     for r in failed:
-        err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {r.run_dir / 'sweep.log'}): {r.message}", highlight=False)
+        log = r.run_dir / "sweep.log" if grid["executor"] == "pool" else root / ".jobs"
+        err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {log}): {r.message}", highlight=False)
     return failed
 
 
@@ -774,6 +829,10 @@ def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, firs
 
     for k, val in provenance(str(pick_device("auto", Dist())), None).items():
         summary[k] = val
+    if failed:  # each cell's failed runs and why, beside its statistics over the finished ones
+        cells = summary["variant" if "variant" in summary else "cell"]
+        errors = {c: "; ".join(f"seed {r.seed}: {r.message}" for r in failed if r.cell == c) for c in cells}
+        summary["failed_runs"] = [errors[c] for c in cells]
     show(_summary_table(summary, title, first_col))
     _write_summary(summary, csv, title, paper_label)
     if failed:
@@ -792,6 +851,9 @@ def sweep(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of the runs (default runs/sweep-<recipe>)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/sweep_<recipe>.csv)."),
     title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
+    executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
+    partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
+    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
 ) -> None:
     """Train a recipe over override axes x seeds and summarise each cell (mean, std, 95% CI,
     Welch t-test against a baseline cell), with a figure. Finished runs are reused, interrupted
@@ -816,14 +878,18 @@ def sweep(
         base = baseline if baseline is not None else cells[0]
         if base not in cells:
             raise ConfigError(f"--baseline {base!r} is not a cell of this sweep ({', '.join(cells)})")
-        failed = _run_sweep(recipe, runs, jobs)
+        failed = _run_sweep(recipe, runs, jobs, grid, root)
+        if failed is None:
+            return None, runs
         return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
 
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes)
     paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
     label = "paper Table 2 (ASNet-20 b88, CIFAR-10, full schedule)" if paper else ""
     summary, failed = _guarded(work)
-    _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
-                  title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")
+    if summary is not None:
+        _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
+                      title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")
 
 
 @app.command()
@@ -837,6 +903,9 @@ def ablate(
                                            "default TR when it is trained, else the last variant."),
     root: Optional[Path] = typer.Option(None, "--root", help="Folder of the variant runs (default runs/ablate-<recipe>)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/ablate_<recipe>.csv)."),
+    executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
+    partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
+    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
 ) -> None:
     """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
     runs are reused (the shift-variant preset of `asl sweep`).
@@ -858,12 +927,16 @@ def ablate(
         chosen = parse_variants(variant)
         base = pick_baseline(baseline, chosen)
         runs = plan_variants(recipe, chosen, seeds, overrides, root)
-        failed = _run_sweep(recipe, runs, jobs)
+        failed = _run_sweep(recipe, runs, jobs, grid, root)
+        if failed is None:
+            return None, runs
         return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
 
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes)
     summary, failed = _guarded(work)
-    _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
-                  f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant")
+    if summary is not None:
+        _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
+                      f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant")
 
 
 @app.command(name="plot-shifts")

@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "warmup": 0,  # iterations of linear warm-up
     },
     "output": {"dir": None, "runs_root": "runs"},
+    # what each run's job asks a cluster for (asl sweep/ablate --executor slurm|local|cluster)
+    "cluster": {"partition": None, "timeout_min": 240, "gpus_per_node": 0, "cpus_per_task": None, "nodes": 1, "mem_gb": None},
 }
 
 TYPES: dict[str, tuple] = {
@@ -87,6 +89,9 @@ TYPES: dict[str, tuple] = {
     "train.epochs": (int, float),
     "output.dir": (str,),
     "train.cuda_graph": (str, bool),
+    "cluster.partition": (str,),
+    "cluster.cpus_per_task": (int,),
+    "cluster.mem_gb": (int, float),
 }
 
 CHOICES = {
@@ -329,6 +334,8 @@ KEY_HELP = {
     "schedule.milestones": "iterations at which multistep multiplies the rate by gamma",
     "schedule.warmup": "iterations of linear warm-up",
     "output.dir": "the run folder (default: <runs_root>/<time>-<name>-<model>)",
+    "cluster.partition": "Slurm partition of each run's job", "cluster.timeout_min": "each job's time limit (it requeues itself)",
+    "cluster.gpus_per_node": "GPUs per job, one process each (DistributedDataParallel)",
 }
 
 

@@ -66,14 +66,19 @@ def use_cuda_graph(setting, device: torch.device, world: int, amp: str) -> bool:
     return bool(setting)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | None = None,
-          callbacks: Callbacks | None = None) -> dict:
+          callbacks: Callbacks | None = None, stop_signals: tuple = STOP_SIGNALS) -> dict:
     """Trains per the resolved recipe `cfg`; returns a summary dict. Resuming reads the run
-    folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life."""
+    folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life.
+    Any of `stop_signals` makes the run save a checkpoint at the next step and raise Interrupted
+    (which records the signal); a second one stops at once."""
     lock = RunLock()  # acquired on the run folder once it is known
     undo: list[Callable[[], None]] = []  # what a start that fails must remove
     try:
-        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock, undo)
+        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock, undo, stop_signals)
     except BaseException:
         lock.release()
         for f in undo:
@@ -83,7 +88,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         lock.release()
 
 
-def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: list) -> dict:
+def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: list, stop_signals: tuple) -> dict:
     t = cfg["train"]
     d = setup_distributed(device_kind(t["device"]))
     device = pick_device(t["device"], d)
@@ -168,16 +173,16 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
     cb.on_start({"run_dir": str(run_dir), "total": total, "start": st.step, "device": str(device), "world": d.world,
                  "model": cfg["model"]["name"], "steps_per_epoch": data.steps_per_epoch, "train_images": data.n_train, "cuda_graph": graphed})
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signum": None}
     old_handlers = {}
 
     def request_stop(signum, frame):
         if stop["flag"]:  # a second signal: stop now
             raise KeyboardInterrupt
-        stop["flag"] = True
+        stop["flag"], stop["signum"] = True, signum
 
     if d.main or d.world == 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals:
             try:
                 old_handlers[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread
@@ -198,7 +203,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
                 take_stats()
                 st.step = step
                 save(None, False)
-                raise Interrupted(step, run_dir)
+                raise Interrupted(step, run_dir, stop["signum"])
             x, y = next(batches)
             step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             sched.step()

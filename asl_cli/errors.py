@@ -16,6 +16,6 @@ class NonFiniteLoss(TrainingError):
 
 
 class Interrupted(TrainingError):
-    def __init__(self, step: int, run_dir: Path):
-        self.step, self.run_dir = step, run_dir
+    def __init__(self, step: int, run_dir: Path, signum: int | None = None):
+        self.step, self.run_dir, self.signum = step, run_dir, signum
         super().__init__(f"interrupted; a checkpoint at step {step} was saved in {run_dir}")

@@ -12,6 +12,23 @@ import time
 from pathlib import Path
 
 
+def progress_writer(path: Path) -> dict:
+    """Training callbacks (engine.Callbacks' keyword arguments) that keep `path` a JSON record of
+    the run's progress, replaced atomically, for the sweep's live view and `--status`."""
+    state = {"step": 0, "total": None, "t0": time.time()}
+
+    def write(**kw):
+        state.update(kw)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({k: v for k, v in state.items() if k != "t0"} | {"elapsed_s": round(time.time() - state["t0"], 1)}))
+        os.replace(tmp, path)
+
+    return dict(on_start=lambda info: write(step=info["start"], total=info["total"], device=info["device"]),
+                on_step=lambda step, total, st: write(step=step, total=total, train_top1=round(st["top1"], 2),
+                                                      images_per_s=round(st["images_per_s"], 1)),
+                on_eval=lambda row: write(test_top1=row["test_top1"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sweep_worker")
     p.add_argument("--progress", type=Path, required=True)
@@ -23,18 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import Callbacks, Interrupted, TrainingError
     from ..engine import train as run_training
 
-    state = {"step": 0, "total": None, "t0": time.time()}
-
-    def write(**kw):
-        state.update(kw)
-        tmp = a.progress.with_name(f".{a.progress.name}.tmp")
-        tmp.write_text(json.dumps({k: v for k, v in state.items() if k != "t0"} | {"elapsed_s": round(time.time() - state["t0"], 1)}))
-        os.replace(tmp, a.progress)
-
-    cb = Callbacks(on_start=lambda info: write(step=info["start"], total=info["total"], device=info["device"]),
-                   on_step=lambda step, total, st: write(step=step, total=total, train_top1=round(st["top1"], 2),
-                                                         images_per_s=round(st["images_per_s"], 1)),
-                   on_eval=lambda row: write(test_top1=row["test_top1"]))
+    cb = Callbacks(**progress_writer(a.progress))
     try:
         if a.resume is not None:
             cfg = load_config(str(a.resume / "config.yaml"))

@@ -1,0 +1,230 @@
+"""Sweep runs as cluster jobs through submitit: every (cell, seed) run is one job (Slurm where
+`srun` exists; submitit's `local` executor runs the same jobs as subprocesses of this machine and
+`debug` in this process). A job trains with the trainer's own resume: a requeued or resubmitted
+job continues from its run folder's last checkpoint, and a job told it is about to be preempted or
+to time out (submitit's signal, USR2) first saves a checkpoint at the current step, then asks
+submitit to requeue it. Where a job stands is read from its run folder (checkpoints,
+progress.json) and `job.json` (executor, job id, submitit's log folder), so a later command can
+show it, reuse it or resubmit it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..config import ConfigError
+from .sweep import Run, finished, prepare, read_progress
+
+EXECUTORS = ("cluster", "slurm", "local", "debug")
+JOB_FILE = "job.json"
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the cluster executors need submitit: pip install 'asl-cli[cluster]' (or pip install submitit)") from None
+    return submitit
+
+
+@dataclass
+class Resources:
+    """What one run's job asks for; the recipe's `cluster:` section, then the command line."""
+
+    partition: str | None = None
+    timeout_min: int = 240
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    nodes: int = 1
+    mem_gb: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict, **given) -> "Resources":
+        values = {**cfg.get("cluster", {}), **{k: v for k, v in given.items() if v is not None}}
+        r = cls(**values)
+        if r.timeout_min < 1 or r.gpus_per_node < 0 or r.nodes < 1 or (r.cpus_per_task is not None and r.cpus_per_task < 1):
+            raise ConfigError(f"cluster resources out of range: {r}")
+        return r
+
+
+def resolve_executor(name: str) -> str:
+    """`cluster` is Slurm where its commands are installed, else submitit's local executor."""
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor must be pool, {', '.join(EXECUTORS)}; got {name!r}")
+    if name == "cluster":
+        return "slurm" if shutil.which("srun") or shutil.which("sbatch") else "local"
+    if name == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("--executor slurm needs Slurm's sbatch on PATH; use --executor local to run the jobs on this machine")
+    return name
+
+
+def make_executor(kind: str, folder: Path, res: Resources, name: str):
+    submitit = _submitit()
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=kind)
+    tasks = max(1, res.gpus_per_node)  # one task per GPU: DistributedDataParallel inside the job
+    params = dict(name=name, timeout_min=res.timeout_min, tasks_per_node=tasks, nodes=res.nodes)
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.cpus_per_task:
+        params["cpus_per_task"] = res.cpus_per_task
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    ex.update_parameters(**params)
+    return ex
+
+
+def _preempt_signal() -> int:
+    # submitit's own rule (SUBMITIT_PREEMPT_SIGNAL, default USR2) for the signal it sends before a
+    # time limit or a preemption
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+class TrainJob:
+    """The callable a job runs: train one run in its folder, resuming from its last checkpoint.
+    submitit calls `checkpoint` when the job is to be requeued; the same call then resumes."""
+
+    def __call__(self, recipe: str, overrides: list[str], run_dir: str) -> dict:
+        from ..config import load_config
+        from ..engine import STOP_SIGNALS, Callbacks, Interrupted
+        from ..engine import train as run_training
+        from .sweep_worker import progress_writer
+
+        submitit = _submitit()
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # the same environment variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR...)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        folder = Path(run_dir)
+        resume = folder if (folder / "checkpoints" / "last.pt").exists() else None
+        cfg = load_config(str(folder / "config.yaml")) if resume else load_config(recipe, overrides)
+        main = env.global_rank == 0
+        callbacks = Callbacks(**progress_writer(folder / "progress.json")) if main else None
+        requeue = signal.getsignal(_preempt_signal())  # submitit's handler: checkpoint() and requeue
+        try:
+            return run_training(cfg, resume=resume, callbacks=callbacks, stop_signals=STOP_SIGNALS + (_preempt_signal(),))
+        except Interrupted as e:
+            if e.signum == _preempt_signal() and callable(requeue):
+                requeue(e.signum, None)  # exits this process; the requeued job resumes at e.step
+            raise
+
+    def checkpoint(self, recipe: str, overrides: list[str], run_dir: str):
+        return _submitit().helpers.DelayedSubmission(TrainJob(), recipe, overrides, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid's state
+# ---------------------------------------------------------------------------------------------
+def read_job(run: Run) -> dict:
+    try:
+        return json.loads((run.run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _job_alive(info: dict) -> bool:
+    """Whether the job recorded in job.json is still queued or running."""
+    if not info:
+        return False
+    if info["executor"] == "local":  # the job id is the pid of submitit's controller process
+        return _local_job_alive(int(info["job_id"]))
+    if info["executor"] == "slurm":
+        submitit = _submitit()
+        state = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"]).state
+        return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN")
+    return False
+
+
+def _local_job_alive(pid: int) -> bool:
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self").exists():  # no /proc: whether the pid exists at all
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"submitit" in cmdline  # not a dead child awaiting its parent, nor a reused pid
+
+
+def _job_error(info: dict, lines: int = 3) -> str:
+    """The end of the job's stderr as submitit kept it."""
+    folder = Path(info.get("folder", ""))
+    logs = sorted(folder.glob(f"{info.get('job_id')}_*_log.err")) if info else []
+    text = []
+    for p in logs:
+        text += [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip() and "submitit" not in ln]
+    return " | ".join(text[-lines:]) or "the job ended without finishing the run"
+
+
+def refresh(runs: list[Run]) -> None:
+    """Sets each run's state from its folder and job record (no job is submitted)."""
+    for r in runs:
+        info = read_job(r)
+        r.progress = read_progress(r.run_dir)
+        if finished(r.run_dir) is not None:
+            r.state = "done"
+        elif _job_alive(info):
+            r.state = "running" if r.progress else "pending"
+            r.message = f"job {info['job_id']}"
+        elif info:
+            r.state, r.message = "failed", _job_error(info)
+        else:
+            r.state = "queued"
+
+
+def submit(recipe: str, runs: list[Run], executor: str, res: Resources, folder: Path, on_status: Callable[[str], None]) -> dict:
+    """Submits a job for every run that is neither finished nor still in a live job; returns the
+    submitit jobs by run folder."""
+    kind = resolve_executor(executor)
+    ex = None
+    jobs = {}
+    for r in runs:
+        if r.state in ("done", "reused", "running", "pending"):
+            continue
+        resume = prepare(r)
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        (r.run_dir / "progress.json").unlink(missing_ok=True)
+        ex = ex or make_executor(kind, folder, res, f"asl-{Path(recipe).stem}")
+        job = ex.submit(TrainJob(), recipe, r.overrides, str(r.run_dir))
+        info = {"executor": kind, "job_id": str(job.job_id), "folder": str(folder), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (r.run_dir / JOB_FILE).write_text(json.dumps(info))
+        r.state, r.message = "pending", f"job {job.job_id}"
+        jobs[str(r.run_dir)] = job
+        on_status(f"{r.cell} seed {r.seed}: {'resubmitted, resuming' if resume else 'submitted'} as job {job.job_id} "
+                  f"({kind}; logs in {folder})")
+    return jobs
+
+
+def wait(runs: list[Run], jobs: dict, on_tick: Callable[[list[Run]], None], poll_s: float = 2.0) -> None:
+    """Waits for the submitted jobs, keeping the runs' states current."""
+    pending = dict(jobs)
+    while pending:
+        for key, job in list(pending.items()):
+            if job.done():
+                del pending[key]
+        refresh([r for r in runs if str(r.run_dir) in jobs])
+        for r in runs:  # a job still running as far as its record goes, but submitit says it ended
+            if str(r.run_dir) in jobs and str(r.run_dir) not in pending and r.state in ("running", "pending"):
+                r.state = "done" if finished(r.run_dir) is not None else "failed"
+                if r.state == "failed":
+                    r.message = _job_error(read_job(r))
+        on_tick(runs)
+        if pending:
+            time.sleep(poll_s)
+
+
+def status_rows(runs: list[Run]) -> list[dict]:
+    return [{"run": f"{r.cell} seed {r.seed}", "state": r.state, "step": r.progress.get("step"), "total": r.progress.get("total"),
+             "test_top1": r.progress.get("test_top1"), "note": r.message, "run_dir": str(r.run_dir), **read_job(r)} for r in runs]
+

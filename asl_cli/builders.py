@@ -6,6 +6,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -42,6 +43,44 @@ def setup_distributed(device_kind: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     return Dist(world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# A cold compilation of an ASNet training step takes about a minute on one core and saves a few
+# milliseconds per step (README, "Training on the CPU"): it pays from about a thousand steps on.
+COMPILE_MIN_STEPS = 1000
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would build with ($CXX, else g++ or clang++)."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compile_choice(setting, device: torch.device, world: int, steps_left: int) -> tuple[bool, str]:
+    """Resolve train.compile (auto | true | false) for this run: whether to compile the model, and
+    a line for the user saying why (empty when there is nothing to say)."""
+    if setting is not True and setting is not False:  # auto: the CPU's fastest correct step when it pays
+        if device.type != "cpu" or world > 1 or steps_left < COMPILE_MIN_STEPS:
+            return False, ""
+        if cxx_compiler() is None:
+            return False, "no C++ compiler (g++, clang++ or $CXX) found, so torch.compile cannot build CPU kernels: training eagerly"
+        return True, f"compiling the training step with torch.compile (train.compile=auto); kernels are cached in {inductor_cache()}"
+    if setting and device.type == "cpu" and cxx_compiler() is None:
+        raise ConfigError("train.compile=true on the CPU needs a C++ compiler (g++, clang++ or $CXX); set train.compile=auto or false")
+    return bool(setting), ""
+
+
+def inductor_cache() -> Path:
+    """Where torch.compile keeps its compiled kernels: $TORCHINDUCTOR_CACHE_DIR, else beside the
+    image cache ($ASL_CACHE_DIR or ~/.cache/asl), so a later run starts without recompiling."""
+    from .image_folder import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("auto") / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def pick_device(spec: str, d: Dist) -> torch.device:

@@ -560,12 +560,15 @@ def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
         if not console.is_terminal:  # a log file gets no live bar: one line per log interval instead
             console.print(f"step {step:>7}/{total}  {stats}", highlight=False)
 
+    def on_note(text):
+        progress.console.print(text, highlight=False)
+
     def on_eval(row):
         progress.console.print(f"step {row['step']:>7}  test top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  "
                                f"loss {row['test_loss']:.4f}  ({row['images_per_s']:.0f} img/s)")
 
     with progress:
-        return run_training(cfg, resume=resume, init_from=init_from, callbacks=Callbacks(on_start, on_step, on_eval))
+        return run_training(cfg, resume=resume, init_from=init_from, callbacks=Callbacks(on_start, on_step, on_eval, on_note))
 
 
 def _render_summary(summary: dict) -> None:
@@ -941,16 +944,39 @@ def ablate(
 
 @app.command(name="plot-shifts")
 def plot_shifts(
-    target: Optional[Path] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]",
-                                            help="A run folder (last checkpoint and shifts.csv) or a checkpoint "
-                                                 "(default: the newest run under ./runs with a checkpoint)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>)."),
+    targets: Optional[List[Path]] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]...",
+                                                   help="A run folder (last checkpoint and shifts.csv) or a checkpoint "
+                                                        "(default: the newest run under ./runs with a checkpoint); several "
+                                                        "run folders: compare how far their shifts travelled."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>, or "
+                                       "results/shift_travel for several runs)."),
 ) -> None:
-    """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training, and per-layer statistics."""
+    """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training and how far they
+    travelled (shift_travel.csv: per layer and step, the mean distance from the start, the spread
+    and the share beyond 1 px), and per-layer statistics. Given several run folders, one table and
+    figure of their travel against steps and against the shift budget (the sum of per-step shift
+    learning rates)."""
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.plot_shifts import newest_run, run
+    from asl_cli.experiments.plot_shifts import compare, newest_run, run
 
+    if targets and len(targets) > 1:
+        try:
+            res = compare(list(targets), out or results_dir() / "shift_travel")
+        except ckpt_io.CheckpointError as e:
+            fail(str(e))
+        last = res["table"].groupby("run", sort=False).tail(1)
+        t = Table(title="shift travel at each run's end")
+        for c in ("run", "steps", "shift x lr", "budget px", "travel px", "spread", "beyond 1 px", "test top-1"):
+            t.add_column(c, justify="left" if c == "run" else "right")
+        for _, r in last.iterrows():
+            t.add_row(r["run"], str(r["step"]), f"{r['shift_lr_mult']:g}", f"{r['shift_budget_px']:.2f}", f"{r['mean_travel']:.3f}",
+                      f"{r['spread']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%", _fmt(r["final_test_top1"]))
+        show(t)
+        for f in res["files"]:
+            console.print(f"wrote {f}")
+        return
+    target = targets[0] if targets else None
     try:
         if target is None:
             target = newest_run(Path("runs"))

@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "amp": "none",  # none | bf16 | fp16 (CUDA)
         "channels_last": False,
-        "compile": False,
+        "compile": "auto",  # auto | true | false: torch.compile the model (auto: on the CPU for runs long enough to pay)
         "cuda_graph": "auto",  # auto | true | false: capture the whole step as a CUDA graph (auto: on for one CUDA process without fp16)
         "sync_bn": True,  # synchronised BatchNorm statistics under DistributedDataParallel
         "deterministic": False,
@@ -89,6 +89,7 @@ TYPES: dict[str, tuple] = {
     "train.epochs": (int, float),
     "output.dir": (str,),
     "train.cuda_graph": (str, bool),
+    "train.compile": (str, bool),
     "cluster.partition": (str,),
     "cluster.cpus_per_task": (int,),
     "cluster.mem_gb": (int, float),
@@ -98,6 +99,7 @@ CHOICES = {
     "data.dataset": ("synthetic", "cifar10", "cifar100", "imagenet", "npz", "folder"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.cuda_graph": ("auto", True, False),
+    "train.compile": ("auto", True, False),
     "optim.name": ("sgd",),
     "schedule.type": ("multistep", "linear", "cosine", "constant"),
 }
@@ -327,6 +329,7 @@ KEY_HELP = {
     "train.iterations": "total optimizer steps (or give train.epochs)",
     "train.device": "auto, cpu, cuda or cuda:N",
     "train.cuda_graph": "capture the whole step as a CUDA graph (auto: one CUDA process without fp16)",
+    "train.compile": "torch.compile the model (auto: on the CPU, with a C++ compiler, for runs of >= 1000 steps)",
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",
     "train.init_skip_mismatched": "--init-from: keep fresh weights where shapes differ",
     "optim.shift_lr_mult": "the shifts' learning rate as a multiple of optim.lr",

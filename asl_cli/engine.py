@@ -19,7 +19,7 @@ from torch import nn
 
 from . import train_state as run_folder
 from .builders import (AllReduceBatchNorm2d, Dist, FolderStream, build_data, build_model, build_optimizer,  # noqa: F401
-                       build_schedule, convert_allreduce_bn, device_kind, lr_factor, pick_device, setup_distributed,
+                       build_schedule, compile_choice, convert_allreduce_bn, device_kind, lr_factor, pick_device, setup_distributed,
                        total_steps)
 from .errors import Interrupted, NonFiniteLoss, TrainingError  # noqa: F401
 from .run_lock import RunLock
@@ -32,6 +32,7 @@ class Callbacks:
     on_start: Callable[[dict], None] = lambda info: None
     on_step: Callable[[int, int, dict], None] = lambda step, total, stats: None
     on_eval: Callable[[dict], None] = lambda row: None
+    on_note: Callable[[str], None] = lambda text: None
 
 
 @torch.no_grad()
@@ -132,7 +133,10 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
     train_model = model
     if d.world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t["compile"]:
+    compiled, note = compile_choice(t["compile"], device, d.world, total - st.step)
+    if note:
+        cb.on_note(note)
+    if compiled:
         train_model = torch.compile(train_model)
     graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
     step_fn = TrainStep(train_model, opt, scaler, device, amp_dtype, t["channels_last"], graph=graphed, start_step=st.step)
@@ -171,7 +175,8 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
         run_folder.append_shifts(run_dir / "shifts.csv", 0, shift_values(model))  # the starting point of every shift
 
     cb.on_start({"run_dir": str(run_dir), "total": total, "start": st.step, "device": str(device), "world": d.world,
-                 "model": cfg["model"]["name"], "steps_per_epoch": data.steps_per_epoch, "train_images": data.n_train, "cuda_graph": graphed})
+                 "model": cfg["model"]["name"], "steps_per_epoch": data.steps_per_epoch, "train_images": data.n_train, "cuda_graph": graphed,
+                 "compiled": compiled})
 
     stop = {"flag": False, "signum": None}
     old_handlers = {}
@@ -205,7 +210,10 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
                 save(None, False)
                 raise Interrupted(step, run_dir, stop["signum"])
             x, y = next(batches)
+            t_first = time.time() if compiled and step == st.step else None
             step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            if t_first is not None:
+                cb.on_note(f"the first (compiled) step took {time.time() - t_first:.0f} s")
             sched.step()
             interval_steps += 1
             done = st.step = step + 1
@@ -246,7 +254,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    return {"run_dir": str(run_dir), "steps": total, "best_top1": st.best, "last": summary_row, "cuda_graph": graphed}
+    return {"run_dir": str(run_dir), "steps": total, "best_top1": st.best, "last": summary_row, "cuda_graph": graphed, "compiled": compiled}
 
 
 def _lr_of(opt: torch.optim.Optimizer) -> float:

@@ -341,3 +341,30 @@ def test_config_prints_every_key_with_its_default_and_choices():
     code, out = cli("config", "quick", "optim.lrr=1")
     assert code == 2 and "did you mean optim.lr" in out
     assert "asl config" in runner.invoke(app, ["train", "--help"]).output.replace("\n", " ")
+
+
+def test_plot_shifts_measures_and_compares_shift_travel(tmp_path, finished_run):
+    import numpy as np
+
+    hist = pd.read_csv(finished_run / "shifts.csv")
+    first, last = (hist[hist["step"] == s].set_index(["layer", "channel"])[["alpha", "beta"]] for s in (0, 4))
+    expected = np.sqrt(((last - first) ** 2).sum(axis=1)).mean()
+    assert expected > 0
+    code, out = cli("plot-shifts", finished_run, "--out", tmp_path / "one")
+    travel = pd.read_csv(tmp_path / "one" / "shift_travel.csv")
+    row = travel[(travel["layer"] == "all") & (travel["step"] == 4)].iloc[0]
+    assert code == 0 and abs(row["mean_travel"] - expected) < 1e-4
+    assert abs(row["spread"] - np.concatenate([last["alpha"], last["beta"]]).std()) < 1e-4
+    assert set(travel["layer"]) == {"all", *hist["layer"]}
+
+    second = tmp_path / "second"
+    shutil.copytree(finished_run, second)
+    code, out = cli("plot-shifts", finished_run, second, "--out", tmp_path / "cmp")
+    assert code == 0 and "travel" in out, out
+    cmp = pd.read_csv(tmp_path / "cmp" / "shift_travel.csv")
+    assert set(cmp["run"]) == {finished_run.name, "second"} and (tmp_path / "cmp" / "shift_travel.png").exists()
+    end = cmp[cmp["step"] == 4].iloc[0]
+    # quick: lr 0.1, shifts at 0.01x, 50 warm-up steps under a cosine over the run's 4 steps
+    budget = sum(0.001 * (t + 1) / 50 * 0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(4))
+    assert abs(end["mean_travel"] - expected) < 1e-4 and abs(end["shift_budget_px"] - budget) < 1e-8
+    assert {"dataset", "encoding", "iterations", "schedule", "shift_lr_mult", "device_name"} <= set(cmp.columns)

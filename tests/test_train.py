@@ -242,3 +242,44 @@ def test_recipe_base_inheritance(tmp_path):
     (tmp_path / "c.yaml").write_text("base: no_such_recipe\n")
     with pytest.raises(ConfigError, match="unknown recipe"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.slow
+def test_the_default_cpu_step_is_compiled_and_trains_as_the_eager_step(tmp_path, monkeypatch):
+    from asl_cli import builders
+
+    monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)  # a short run, so the default compiles here
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    runs = {}
+    for setting in ("auto", "false"):
+        losses, notes = [], []
+        cb = Callbacks(on_step=lambda step, total, st: losses.append(st["loss"]), on_note=notes.append)
+        summary = train(tiny_cfg(tmp_path / setting, f"train.compile={setting}", "train.log_every=1", "train.iterations=8"), callbacks=cb)
+        runs[setting] = (summary, losses, notes)
+    (auto, auto_losses, auto_notes), (eager, eager_losses, _) = runs["auto"], runs["false"]
+    assert auto["compiled"] and not eager["compiled"]
+    assert any("compiling the training step" in n for n in auto_notes) and any("first (compiled) step took" in n for n in auto_notes)
+    assert len(auto_losses) == 8 and len(set(eager_losses)) == 8  # the weights move from step to step
+    np.testing.assert_allclose(auto_losses, eager_losses, rtol=2e-3)
+    assert list((tmp_path / "inductor").iterdir())  # compiled kernels kept for the next run
+
+
+def test_without_a_cxx_compiler_auto_trains_eagerly_and_says_so(tmp_path, monkeypatch):
+    from asl_cli import builders
+
+    monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)
+    monkeypatch.setattr(builders, "cxx_compiler", lambda: None)
+    notes = []
+    summary = train(tiny_cfg(tmp_path, "train.iterations=2"), callbacks=Callbacks(on_note=notes.append))
+    assert not summary["compiled"] and any("no C++ compiler" in n for n in notes)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        train(tiny_cfg(tmp_path / "b", "train.compile=true"))
+
+
+def test_short_runs_and_gpus_keep_the_eager_step():
+    from asl_cli.builders import COMPILE_MIN_STEPS, compile_choice
+
+    cpu = torch.device("cpu")
+    assert compile_choice("auto", cpu, 1, COMPILE_MIN_STEPS - 1) == (False, "")
+    assert compile_choice("auto", torch.device("cuda"), 1, 10**6) == (False, "")
+    assert compile_choice(False, cpu, 1, 10**6) == (False, "")

@@ -84,6 +84,94 @@ def movement_figure(history: pd.DataFrame, title: str, stem: Path) -> list[Path]
     return _per_layer_figure(names, draw, title, "alpha (px)", "beta (px)", stem)
 
 
+TRAVEL_COLUMNS = ["step", "layer", "channels", "mean_travel", "spread", "share_beyond_1px"]
+
+
+def travel_table(history: pd.DataFrame) -> pd.DataFrame:
+    """How far the shifts have moved at every recorded step, per layer and over all layers
+    ("all"): the mean distance of a channel's (alpha, beta) from where it started, the spread
+    (standard deviation of all alpha and beta values) and the share of channels beyond 1 px."""
+    h = history.sort_values(["layer", "channel", "step"])
+    start = h[h["step"] == h["step"].min()].set_index(["layer", "channel"])[["alpha", "beta"]]
+    h = h.join(start, on=["layer", "channel"], rsuffix="_0")
+    h["travel"] = ((h["alpha"] - h["alpha_0"]) ** 2 + (h["beta"] - h["beta_0"]) ** 2) ** 0.5
+    h["beyond"] = (h[["alpha", "beta"]].abs().max(axis=1) > 1).astype(float)
+
+    def summarize(g):
+        vals = pd.concat([g["alpha"], g["beta"]])
+        return pd.Series({"channels": len(g), "mean_travel": g["travel"].mean(), "spread": vals.std(ddof=0),
+                          "share_beyond_1px": g["beyond"].mean()})
+
+    per_layer = h.groupby(["step", "layer"], sort=False).apply(summarize, include_groups=False).reset_index()
+    overall = h.groupby("step").apply(summarize, include_groups=False).reset_index().assign(layer="all")
+    out = pd.concat([overall, per_layer], ignore_index=True)[TRAVEL_COLUMNS].sort_values(["layer", "step"], kind="stable")
+    out["channels"] = out["channels"].astype(int)
+    return out.round(5).reset_index(drop=True)
+
+
+def shift_budget(cfg: dict, steps) -> list[float]:
+    """The distance a shift may cover by each step without momentum: the sum of its per-step
+    learning rate (lr x schedule x shift_lr_mult), the length of every normalised-gradient step."""
+    from ..builders import lr_factor
+
+    o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
+    f = lr_factor(cfg, total)
+    rate = [o["lr"] * o["shift_lr_mult"] * f(t) for t in range(max(steps, default=0))]
+    cum = [0.0]
+    for r in rate:
+        cum.append(cum[-1] + r)
+    return [float(f"{cum[k]:.6g}") for k in steps]
+
+
+def compare(targets: list[Path], out_dir: Path) -> dict:
+    """Shift travel of several runs side by side (one row per run and recorded step, with the
+    run's data set, schedule and shift learning rate) and a figure of travel against steps and
+    against the shift budget."""
+    from ..config import load_config
+    from .bench import provenance
+
+    frames = []
+    for target in targets:
+        ckpt = ckpt_io.load(target, prefer="last")
+        hist, problem = read_log(Path(target) / "shifts.csv", SHIFT_COLUMNS)
+        if problem or hist["step"].nunique() < 2:
+            raise ckpt_io.CheckpointError(f"{target} has no shift history to compare ({problem or 'one recorded step'})")
+        cfg = load_config(ckpt["config"])
+        t = travel_table(hist)
+        t = t[t["layer"] == "all"].drop(columns="layer")
+        t.insert(0, "run", Path(target).name)
+        t["shift_budget_px"] = shift_budget(cfg, t["step"].tolist())
+        pre, s, o = ckpt.get("preprocessing", {}), cfg["schedule"], cfg["optim"]
+        t = t.assign(model=ckpt["model_name"], shift_mode=cfg["model"]["args"].get("shift_mode", "TR"), dataset=pre.get("dataset", ""),
+                     encoding=pre.get("encoding", ""), iterations=cfg["train"]["iterations"], batch=cfg["train"]["batch_size"],
+                     lr=o["lr"], schedule=f"{s['type']} {s['milestones']} x{s['gamma']}", shift_lr_mult=o["shift_lr_mult"],
+                     seed=cfg["train"]["seed"], final_test_top1=(ckpt.get("last_row") or {}).get("test_top1"))
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True)
+    for k, v in provenance("cpu", None).items():
+        if k not in ("threads",):
+            table[k] = v
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "shift_travel.csv"
+    table.to_csv(path, index=False)
+    plt = figures.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run_name, g in table.groupby("run", sort=False):
+        label = f"{run_name} ({g['iterations'].iloc[0]} it, shift x{g['shift_lr_mult'].iloc[0]:g})"
+        axes[0].plot(g["step"], g["mean_travel"], marker=".", label=label)
+        axes[1].plot(g["shift_budget_px"], g["mean_travel"], marker=".", label=label)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("shift budget: sum of per-step shift learning rates (px)")
+    for ax in axes:
+        ax.set_ylabel("mean distance from the start (px)")
+        ax.grid(True, color="0.85")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("How far learned shifts travel", fontsize=10)
+    fig.tight_layout()
+    return {"files": [str(path)] + [str(f) for f in figures.save(fig, out_dir / "shift_travel")], "table": table}
+
+
 def run(target: str | Path, out_dir: Path) -> dict:
     ckpt = ckpt_io.load(target, prefer="last")
     shifts = ckpt.get("shifts") or {}
@@ -106,6 +194,9 @@ def run(target: str | Path, out_dir: Path) -> dict:
             notes.append(f"{problem}: no shift movement figure")
         elif hist["step"].nunique() > 1:
             files += movement_figure(hist, f"Shift movement during training: {ckpt['model_name']}", out_dir / "shift_movement")
+            travel_path = out_dir / "shift_travel.csv"
+            travel_table(hist).to_csv(travel_path, index=False)
+            files.append(travel_path)
     return {"files": [str(f) for f in files], "stats": stats, "notes": notes}
 
 

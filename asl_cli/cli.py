@@ -414,14 +414,30 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
                    channels_last=channels_last, modes=chosen, min_run_time=max(min_run_time, 1.0),
                    progress=lambda text: status.update(f"timing training steps: {text}"))
     t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, {rows[0]['device_name']}")
-    for c in ("block", "mode", "ms/step", "images/s", "GPU busy", "ASL speed-up"):
+    cpu = rows[0]["fraction_of_matmul_peak"] is not None
+    for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", "of matmul peak" if cpu else "GPU busy", "ASL speed-up"):
         t.add_column(c, justify="left" if c in ("block", "mode") else "right")
     for r in rows:
-        busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", busy, f"{r['speedup_of_first']:.2f}x")
+        share = f"{100 * r['fraction_of_matmul_peak']:.1f}%" if cpu else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%")
+        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", share,
+                  f"{r['speedup_of_first']:.2f}x")
     show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"
     append_csv(rows, path)
+    if cpu:
+        console.print(f"matrix-product peak in this run: {rows[0]['matmul_gmacs_per_s']:.1f} GMAC/s (float32 1024^3, "
+                      f"{rows[0]['threads']} thread(s)); training MACs per image: "
+                      + ", ".join(f"{r['spatial']} {r['train_macs_per_image'] / 1e6:.1f}M" for r in rows if r["mode"] == rows[0]["mode"]))
+    asl = [r for r in rows if r["spatial"] == rows[0]["spatial"]]
+    best = max(asl, key=lambda r: r["images_per_s"])
+    for other in dict.fromkeys(r["spatial"] for r in rows if r["spatial"] != rows[0]["spatial"]):
+        o = [r for r in rows if r["spatial"] == other]
+        o_eager = next((r for r in o if r["mode"] == "eager"), None)
+        o_best = max(o, key=lambda r: r["images_per_s"])
+        line = f"{rows[0]['spatial']} fastest ({best['mode']}) / {other} fastest ({o_best['mode']}): {best['images_per_s'] / o_best['images_per_s']:.2f}x"
+        if o_eager is not None:
+            line += f"; / {other} eager: {best['images_per_s'] / o_eager['images_per_s']:.2f}x"
+        console.print(line)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
 
 
@@ -899,7 +915,8 @@ def sweep(
 def ablate(
     args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
                                                help="The recipe to ablate (default: quick) and its overrides."),
-    variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4)."),
+    variant: str = typer.Option("all", "--variant", help="GS, SI, SR, TR, a comma list, or all (paper Table 4); TN (not in "
+                                "the paper): learned like TR from SR's N(0,1) start."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds per variant (mean, std, 95% CI are reported)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at once, each in its own process."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Variant the others are compared with (Welch t-test); "

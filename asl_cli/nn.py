@@ -19,12 +19,15 @@ __all__ = [
     "param_groups",
 ]
 
-# Paper Table 4: variant -> (shifting domain, initialisation, learned)
+# Paper Table 4: variant -> (shifting domain, initialisation, learned); TN, not in the paper,
+# learns from SR's start (the same N(0,1) draw for the same generator) to tell initialisation
+# from learning apart.
 SHIFT_MODES = {
     "GS": ("integer", "grouped 3x3 displacements (ShiftNet heuristic)", False),
     "SI": ("integer", "N(0,1) rounded", False),
     "SR": ("real", "N(0,1)", False),
     "TR": ("real", "U[-1,1]", True),
+    "TN": ("real", "N(0,1)", True),
 }
 
 
@@ -48,7 +51,7 @@ def grouped_shift(channels: int, kernel_size: int = 3) -> Tensor:
 def _initial_shift(channels: int, mode: str, generator: torch.Generator | None) -> Tensor:
     if mode == "TR":
         return torch.rand(channels, 2, generator=generator) * 2 - 1
-    if mode == "SR":
+    if mode in ("SR", "TN"):
         return torch.randn(channels, 2, generator=generator)
     if mode == "SI":
         return torch.randn(channels, 2, generator=generator).round()

@@ -115,3 +115,16 @@ def test_param_groups_and_step_hook():
     # each channel moved by exactly lr * 0.01 (unit-norm gradient), or not at all
     assert torch.all((step - 0.001).abs() < 1e-6)
     assert [name for name, _ in shift_layers(model)] == ["2"]
+
+
+def test_tn_learns_from_the_start_sr_holds():
+    from asl_cli.nn import ActiveShift2d, param_groups, shift_layers
+    from asl_cli.zoo import create_model
+
+    sr = ActiveShift2d(8, mode="SR", generator=torch.Generator().manual_seed(3))
+    tn = ActiveShift2d(8, mode="TN", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sr.shift, tn.shift) and tn.learned and not sr.learned
+    model = create_model("asnet20_16x1", shift_mode="TN", shift_seed=1)
+    (group,) = [g for g in param_groups(model, 0.1, 5e-4) if g["name"] == "shift"]
+    assert group["lr"] == 0.1 * 0.01 and group["normalize_grad"]
+    assert {id(m.shift) for _, m in shift_layers(model)} == {id(p) for p in group["params"]}

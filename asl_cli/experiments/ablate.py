@@ -10,16 +10,17 @@ from ..zoo import create_model
 from ..zoo.paper import TABLE4
 from .sweep import Axis, plan
 
-VARIANTS = ("GS", "SI", "SR", "TR")
+VARIANTS = ("GS", "SI", "SR", "TR")  # paper Table 4: what --variant all trains
+EXTRA_VARIANTS = ("TN",)  # learned from SR's N(0,1) start: initialisation vs learning
 SEED_KEYS = ("train.seed", "model.args.shift_seed")
 PAPER_LABEL = "paper Table 4 (AS-ResNet-w32, ImageNet)"
 
 
 def parse_variants(text: str) -> list[str]:
     chosen = list(VARIANTS) if text.strip().lower() == "all" else [v.strip().upper() for v in text.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in VARIANTS]
+    bad = [v for v in chosen if v not in VARIANTS + EXTRA_VARIANTS]
     if bad or not chosen:
-        raise ConfigError(f"--variant must be GS, SI, SR, TR, a comma list of them, or all; got {text!r}")
+        raise ConfigError(f"--variant must be GS, SI, SR, TR (or TN: learned from SR's start), a comma list of them, or all; got {text!r}")
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"--variant names a variant twice ({text}); each variant is one cell, use --seeds for repeats")
     return chosen

@@ -53,6 +53,19 @@ def make_step(model_name: str, spatial: str, batch: int, device: torch.device, m
     return one
 
 
+def train_macs(model_name: str, spatial: str) -> int:
+    """Multiply-accumulates of one training image: forward and backward (FlopCounterMode, the
+    active shift's own formulas for its forward and its two gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    entry = get_entry(model_name)
+    model = create_model(model_name, spatial=spatial).train()
+    x = torch.randn(2, 3, entry.input_size, entry.input_size)
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    return fc.get_total_flops() // 2 // 2
+
+
 def gpu_busy_fraction(fn, steps: int = 20) -> float | None:
     """Share of the wall time between the first and the last kernel of `steps` steps in which
     some kernel runs (torch.profiler's CUDA activity); None when no kernel was recorded."""
@@ -81,8 +94,12 @@ def gpu_busy_fraction(fn, steps: int = 20) -> float | None:
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
         threads: int | None = None, amp: str = "none", channels_last: bool = False, modes=("eager",),
         min_run_time: float = 2.0, progress=lambda text: None) -> list[dict]:
+    from .profile_models import blas_gmacs
+
     dev = torch.device(device)
     prov = provenance(device, threads if dev.type == "cpu" else None)
+    peak = blas_gmacs(threads or torch.get_num_threads()) if dev.type == "cpu" else None  # the same run's practical peak
+    macs = {s: train_macs(model, s) for s in spatials}
     rows = []
     for mode in modes:
         for spatial in spatials:
@@ -92,8 +109,12 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
                 fn()
             ms = median_ms(fn, threads=threads or torch.get_num_threads(), min_run_time=min_run_time)
             busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
+            gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
             rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
                          "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
+                         "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
+                         "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
+                         "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
                          "amp": amp, "channels_last": channels_last, **prov})
     for r in rows:  # ASL's speed relative to each block, within the same mode
         asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)

@@ -228,10 +228,20 @@ def build_model(cfg: dict, num_classes: int, d: Dist, device: torch.device, init
     return model, model_args
 
 
-def build_optimizer(model: nn.Module, o: dict, device: torch.device) -> torch.optim.SGD:
+def shift_lr_mult(cfg: dict) -> float:
+    """The shifts' learning-rate multiplier for this run: optim.shift_lr_mult, scaled by
+    sqrt(reference / iterations) when optim.shift_lr_reference_iterations is set. With normalised
+    gradients every step moves a shift by a fixed length, and how far shifts travel was measured
+    to depend on that length times the square root of the number of steps (results/README.md)."""
+    o, ref = cfg["optim"], cfg["optim"].get("shift_lr_reference_iterations")
+    return o["shift_lr_mult"] * math.sqrt(ref / cfg["train"]["iterations"]) if ref else o["shift_lr_mult"]
+
+
+def build_optimizer(model: nn.Module, o: dict, device: torch.device, shift_mult: float | None = None) -> torch.optim.SGD:
     """SGD with the paper's parameter groups and the shifts' normalised gradient. On CUDA the fused
     update, which takes its learning rate as a device tensor (what a captured step needs)."""
-    groups = param_groups(model, o["lr"], o["weight_decay"], o["shift_lr_mult"], o["normalize_shift_grad"])
+    groups = param_groups(model, o["lr"], o["weight_decay"], o["shift_lr_mult"] if shift_mult is None else shift_mult,
+                          o["normalize_shift_grad"])
     opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
                           fused=True if device.type == "cuda" else None)
     install_shift_grad_normalization(opt)

@@ -564,6 +564,10 @@ def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
     def on_start(info):
         console.print(f"run folder: [bold]{info['run_dir']}[/]  model {info['model']} on {info['device']}"
                       f" x{info['world']}  ({info['steps_per_epoch']} steps/epoch)")
+        if cfg["optim"]["shift_lr_reference_iterations"]:
+            console.print(f"shift learning rate: {info['shift_lr_mult']:.4g} x lr (optim.shift_lr_mult "
+                          f"{cfg['optim']['shift_lr_mult']:g} x sqrt({cfg['optim']['shift_lr_reference_iterations']} / "
+                          f"{cfg['train']['iterations']} iterations))", highlight=False)
         if info["start"] >= info["total"]:
             console.print(f"this run finished at step {info['total']}: nothing left to train")
         elif info["start"] > 0:

@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "nesterov": True,
         "weight_decay": 5e-4,
         "shift_lr_mult": 0.01,
+        "shift_lr_reference_iterations": None,  # set: the shifts' rate is scaled by sqrt(reference / train.iterations)
         "normalize_shift_grad": True,
     },
     "schedule": {
@@ -90,6 +91,7 @@ TYPES: dict[str, tuple] = {
     "output.dir": (str,),
     "train.cuda_graph": (str, bool),
     "train.compile": (str, bool),
+    "optim.shift_lr_reference_iterations": (int,),
     "cluster.partition": (str,),
     "cluster.cpus_per_task": (int,),
     "cluster.mem_gb": (int, float),
@@ -295,6 +297,10 @@ def validate(cfg: dict) -> None:
     _require(0 <= o["momentum"] < 1, f"optim.momentum must be in [0, 1), got {o['momentum']}")
     _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
     _require(o["shift_lr_mult"] >= 0, f"optim.shift_lr_mult must be >= 0, got {o['shift_lr_mult']}")
+    ref = o["shift_lr_reference_iterations"]
+    _require(ref is None or ref >= 1, f"optim.shift_lr_reference_iterations must be >= 1, got {ref}")
+    _require(ref is None or t["iterations"] is not None,
+             "optim.shift_lr_reference_iterations scales the shifts' rate by the schedule's length: give train.iterations, not epochs")
     _require(s["gamma"] > 0, f"schedule.gamma must be > 0, got {s['gamma']}")
     _require(s["warmup"] >= 0, f"schedule.warmup must be >= 0, got {s['warmup']}")
     ms = s["milestones"]
@@ -334,6 +340,9 @@ KEY_HELP = {
     "train.init_skip_mismatched": "--init-from: keep fresh weights where shapes differ",
     "optim.shift_lr_mult": "the shifts' learning rate as a multiple of optim.lr",
     "optim.normalize_shift_grad": "divide each channel's shift gradient by its L2 norm (the authors' solver)",
+    "optim.shift_lr_reference_iterations": "the schedule length shift_lr_mult was set for (64000 for the paper's CIFAR solver); "
+                                           "a run of another length scales the shifts' rate by sqrt(reference / iterations), "
+                                           "so that its shifts travel as far (results/README.md)",
     "schedule.milestones": "iterations at which multistep multiplies the rate by gamma",
     "schedule.warmup": "iterations of linear warm-up",
     "output.dir": "the run folder (default: <runs_root>/<time>-<name>-<model>)",

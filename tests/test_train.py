@@ -283,3 +283,19 @@ def test_short_runs_and_gpus_keep_the_eager_step():
     assert compile_choice("auto", cpu, 1, COMPILE_MIN_STEPS - 1) == (False, "")
     assert compile_choice("auto", torch.device("cuda"), 1, 10**6) == (False, "")
     assert compile_choice(False, cpu, 1, 10**6) == (False, "")
+
+
+def test_the_shift_rate_follows_the_square_root_rule(tmp_path):
+    from asl_cli.builders import shift_lr_mult
+
+    cfg = tiny_cfg(tmp_path, "optim.shift_lr_reference_iterations=48", "train.iterations=12")
+    assert abs(shift_lr_mult(cfg) - 0.01 * 2) < 1e-12  # sqrt(48 / 12)
+    assert shift_lr_mult(tiny_cfg(tmp_path)) == 0.01  # unset: the recipe's multiplier as it is
+    notes = []
+    summary = train(cfg, callbacks=Callbacks(on_start=lambda info: notes.append(info["shift_lr_mult"])))
+    assert notes == [0.02] and summary["steps"] == 12
+    opt_state = ckpt_io.load(tmp_path, prefer="last")["optimizer"]
+    (shift_group,) = [g for g in opt_state["param_groups"] if g.get("name") == "shift"]
+    assert abs(shift_group["initial_lr"] - 0.1 * 0.02) < 1e-12
+    with pytest.raises(ConfigError, match="give train.iterations"):
+        load_config("quick", ["optim.shift_lr_reference_iterations=100", "train.iterations=null", "train.epochs=1"])

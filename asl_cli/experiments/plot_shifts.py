@@ -112,11 +112,11 @@ def travel_table(history: pd.DataFrame) -> pd.DataFrame:
 def shift_budget(cfg: dict, steps) -> list[float]:
     """The distance a shift may cover by each step without momentum: the sum of its per-step
     learning rate (lr x schedule x shift_lr_mult), the length of every normalised-gradient step."""
-    from ..builders import lr_factor
+    from ..builders import lr_factor, shift_lr_mult
 
     o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
-    f = lr_factor(cfg, total)
-    rate = [o["lr"] * o["shift_lr_mult"] * f(t) for t in range(max(steps, default=0))]
+    f, mult = lr_factor(cfg, total), shift_lr_mult({**cfg, "train": {**cfg["train"], "iterations": total}})
+    rate = [o["lr"] * mult * f(t) for t in range(max(steps, default=0))]
     cum = [0.0]
     for r in rate:
         cum.append(cum[-1] + r)
@@ -127,6 +127,7 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
     """Shift travel of several runs side by side (one row per run and recorded step, with the
     run's data set, schedule and shift learning rate) and a figure of travel against steps and
     against the shift budget."""
+    from ..builders import shift_lr_mult
     from ..config import load_config
     from .bench import provenance
 
@@ -144,7 +145,7 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
         pre, s, o = ckpt.get("preprocessing", {}), cfg["schedule"], cfg["optim"]
         t = t.assign(model=ckpt["model_name"], shift_mode=cfg["model"]["args"].get("shift_mode", "TR"), dataset=pre.get("dataset", ""),
                      encoding=pre.get("encoding", ""), iterations=cfg["train"]["iterations"], batch=cfg["train"]["batch_size"],
-                     lr=o["lr"], schedule=f"{s['type']} {s['milestones']} x{s['gamma']}", shift_lr_mult=o["shift_lr_mult"],
+                     lr=o["lr"], schedule=f"{s['type']} {s['milestones']} x{s['gamma']}", shift_lr_mult=round(shift_lr_mult(cfg), 6),
                      seed=cfg["train"]["seed"], final_test_top1=(ckpt.get("last_row") or {}).get("test_top1"))
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)

@@ -187,7 +187,11 @@ def schedule_text(cfg: dict) -> str:
     t, s, o = cfg["train"], cfg["schedule"], cfg["optim"]
     length = f"{t['iterations']} it" if t["iterations"] is not None else f"{t['epochs']} ep"
     sched = s["type"] + (f" {s['milestones']} x{s['gamma']}" if s["type"] == "multistep" else "")
-    return f"{length} x b{t['batch_size']}, lr {o['lr']} {sched}" + (f", warmup {s['warmup']}" if s["warmup"] else "")
+    from ..builders import shift_lr_mult
+
+    mult = shift_lr_mult(cfg)
+    return (f"{length} x b{t['batch_size']}, lr {o['lr']} {sched}" + (f", warmup {s['warmup']}" if s["warmup"] else "")
+            + (f", shifts x{mult:.4g}" if mult != 0.01 else ""))
 
 
 def per_run(runs: list[Run]) -> pd.DataFrame:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The CIFAR-10 study on the cifar10_cpu recipe, resumable: run it again after an interruption and
+# it continues where it stopped (finished runs are reused). About three hours on 2 CPU cores.
+#   bash scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]   (overrides go to every run)
+# 1. Table 4: GS, SI, SR, TR and TN (TR learned from SR's N(0,1) start), 3 seeds each.
+# 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.
+# 3. Table 2: the ASL block against 1B-DW3-B-1 and 1B-DW3-1, 3 seeds (the ASL cell is TR's runs).
+# 4. Fig. 3 and the shift travel of TR seed 0 against the authors'-rate run of seed 0.
+set -euo pipefail
+DIR=${1:?usage: scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]}
+J=${2:-2}
+shift $(( $# < 2 ? $# : 2 ))
+OV=("$@")
+R=runs/cifar10_cpu
+SEEDS=3
+KEYS=(--seed-key train.seed --seed-key model.args.shift_seed)
+RULE=$(asl config cifar10_cpu "${OV[@]}" --plain | python -c "import math,sys,yaml; c=yaml.safe_load(sys.stdin); o=c['optim']; print(round(o['shift_lr_mult']*math.sqrt(o['shift_lr_reference_iterations']/c['train']['iterations']), 6))")
+
+reuse_tr() {  # TR's finished runs serve as another grid's cell of the same configuration
+  local cell=$1 root=$2
+  for ((s = 0; s < SEEDS; s++)); do
+    if [ -f "$R/ablate/TR-seed$s/checkpoints/last.pt" ] && [ ! -e "$root/$cell-seed$s" ]; then
+      mkdir -p "$root" && cp -r "$R/ablate/TR-seed$s" "$root/$cell-seed$s"
+    fi
+  done
+}
+
+asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR,TN --seeds $SEEDS --jobs "$J" \
+  --root $R/ablate --csv results/ablate_cifar10_cpu.csv
+reuse_tr "$RULE" $R/rate
+asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
+  --axis "optim.shift_lr_mult=$RULE,0.01" --seeds $SEEDS --jobs "$J" "${KEYS[@]}" --baseline "$RULE" \
+  --root $R/rate --csv results/tr_rate_cifar10_cpu.csv --title "TR: the square-root rule's shift rate vs the authors' (cifar10_cpu)"
+reuse_tr asl $R/table2
+asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=asl,dw3_bn,dw3 --seeds $SEEDS --jobs "$J" "${KEYS[@]}" \
+  --root $R/table2 --csv results/table2_cifar10_cpu.csv
+asl plot-shifts $R/ablate/TR-seed0 --out results/shifts/cifar10_cpu-TR-seed0
+asl plot-shifts $R/ablate/TR-seed0 "$R/rate/0.01-seed0" --out results/shift_travel_cifar10_cpu

@@ -19,8 +19,8 @@ from torch import nn
 
 from . import train_state as run_folder
 from .builders import (AllReduceBatchNorm2d, Dist, FolderStream, build_data, build_model, build_optimizer,  # noqa: F401
-                       build_schedule, compile_choice, convert_allreduce_bn, shift_lr_mult, device_kind, lr_factor, pick_device, setup_distributed,
-                       total_steps)
+                       build_schedule, compile_choice, convert_allreduce_bn, device_kind, lr_factor, pick_device,
+                       setup_distributed, shift_lr_mult, total_steps)
 from .errors import Interrupted, NonFiniteLoss, TrainingError  # noqa: F401
 from .run_lock import RunLock
 from .step import TrainStep, graph_blocker

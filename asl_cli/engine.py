@@ -194,6 +194,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
                 pass
 
     undo.clear()  # from here on the folder holds the run's own record
+    first_step = st.step
     batches = data.batches_from(st.step)
     interval_start, interval_steps = time.time(), 0
     summary_row: dict | None = None
@@ -210,7 +211,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
                 save(None, False)
                 raise Interrupted(step, run_dir, stop["signum"])
             x, y = next(batches)
-            t_first = time.time() if compiled and step == st.step else None
+            t_first = time.time() if compiled and step == first_step else None
             step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             if t_first is not None:
                 cb.on_note(f"the first (compiled) step took {time.time() - t_first:.0f} s")

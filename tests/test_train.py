@@ -258,7 +258,8 @@ def test_the_default_cpu_step_is_compiled_and_trains_as_the_eager_step(tmp_path,
         runs[setting] = (summary, losses, notes)
     (auto, auto_losses, auto_notes), (eager, eager_losses, _) = runs["auto"], runs["false"]
     assert auto["compiled"] and not eager["compiled"]
-    assert any("compiling the training step" in n for n in auto_notes) and any("first (compiled) step took" in n for n in auto_notes)
+    assert any("compiling the training step" in n for n in auto_notes)
+    assert sum("first (compiled) step took" in n for n in auto_notes) == 1  # once, for the step that compiles
     assert len(auto_losses) == 8 and len(set(eager_losses)) == 8  # the weights move from step to step
     np.testing.assert_allclose(auto_losses, eager_losses, rtol=2e-3)
     assert list((tmp_path / "inductor").iterdir())  # compiled kernels kept for the next run

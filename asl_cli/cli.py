@@ -988,10 +988,11 @@ def plot_shifts(
             fail(str(e))
         last = res["table"].groupby("run", sort=False).tail(1)
         t = Table(title="shift travel at each run's end")
-        for c in ("run", "steps", "shift x lr", "budget px", "travel px", "spread", "beyond 1 px", "test top-1"):
+        for c in ("run", "steps", "shift x lr", "budget px", "walk px", "travel px", "spread", "beyond 1 px", "test top-1"):
             t.add_column(c, justify="left" if c == "run" else "right")
         for _, r in last.iterrows():
-            t.add_row(r["run"], str(r["step"]), f"{r['shift_lr_mult']:g}", f"{r['shift_budget_px']:.2f}", f"{r['mean_travel']:.3f}",
+            t.add_row(r["run"], str(r["step"]), f"{r['shift_lr_mult']:g}", f"{r['shift_budget_px']:.2f}", f"{r['shift_walk_px']:.3f}",
+                      f"{r['mean_travel']:.3f}",
                       f"{r['spread']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%", _fmt(r["final_test_top1"]))
         show(t)
         for f in res["files"]:

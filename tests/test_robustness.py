@@ -366,5 +366,7 @@ def test_plot_shifts_measures_and_compares_shift_travel(tmp_path, finished_run):
     end = cmp[cmp["step"] == 4].iloc[0]
     # quick: lr 0.1, shifts at 0.01x, 50 warm-up steps under a cosine over the run's 4 steps
     budget = sum(0.001 * (t + 1) / 50 * 0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(4))
+    walk = sum((0.001 * (t + 1) / 50 * 0.5 * (1 + np.cos(np.pi * t / 4))) ** 2 for t in range(4)) ** 0.5
     assert abs(end["mean_travel"] - expected) < 1e-4 and abs(end["shift_budget_px"] - budget) < 1e-8
+    assert abs(end["shift_walk_px"] - walk) < 1e-8
     assert {"dataset", "encoding", "iterations", "schedule", "shift_lr_mult", "device_name"} <= set(cmp.columns)

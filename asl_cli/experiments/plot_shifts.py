@@ -109,18 +109,21 @@ def travel_table(history: pd.DataFrame) -> pd.DataFrame:
     return out.round(5).reset_index(drop=True)
 
 
-def shift_budget(cfg: dict, steps) -> list[float]:
-    """The distance a shift may cover by each step without momentum: the sum of its per-step
-    learning rate (lr x schedule x shift_lr_mult), the length of every normalised-gradient step."""
+def shift_budget(cfg: dict, steps) -> tuple[list[float], list[float]]:
+    """By each step: the shift budget, the sum of the per-step shift learning rates (lr x schedule
+    x shift_lr_mult: the length of every normalised-gradient step, momentum aside), and the
+    random-walk length, the square root of the sum of their squares (eta x sqrt(n) at a constant
+    rate), which is what decides how far the shifts travel (results/README.md)."""
     from ..builders import lr_factor, shift_lr_mult
 
     o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
     f, mult = lr_factor(cfg, total), shift_lr_mult({**cfg, "train": {**cfg["train"], "iterations": total}})
     rate = [o["lr"] * mult * f(t) for t in range(max(steps, default=0))]
-    cum = [0.0]
+    cum, sq = [0.0], [0.0]
     for r in rate:
         cum.append(cum[-1] + r)
-    return [float(f"{cum[k]:.6g}") for k in steps]
+        sq.append(sq[-1] + r * r)
+    return [float(f"{cum[k]:.6g}") for k in steps], [float(f"{sq[k] ** 0.5:.6g}") for k in steps]
 
 
 def compare(targets: list[Path], out_dir: Path) -> dict:
@@ -141,7 +144,7 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
         t = travel_table(hist)
         t = t[t["layer"] == "all"].drop(columns="layer")
         t.insert(0, "run", Path(target).name)
-        t["shift_budget_px"] = shift_budget(cfg, t["step"].tolist())
+        t["shift_budget_px"], t["shift_walk_px"] = shift_budget(cfg, t["step"].tolist())
         pre, s, o = ckpt.get("preprocessing", {}), cfg["schedule"], cfg["optim"]
         t = t.assign(model=ckpt["model_name"], shift_mode=cfg["model"]["args"].get("shift_mode", "TR"), dataset=pre.get("dataset", ""),
                      encoding=pre.get("encoding", ""), iterations=cfg["train"]["iterations"], batch=cfg["train"]["batch_size"],
@@ -157,17 +160,18 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
     path = out_dir / "shift_travel.csv"
     table.to_csv(path, index=False)
     plt = figures.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run_name, g in table.groupby("run", sort=False):
         label = f"{run_name} ({g['iterations'].iloc[0]} it, shift x{g['shift_lr_mult'].iloc[0]:g})"
-        axes[0].plot(g["step"], g["mean_travel"], marker=".", label=label)
-        axes[1].plot(g["shift_budget_px"], g["mean_travel"], marker=".", label=label)
+        for ax, x in zip(axes, ("step", "shift_budget_px", "shift_walk_px")):
+            ax.plot(g[x], g["mean_travel"], marker=".", label=label)
     axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("shift budget: sum of per-step shift learning rates (px)")
+    axes[1].set_xlabel("shift budget: sum of per-step shift rates (px)")
+    axes[2].set_xlabel("random-walk length: sqrt of the sum of squared rates (px)")
     for ax in axes:
         ax.set_ylabel("mean distance from the start (px)")
         ax.grid(True, color="0.85")
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.suptitle("How far learned shifts travel", fontsize=10)
     fig.tight_layout()
     return {"files": [str(path)] + [str(f) for f in figures.save(fig, out_dir / "shift_travel")], "table": table}

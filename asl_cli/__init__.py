@@ -3,5 +3,11 @@ and an experiment suite that reproduces the paper."""
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# The user's own choice of torch.compile's kernel cache, read before anything imports torch's
+# compiler (which writes its default into the environment); see builders.inductor_cache.
+USER_INDUCTOR_CACHE = _os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
 from . import ops  # noqa: E402,F401  (registers torch.ops.asl.* and its Python parts)
 from .ops import active_shift, backends  # noqa: E402,F401

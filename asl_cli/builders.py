@@ -76,12 +76,15 @@ def compile_choice(setting, device: torch.device, world: int, steps_left: int) -
 
 
 def inductor_cache() -> Path:
-    """Where torch.compile keeps its compiled kernels: $TORCHINDUCTOR_CACHE_DIR, else beside the
-    image cache ($ASL_CACHE_DIR or ~/.cache/asl), so a later run starts without recompiling."""
+    """Where torch.compile keeps its compiled kernels: the user's $TORCHINDUCTOR_CACHE_DIR, else
+    beside the image cache ($ASL_CACHE_DIR or ~/.cache/asl) rather than torch's default under /tmp,
+    so that a later run, after a reboot too, starts without recompiling."""
+    from . import USER_INDUCTOR_CACHE
     from .image_folder import cache_dir
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("auto") / "inductor"))
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = USER_INDUCTOR_CACHE or str(cache_dir("auto") / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # torch's compiler reads it on every lookup
+    return Path(path)
 
 
 def pick_device(spec: str, d: Dist) -> torch.device:

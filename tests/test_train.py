@@ -246,10 +246,13 @@ def test_recipe_base_inheritance(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_cpu_step_is_compiled_and_trains_as_the_eager_step(tmp_path, monkeypatch):
+    import asl_cli
     from asl_cli import builders
 
     monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)  # a short run, so the default compiles here
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("ASL_CACHE_DIR", str(tmp_path))  # the kernels go to $ASL_CACHE_DIR/inductor
+    monkeypatch.setattr(asl_cli, "USER_INDUCTOR_CACHE", None)  # the user chose no kernel cache of their own
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torch-default")  # as torch's compiler writes it on import
     runs = {}
     for setting in ("auto", "false"):
         losses, notes = [], []

@@ -1,6 +1,7 @@
 """The `asl` command line: parses arguments, calls the library, renders results with rich."""
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -634,7 +635,7 @@ def eval_(
         if k in row:
             t.add_row(k, str(row[k]))
     show(t)
-    if row["nonfinite_outputs"] or row["loss"] != row["loss"] or abs(row["loss"]) == float("inf"):
+    if row["nonfinite_outputs"] or not math.isfinite(row["loss"]):
         fail(f"{row['checkpoint']} gives non-finite outputs for {row['nonfinite_outputs']} images (loss {row['loss']}): "
              f"its weights have diverged; no row was appended to {csv}")
     append_csv([row], csv)

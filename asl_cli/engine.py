@@ -117,7 +117,8 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
     data = build_data(cfg, d, device)
     total = total_steps(cfg, data.steps_per_epoch)
     model, model_args = build_model(cfg, data.num_classes, d, device, init_from if state is None else None)
-    opt = build_optimizer(model, cfg["optim"], device, shift_lr_mult(cfg))
+    shift_mult = shift_lr_mult(cfg)
+    opt = build_optimizer(model, cfg["optim"], device, shift_mult)
     sched = build_schedule(opt, cfg, total)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t["amp"]]
     if amp_dtype is not None and device.type != "cuda":
@@ -176,7 +177,7 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
 
     cb.on_start({"run_dir": str(run_dir), "total": total, "start": st.step, "device": str(device), "world": d.world,
                  "model": cfg["model"]["name"], "steps_per_epoch": data.steps_per_epoch, "train_images": data.n_train, "cuda_graph": graphed,
-                 "compiled": compiled, "shift_lr_mult": shift_lr_mult(cfg)})
+                 "compiled": compiled, "shift_lr_mult": shift_mult})
 
     stop = {"flag": False, "signum": None}
     old_handlers = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from .sweep import Run, finished, prepare, read_progress
+from .sweep import Run, finished, log_tail, prepare, read_progress
 
 EXECUTORS = ("cluster", "slurm", "local", "debug")
 JOB_FILE = "job.json"
@@ -159,12 +159,8 @@ def _local_job_alive(pid: int) -> bool:
 
 def _job_error(info: dict, lines: int = 3) -> str:
     """The end of the job's stderr as submitit kept it."""
-    folder = Path(info.get("folder", ""))
-    logs = sorted(folder.glob(f"{info.get('job_id')}_*_log.err")) if info else []
-    text = []
-    for p in logs:
-        text += [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip() and "submitit" not in ln]
-    return " | ".join(text[-lines:]) or "the job ended without finishing the run"
+    logs = sorted(Path(info.get("folder", "")).glob(f"{info.get('job_id')}_*_log.err")) if info else []
+    return log_tail(logs, lines, skip="submitit") or "the job ended without finishing the run"
 
 
 def refresh(runs: list[Run]) -> None:
@@ -223,8 +219,4 @@ def wait(runs: list[Run], jobs: dict, on_tick: Callable[[list[Run]], None], poll
         if pending:
             time.sleep(poll_s)
 
-
-def status_rows(runs: list[Run]) -> list[dict]:
-    return [{"run": f"{r.cell} seed {r.seed}", "state": r.state, "step": r.progress.get("step"), "total": r.progress.get("total"),
-             "test_top1": r.progress.get("test_top1"), "note": r.message, "run_dir": str(r.run_dir), **read_job(r)} for r in runs]
 

@@ -117,7 +117,7 @@ def shift_budget(cfg: dict, steps) -> tuple[list[float], list[float]]:
     from ..builders import lr_factor, shift_lr_mult
 
     o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
-    f, mult = lr_factor(cfg, total), shift_lr_mult({**cfg, "train": {**cfg["train"], "iterations": total}})
+    f, mult = lr_factor(cfg, total), shift_lr_mult(cfg)  # the rule needs train.iterations, which validation ensures
     rate = [o["lr"] * mult * f(t) for t in range(max(steps, default=0))]
     cum, sq = [0.0], [0.0]
     for r in rate:

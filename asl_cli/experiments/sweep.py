@@ -147,7 +147,7 @@ def run_parallel(recipe: str, runs: list[Run], jobs: int, device_kind: str, gpus
                 log.close()
                 run.state = "done" if rc == 0 else "failed"
                 if rc != 0:
-                    run.message = _tail(run.run_dir / "sweep.log")
+                    run.message = log_tail([run.run_dir / "sweep.log"])
                 del active[slot]
                 free_slots.append(slot)
             on_tick(runs)
@@ -172,11 +172,15 @@ def read_progress(run_dir: Path) -> dict:
         return {}
 
 
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
+def log_tail(paths: list[Path], lines: int = 3, skip: str | None = None) -> str:
+    """The last non-blank lines of some logs (read in order), without those containing `skip`,
+    joined into one line."""
+    text = []
+    for path in paths:
+        try:
+            text += [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip() and not (skip and skip in ln)]
+        except OSError:
+            continue
     return " | ".join(text[-lines:])
 
 

@@ -976,8 +976,8 @@ def plot_shifts(
     """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training and how far they
     travelled (shift_travel.csv: per layer and step, the mean distance from the start, the spread
     and the share beyond 1 px), and per-layer statistics. Given several run folders, one table and
-    figure of their travel against steps and against the shift budget (the sum of per-step shift
-    learning rates)."""
+    figure of their travel against steps, against the shift budget (the sum of per-step shift
+    learning rates) and against the random-walk length (the square root of their squares' sum)."""
     from asl_cli import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.plot_shifts import compare, newest_run, run

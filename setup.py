@@ -51,7 +51,9 @@ def nvidia_pip_includes():
 
 def extensions():
     cxx = ["-O3", "-fopenmp-simd"]
-    sources = [os.path.join("ext", "active_shift.cpp"), os.path.join("ext", "cpu", "active_shift_cpu.cpp")]
+    # One file per operator family and device: ext/*.cpp (schemas, checks, compositions),
+    # ext/cpu/*.cpp, ext/cuda/*.cu; separate units build in parallel (MAX_JOBS).
+    sources = sorted(glob.glob(os.path.join("ext", "*.cpp")) + glob.glob(os.path.join("ext", "cpu", "*.cpp")))
     backends = ["cpu"]
     if want_cuda():
         cuda_home = find_cuda_home()
@@ -63,7 +65,7 @@ def extensions():
 
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        sources.append(os.path.join("ext", "cuda", "active_shift_cuda.cu"))
+        sources += sorted(glob.glob(os.path.join("ext", "cuda", "*.cu")))
         backends.append("cuda")
         ext = cpp_extension.CUDAExtension(
             "asl_cli._C",

@@ -24,7 +24,7 @@ __all__ = ["active_shift", "shift_conv1x1", "reference_active_shift", "backends"
 
 IntPair = Union[int, Sequence[int]]
 _OPS = ("active_shift", "active_shift_grad_input", "active_shift_grad_shift")
-# The schemas are declared by the compiled library (ext/active_shift.cpp, TORCH_LIBRARY); these
+# The schemas are declared by the compiled library (ext/ops.cpp, TORCH_LIBRARY); these
 # copies serve only when it cannot be loaded, and a test checks that they are identical.
 _ARGS = "Tensor input, Tensor shift, int[2] stride, int[2] padding"
 FALLBACK_SCHEMAS = {
@@ -231,7 +231,7 @@ def _check_weight(op, input, C, weight, bias) -> int:
 
 
 def _check_conv1x1(input, shift, weight, bias, residual, stride, padding) -> None:
-    """shift_conv1x1's checks (ext/active_shift.cpp, `check_conv1x1`)."""
+    """shift_conv1x1's checks (ext/fused_ops.cpp, `check_conv1x1`)."""
     op = "shift_conv1x1"
     _check_args(op, input, shift, stride, padding)
     Co = _check_weight(op, input, input.shape[1], weight, bias)
@@ -330,7 +330,7 @@ def _check_scale_bias(input, scale, bias) -> None:
 
 
 def _check_pointwise(input, weight, bias, in_scale, in_bias) -> None:
-    """conv1x1's checks (ext/active_shift.cpp, `check_pointwise`)."""
+    """conv1x1's checks (ext/fused_ops.cpp, `check_pointwise`)."""
     op = "conv1x1"
     torch._check_with(ValueError, input.dim() == 4, lambda: f"{op}: input must be 4-D (N, C, H, W), got {tuple(input.shape)}")
     torch._check_with(TypeError, input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}")

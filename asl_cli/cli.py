@@ -344,7 +344,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
 
 
 def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",), malloc="default") -> None:
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.profile_models import figure, ratios, run
 
@@ -516,11 +516,11 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this checkpoint or run folder (fine-tuning)."),
 ) -> None:
     """Train a zoo model from a YAML recipe; writes a run folder (config, metrics.csv, checkpoints, shifts)."""
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.config import DEFAULT_RECIPE, ConfigError, load_config
     from asl_cli.data import DataError
-    from asl_cli.engine import Interrupted, NonFiniteLoss, TrainingError
-    from asl_cli.engine import train as run_training
+    from asl_cli.errors import Interrupted, NonFiniteLoss, TrainingError
+    from asl_cli.train import train as run_training
 
     recipe, overrides = _split_recipe(args)
     try:
@@ -554,7 +554,7 @@ def train(
 def _train_with_progress(run_training, cfg, resume, init_from, show: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from asl_cli.engine import Callbacks
+    from asl_cli.train import Callbacks
 
     if not show:
         return run_training(cfg, resume=resume, init_from=init_from)
@@ -617,7 +617,7 @@ def eval_(
     """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row.
     A checkpoint whose outputs are not finite (a diverged run) is an error (exit status 1) and
     appends no row."""
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.config import ConfigError
     from asl_cli.data import DataError
     from asl_cli.experiments.bench import append_csv
@@ -649,7 +649,7 @@ def import_caffe(
     out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: checkpoints/<arch>-caffe.pt)."),
 ) -> None:
     """Convert a Caffe AS-ResNet model into a checkpoint for eval, predict, profile, plot-shifts and fine-tuning."""
-    from asl_cli.caffe import CaffeFormatError
+    from asl_cli.experiments.caffe import CaffeFormatError
     from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
 
     try:
@@ -679,9 +679,9 @@ def predict(
     """Classify images with a checkpoint, using the preprocessing recorded in it."""
     import json
 
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.predict import predict as run_predict
-    from asl_cli.preprocess import ImageError
+    from asl_cli.data.preprocess import ImageError
 
     try:
         rows = run_predict(checkpoint, images, topk)
@@ -769,7 +769,7 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
     """Trains the sweep's missing runs: in this process for one job, in worker processes for more,
     or as submitit jobs. Returns the failed runs, or None when runs are still to finish (the
     summary then waits for a later call)."""
-    from asl_cli.engine import train as run_training
+    from asl_cli.train import train as run_training
     from asl_cli.experiments import cluster
     from asl_cli.experiments.sweep import execute
 
@@ -806,10 +806,10 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
 
 def _guarded(work):
     """Runs a sweep's planning and training; its errors end the command with one message."""
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.config import ConfigError
     from asl_cli.data import DataError
-    from asl_cli.engine import Interrupted, TrainingError
+    from asl_cli.errors import Interrupted, TrainingError
 
     try:
         return work()
@@ -849,7 +849,7 @@ def _summary_table(summary, title: str, first_col: str) -> Table:
 
 def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, first_col: str) -> None:
     from asl_cli.experiments.bench import provenance
-    from asl_cli.engine import Dist, pick_device
+    from asl_cli.train.builders import Dist, pick_device
 
     for k, val in provenance(str(pick_device("auto", Dist())), None).items():
         summary[k] = val
@@ -978,7 +978,7 @@ def plot_shifts(
     and the share beyond 1 px), and per-layer statistics. Given several run folders, one table and
     figure of their travel against steps, against the shift budget (the sum of per-step shift
     learning rates) and against the random-walk length (the square root of their squares' sum)."""
-    from asl_cli import checkpoint as ckpt_io
+    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.plot_shifts import compare, newest_run, run
 

@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 import asl_cli.nn as asl_nn
-from asl_cli import checkpoint as ckpt_io
-from asl_cli.caffe import CaffeFormatError
+from asl_cli.train import checkpoint as ckpt_io
+from asl_cli.experiments.caffe import CaffeFormatError
 from asl_cli.cli import app
 from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
 from asl_cli.ops import reference_active_shift
@@ -63,7 +63,7 @@ def test_predictions_on_real_photos(imported, photos):
 
 
 def test_compiled_kernel_and_reference_give_the_same_logits(imported, photos, monkeypatch):
-    from asl_cli.preprocess import load_image, to_input
+    from asl_cli.data.preprocess import load_image, to_input
 
     model, _, path = imported
     x = torch.cat([to_input(load_image(p), ckpt_io.load(path)["preprocessing"]) for p in photos.values()])
@@ -122,7 +122,7 @@ def test_imported_model_evaluates_on_an_imagefolder_and_fine_tunes(imported, pho
     assert row["dataset"] == "imagenet" and row["params"] == 901_256 and 0 <= row["top1"] <= 100
 
     from asl_cli.config import load_config
-    from asl_cli.engine import train
+    from asl_cli.train import train
 
     tiny = ["model.name=as_resnet_w32", "data.train_size=16", "data.test_size=8", "train.batch_size=8", "train.iterations=1",
             "train.eval_batch_size=8", f"output.dir={tmp_path / 'ft'}"]
@@ -149,7 +149,7 @@ def test_unwritable_out_leaves_no_temp_file(imported, tmp_path):
 
 def test_inference_form_of_the_authors_w32_keeps_its_predictions(imported, photos):
     from asl_cli.inference import inference_form
-    from asl_cli.preprocess import load_image, to_input
+    from asl_cli.data.preprocess import load_image, to_input
 
     model, _, path = imported
     prep = ckpt_io.load(path)["preprocessing"]

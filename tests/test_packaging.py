@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from asl_cli.cli import app
@@ -46,3 +47,13 @@ def test_outputs_land_under_the_working_directory(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "ablate_quick.csv").exists() and (tmp_path / "runs" / "ablate-quick" / "TR-seed0").is_dir()
     after = {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()}
     assert after == before, "a command wrote into the source tree's results/"
+
+
+def test_no_source_file_is_ignored_by_git():
+    # an ignore pattern such as `data/` would also drop a package folder of that name from every clone
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for d in ("asl_cli", "ext", "recipes", "tests", "scripts") for p in (ROOT / d).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc")]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == [], out.stdout

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from asl_cli import checkpoint as ckpt_io
-from asl_cli import engine
+from asl_cli.train import checkpoint as ckpt_io
+from asl_cli.train import engine
 from asl_cli.cli import app
 from asl_cli.config import ConfigError, load_config
 from asl_cli.data import DataError, npz
-from asl_cli.run_lock import RunLock
+from asl_cli.train.run_lock import RunLock
 
 runner = CliRunner()
 TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=2",

@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 
-from asl_cli import checkpoint as ckpt_io
+from asl_cli.train import checkpoint as ckpt_io
 from asl_cli.config import DEFAULTS, ConfigError, load_config
-from asl_cli.engine import NonFiniteLoss, TrainingError, build_optimizer, train
+from asl_cli.errors import NonFiniteLoss, TrainingError
+from asl_cli.train import train
+from asl_cli.train.builders import build_optimizer
 from asl_cli.experiments.train_speed import make_step
-from asl_cli.step import TrainStep, host_lrs, lr_to_device
+from asl_cli.train.step import TrainStep, host_lrs, lr_to_device
 from asl_cli.zoo import create_model
 
 TINY = ["data.train_size=256", "data.test_size=128", "train.batch_size=32", "train.iterations=12", "train.eval_every=4",

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from asl_cli import image_folder as imf
+from asl_cli.data import folder as imf
 from asl_cli.cli import app
 from asl_cli.config import ConfigError, load_config
 from asl_cli.data import DataError
 from asl_cli.experiments.sweep import Axis
-from asl_cli.stats import summarize, t_ppf, t_sf2, welch
+from asl_cli.experiments.stats import summarize, t_ppf, t_sf2, welch
 
 runner = CliRunner()
 TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=4",

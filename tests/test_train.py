@@ -11,11 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from asl_cli import checkpoint as ckpt_io
+from asl_cli.train import checkpoint as ckpt_io
 from asl_cli.cli import app
 from asl_cli.config import ConfigError, list_recipes, load_config
 from asl_cli.data import TensorBatches, make_synthetic
-from asl_cli.engine import Callbacks, NonFiniteLoss, Interrupted, train
+from asl_cli.errors import Interrupted, NonFiniteLoss
+from asl_cli.train import Callbacks, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_size=256", "data.test_size=128", "train.batch_size=32", "train.iterations=12", "train.eval_every=4",
@@ -247,7 +248,7 @@ def test_recipe_base_inheritance(tmp_path):
 @pytest.mark.slow
 def test_the_default_cpu_step_is_compiled_and_trains_as_the_eager_step(tmp_path, monkeypatch):
     import asl_cli
-    from asl_cli import builders
+    from asl_cli.train import builders
 
     monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)  # a short run, so the default compiles here
     monkeypatch.setenv("ASL_CACHE_DIR", str(tmp_path))  # the kernels go to $ASL_CACHE_DIR/inductor
@@ -269,7 +270,7 @@ def test_the_default_cpu_step_is_compiled_and_trains_as_the_eager_step(tmp_path,
 
 
 def test_without_a_cxx_compiler_auto_trains_eagerly_and_says_so(tmp_path, monkeypatch):
-    from asl_cli import builders
+    from asl_cli.train import builders
 
     monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)
     monkeypatch.setattr(builders, "cxx_compiler", lambda: None)
@@ -281,7 +282,7 @@ def test_without_a_cxx_compiler_auto_trains_eagerly_and_says_so(tmp_path, monkey
 
 
 def test_short_runs_and_gpus_keep_the_eager_step():
-    from asl_cli.builders import COMPILE_MIN_STEPS, compile_choice
+    from asl_cli.train.builders import COMPILE_MIN_STEPS, compile_choice
 
     cpu = torch.device("cpu")
     assert compile_choice("auto", cpu, 1, COMPILE_MIN_STEPS - 1) == (False, "")
@@ -290,7 +291,7 @@ def test_short_runs_and_gpus_keep_the_eager_step():
 
 
 def test_the_shift_rate_follows_the_square_root_rule(tmp_path):
-    from asl_cli.builders import shift_lr_mult
+    from asl_cli.train.builders import shift_lr_mult
 
     cfg = tiny_cfg(tmp_path, "optim.shift_lr_reference_iterations=48", "train.iterations=12")
     assert abs(shift_lr_mult(cfg) - 0.01 * 2) < 1e-12  # sqrt(48 / 12)

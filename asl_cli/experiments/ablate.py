@@ -7,7 +7,6 @@ from pathlib import Path
 from ..config import ConfigError
 from ..nn import SHIFT_MODES
 from ..zoo import create_model
-from ..zoo.paper import TABLE4
 from .sweep import Axis, plan
 
 VARIANTS = ("GS", "SI", "SR", "TR")  # paper Table 4: what --variant all trains

@@ -93,8 +93,9 @@ class TrainJob:
 
     def __call__(self, recipe: str, overrides: list[str], run_dir: str) -> dict:
         from ..config import load_config
-        from ..engine import STOP_SIGNALS, Callbacks, Interrupted
-        from ..engine import train as run_training
+        from ..errors import Interrupted
+        from ..train import STOP_SIGNALS, Callbacks
+        from ..train import train as run_training
         from .sweep_worker import progress_writer
 
         submitit = _submitit()

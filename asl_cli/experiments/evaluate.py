@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from ..train import checkpoint as ckpt_io
 from ..config import ConfigError, load_config
 from ..data import imagenet_folders, load_tensor_data, normalized_batches, normalizer
-from ..engine import evaluate
+from ..train import evaluate
 from ..zoo import count_macs, count_parameters, get_entry
 from .bench import model_latency, provenance
 
@@ -41,7 +41,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
 
         from torchvision.datasets import ImageFolder
 
-        from ..preprocess import FolderTransform
+        from ..data.preprocess import FolderTransform
 
         imagenet_folders(d["root"], d["image_size"], d["resize"])  # checks the layout
         folder = Path(d["root"]) / ("val" if split == "test" else "train")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..caffe import CaffeFormatError, Layer, read_net
+from ..train import checkpoint as ckpt_io
+from .caffe import CaffeFormatError, Layer, read_net
 from ..config import load_config
 from ..zoo import create_model, list_models
 from ..zoo.as_resnet import ASResNet
@@ -149,7 +149,7 @@ def sha256(path: str | Path) -> str:
 
 
 def to_checkpoint(model: torch.nn.Module, report: dict, out: str | Path) -> Path:
-    from ..engine import shift_values
+    from ..train.state import shift_values
 
     cfg = load_config("as_resnet_w32", [f"model.name={report['arch']}"])
     obj = {

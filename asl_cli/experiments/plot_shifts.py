@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..train_state import SHIFT_COLUMNS, read_log
+from ..train import checkpoint as ckpt_io
+from ..train.state import SHIFT_COLUMNS, read_log
 from . import figures
 
 STATS_COLUMNS = ["layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
@@ -114,7 +114,7 @@ def shift_budget(cfg: dict, steps) -> tuple[list[float], list[float]]:
     x shift_lr_mult: the length of every normalised-gradient step, momentum aside), and the
     random-walk length, the square root of the sum of their squares (eta x sqrt(n) at a constant
     rate), which is what decides how far the shifts travel (results/README.md)."""
-    from ..builders import lr_factor, shift_lr_mult
+    from ..train.builders import lr_factor, shift_lr_mult
 
     o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
     f, mult = lr_factor(cfg, total), shift_lr_mult(cfg)  # the rule needs train.iterations, which validation ensures
@@ -130,7 +130,7 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
     """Shift travel of several runs side by side (one row per run and recorded step, with the
     run's data set, schedule and shift learning rate) and a figure of travel against steps and
     against the shift budget."""
-    from ..builders import shift_lr_mult
+    from ..train.builders import shift_lr_mult
     from ..config import load_config
     from .bench import provenance
 

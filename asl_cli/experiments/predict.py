@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..preprocess import load_image, to_input
+from ..train import checkpoint as ckpt_io
+from ..data.preprocess import load_image, to_input
 
 
 def class_names(ckpt: dict, num_classes: int) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import checkpoint as ckpt_io
+from ..train import checkpoint as ckpt_io
 from ..zoo import PAPER, count_macs, count_parameters, create_model, get_entry, list_models
 from . import figures
 from .bench import median_ms, model_latency, provenance, results_dir

@@ -22,9 +22,9 @@ from typing import Callable
 
 import pandas as pd
 
-from .. import checkpoint as ckpt_io
+from ..train import checkpoint as ckpt_io
 from ..config import ConfigError, load_config
-from ..stats import summarize, welch
+from .stats import summarize, welch
 
 
 @dataclass
@@ -191,7 +191,7 @@ def schedule_text(cfg: dict) -> str:
     t, s, o = cfg["train"], cfg["schedule"], cfg["optim"]
     length = f"{t['iterations']} it" if t["iterations"] is not None else f"{t['epochs']} ep"
     sched = s["type"] + (f" {s['milestones']} x{s['gamma']}" if s["type"] == "multistep" else "")
-    from ..builders import shift_lr_mult
+    from ..train.builders import shift_lr_mult
 
     mult = shift_lr_mult(cfg)
     return (f"{length} x b{t['batch_size']}, lr {o['lr']} {sched}" + (f", warmup {s['warmup']}" if s["warmup"] else "")
@@ -305,7 +305,7 @@ def execute(recipe: str, runs: list[Run], jobs: int, train_one: Callable[[dict, 
         return []
     import torch
 
-    from ..builders import device_kind
+    from ..train.builders import device_kind
 
     kind = device_kind(queued[0].cfg["train"]["device"])
     run_parallel(recipe, runs, jobs, kind, torch.cuda.device_count() if kind == "cuda" else 0, on_tick)

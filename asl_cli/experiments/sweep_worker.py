@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from ..config import ConfigError, load_config
-    from ..engine import Callbacks, Interrupted, TrainingError
-    from ..engine import train as run_training
+    from ..errors import Interrupted, TrainingError
+    from ..train import Callbacks
+    from ..train import train as run_training
 
     cb = Callbacks(**progress_writer(a.progress))
     try:

@@ -12,8 +12,8 @@ import torch
 
 from ..config import DEFAULTS
 from ..data import TensorBatches
-from ..engine import build_optimizer
-from ..step import TrainStep
+from ..train.builders import build_optimizer
+from ..train.step import TrainStep
 from ..zoo import create_model, get_entry
 from .bench import median_ms, provenance
 

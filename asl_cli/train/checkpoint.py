@@ -109,7 +109,7 @@ def load_model_state(model: nn.Module, state: dict, source: str, skip_mismatched
 
 def build_model(ckpt: dict) -> nn.Module:
     """The zoo model a checkpoint was made from, with its weights loaded."""
-    from .zoo import create_model
+    from ..zoo import create_model
 
     name, args = ckpt.get("model_name"), ckpt.get("model_args", {})
     try:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import dump
-from .errors import TrainingError
-from .nn import shift_layers
+from ..config import dump
+from ..errors import TrainingError
+from ..nn import shift_layers
 from .run_lock import RunFolderBusy, RunLock, remove_stale_temps
 from .step import host_lrs
 

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import ConfigError
-from .data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
-from .nn import install_shift_grad_normalization, param_groups
-from .zoo import create_model
+from ..config import ConfigError
+from ..data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
+from ..nn import install_shift_grad_normalization, param_groups
+from ..zoo import create_model
 
 
 @dataclass
@@ -79,8 +79,8 @@ def inductor_cache() -> Path:
     """Where torch.compile keeps its compiled kernels: the user's $TORCHINDUCTOR_CACHE_DIR, else
     beside the image cache ($ASL_CACHE_DIR or ~/.cache/asl) rather than torch's default under /tmp,
     so that a later run, after a reboot too, starts without recompiling."""
-    from . import USER_INDUCTOR_CACHE
-    from .image_folder import cache_dir
+    from .. import USER_INDUCTOR_CACHE
+    from ..data.folder import cache_dir
 
     path = USER_INDUCTOR_CACHE or str(cache_dir("auto") / "inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # torch's compiler reads it on every lookup

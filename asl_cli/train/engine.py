@@ -1,6 +1,6 @@
 """The training loop: AMP, DDP, evaluation, metrics.csv, atomic checkpoints, exact resume, and
 the shift history of every ASL layer. The run's parts come from `builders`, its state and run
-folder from `train_state`. No CLI code: progress is reported through callbacks and failures
+folder from `state`. No CLI code: progress is reported through callbacks and failures
 through exceptions."""
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import train_state as run_folder
-from .builders import (AllReduceBatchNorm2d, Dist, FolderStream, build_data, build_model, build_optimizer,  # noqa: F401
-                       build_schedule, compile_choice, convert_allreduce_bn, device_kind, lr_factor, pick_device,
-                       setup_distributed, shift_lr_mult, total_steps)
-from .errors import Interrupted, NonFiniteLoss, TrainingError  # noqa: F401
+from . import state as run_folder
+from ..errors import Interrupted, NonFiniteLoss, TrainingError
+from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind,
+                       pick_device, setup_distributed, shift_lr_mult, total_steps)
 from .run_lock import RunLock
+from .state import Accum, TrainState, shift_values, unwrap
 from .step import TrainStep, graph_blocker
-from .train_state import METRIC_COLUMNS, Accum, TrainState, clean_state_dict, shift_values, unwrap  # noqa: F401
 
 
 @dataclass

@@ -247,6 +247,20 @@ def summary_table(runs: list[Run], df: pd.DataFrame, baseline: str | None, recip
     return pd.DataFrame(out)
 
 
+def add_provenance(summary: pd.DataFrame, failed: list[Run]) -> None:
+    """Adds the machine's columns to a summary and, when runs failed, each cell's failed runs and
+    why (`failed_runs`), beside its statistics over the finished ones."""
+    from ..train.builders import Dist, pick_device
+    from .bench import provenance
+
+    for k, val in provenance(str(pick_device("auto", Dist())), None).items():
+        summary[k] = val
+    if failed:
+        cells = summary["variant" if "variant" in summary else "cell"]
+        errors = {c: "; ".join(f"seed {r.seed}: {r.message}" for r in failed if r.cell == c) for c in cells}
+        summary["failed_runs"] = [errors[c] for c in cells]
+
+
 def plot_summary(summary: pd.DataFrame, path_stem: Path, title: str, paper_label: str = "") -> list[Path]:
     """Bars of the mean top-1 per cell with 95% confidence intervals; the paper's figures as
     hatched bars beside them where it has them. PNG and SVG."""

@@ -120,3 +120,20 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
         asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)
         r["speedup_of_first"] = round(asl["images_per_s"] / r["images_per_s"], 3)
     return rows
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """The first block's fastest step against each other block's fastest and eager steps (images/s
+    ratios; vs_eager is None when that block's eager step was not timed)."""
+    first = rows[0]["spatial"]
+    best = max((r for r in rows if r["spatial"] == first), key=lambda r: r["images_per_s"])
+    out = []
+    for peer in dict.fromkeys(r["spatial"] for r in rows if r["spatial"] != first):
+        o = [r for r in rows if r["spatial"] == peer]
+        eager = next((r for r in o if r["mode"] == "eager"), None)
+        fastest = max(o, key=lambda r: r["images_per_s"])
+        out.append({"block": first, "mode": best["mode"], "peer": peer, "peer_mode": fastest["mode"],
+                    "vs_fastest": best["images_per_s"] / fastest["images_per_s"],
+                    "vs_eager": None if eager is None else best["images_per_s"] / eager["images_per_s"]})
+    return out
+

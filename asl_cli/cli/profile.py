@@ -1,0 +1,355 @@
+"""`asl profile`: the operator, layers, models and training steps timed against peers measured in
+the same run."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console, err, fail, fmt, show
+
+
+def _render_op_rows(rows: list[dict], device: str) -> None:
+    from asl_cli.experiments.profile_op import CPU_TARGETS, CUDA_TARGETS
+
+    by_case: dict[str, list[dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    for case, rs in by_case.items():
+        t = Table(title=f"{case} on {rs[0]['device_name']} ({rs[0]['threads']} thread(s))" if device == "cpu" else f"{case} on {rs[0]['device_name']}")
+        t.add_column("op")
+        t.add_column("pass")
+        t.add_column("ms", justify="right")
+        t.add_column("GB/s", justify="right")
+        for r in rs:
+            gbs = r["gb_per_s"]
+            t.add_row(r["op"], r["pass"], f"{r['ms']:.4g}", "" if gbs is None or gbs != gbs else f"{gbs:.1f}")
+        show(t)
+        r0 = rs[0]
+        targets = CPU_TARGETS if device == "cpu" else CUDA_TARGETS
+        lines = [
+            ("forward / ReLU", r0["fwd_vs_relu"], targets.get("fwd_vs_relu")),
+            ("forward / copy", r0["fwd_vs_copy"], targets.get("fwd_vs_copy")),
+            ("fwd+bwd / copy", r0["fwdbwd_vs_copy"], targets.get("fwdbwd_vs_copy")),
+            ("fwd+bwd / 3x3 depthwise fwd+bwd", r0["fwdbwd_vs_dw3"], targets.get("fwdbwd_vs_dw3")),
+            *([("fwd+bwd as a CUDA-graph replay / copy", r0["fwdbwd_graph_vs_copy"], targets.get("fwdbwd_graph_vs_copy")),
+               ("fwd+bwd / 3x3 depthwise fwd+bwd, both CUDA-graph replays", r0["fwdbwd_graph_vs_dw3"], targets.get("fwdbwd_graph_vs_dw3"))]
+              if "fwdbwd_graph_vs_copy" in r0 else []),
+            ("grid_sample ASL / ours, forward", r0["grid_sample_speedup_fwd"], None),
+            ("grid_sample ASL / ours, fwd+bwd", r0["grid_sample_speedup_fwdbwd"], None),
+        ]
+        for name, value, target in lines:
+            verdict = ""
+            if target is not None:
+                verdict = f"  target <= {target}: " + ("[green]met[/]" if value <= target else "[red]missed[/]")
+            console.print(f"  {name}: [bold]{value:.3f}x[/]{verdict}")
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Layer(str, Enum):
+    dw3 = "dw3"
+    pw = "pw"
+    bn = "bn"
+    relu = "relu"
+    add = "add"
+    asl = "asl"
+    all = "all"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+    bfloat16 = "bfloat16"
+
+
+class StepMode(str, Enum):
+    eager = "eager"
+    graph = "graph"
+    compile = "compile"
+    compile_graph = "compile+graph"
+
+
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+
+
+profile_app = typer.Typer(
+    help="Measure speed against peers timed in the same run; print ratios and append a CSV (default results/<kind>_<device>.csv "
+         "under the working directory). `asl profile --layer dw3` times layers (paper Table 1), the same as "
+         "`asl profile layers dw3`; the subcommands below time the operator, models and training steps.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+
+DEVICE_OPT = typer.Option(Device.cpu, "--device", help="Where to time.")
+THREADS_OPT = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one).")
+MIN_RUN_OPT = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement.")
+OUT_OPT = typer.Option(None, "--out", help="CSV to append to (figures are written beside it).")
+SHAPE_OPT = typer.Option("1x64x224x224", "--shape", help="NxCxHxW (C is also the conv output width).")
+DTYPE_OPT = typer.Option(DType.float32, "--dtype")
+BACKWARD_OPT = typer.Option(False, "--backward", help="Time forward + backward.")
+
+
+@profile_app.callback(invoke_without_command=True)
+def profile_main(
+    ctx: typer.Context,
+    layer: Optional[List[Layer]] = typer.Option(None, "--layer", help="Time these layers (repeatable), as `asl profile layers` does."),
+    shape: str = SHAPE_OPT, dtype: DType = DTYPE_OPT, backward: bool = BACKWARD_OPT,
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        if layer:
+            fail(f"--layer times layers by itself; give it without the {ctx.invoked_subcommand!r} subcommand", code=2)
+        return
+    if not layer:
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
+    profile_layers(layer, shape, dtype, backward, device, threads, min_run_time, out)
+
+
+def _profile_device(device: Device, threads: int) -> str:
+    import torch
+
+    if device == Device.cuda and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA device is visible; use --device cpu", code=2)
+    if device == Device.cpu:
+        torch.set_num_threads(threads)  # the whole process, so every library sees the same thread count
+    return device.value
+
+
+@profile_app.command("op")
+def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT,
+               out: Optional[Path] = OUT_OPT) -> None:
+    """The operator against copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and
+    forward+backward; then the fused shift + 1x1 convolution against the 1x1 convolution alone at
+    AS-ResNet's shapes."""
+    from rich.progress import Progress
+
+    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.profile_op import default_cases, run
+
+    dev = _profile_device(device, threads)
+    cases = default_cases(dev)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("timing", total=len(cases))
+        try:
+            rows = run(dev, threads, cases, min_run_time,
+                       progress=lambda i, label: bar.update(task, completed=i, description=f"timing {label}"))
+        except RuntimeError as e:
+            fail(str(e))
+    _render_op_rows(rows, dev)
+    from asl_cli.experiments.profile_op import FUSED_TARGET, fused_rows
+
+    with console.status("timing the fused shift + 1x1 convolution"):
+        fused = fused_rows(dev, threads, min_run_time)
+    t = Table(title="active shift + 1x1 convolution (AS-ResNet shapes, batch 1, float32)")
+    for c in ("shape", "1x1 conv ms", "shift then conv ms", "fused ms", "fused / conv", "fused / shift then conv"):
+        t.add_column(c, justify="left" if c == "shape" else "right")
+    for r in fused:
+        verdict = "[green]" if r["fused_vs_conv1x1"] <= FUSED_TARGET else "[red]"
+        t.add_row(r["shape"], f"{r['conv1x1_ms']:.3f}", f"{r['shift_then_conv_ms']:.3f}", f"{r['ms']:.3f}",
+                  f"{verdict}{r['fused_vs_conv1x1']:.2f}x[/]", f"{r['fused_vs_shift_then_conv']:.2f}x")
+    show(t)
+    console.print(f"target: fused within {FUSED_TARGET}x of the 1x1 convolution alone")
+    rows = rows + fused
+    path = out or results_dir() / f"profile_op_{dev}.csv"
+    append_csv(rows, path)
+    console.print(f"appended {len(rows)} rows to {path}")
+
+
+@profile_app.command("layers")
+def profile_layers(
+    layers: Optional[List[Layer]] = typer.Argument(None, help="Layers to time (default all)."),
+    shape: str = SHAPE_OPT, dtype: DType = DTYPE_OPT, backward: bool = BACKWARD_OPT,
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Per-layer time and FLOPs (paper Table 1, Fig. 2)."""
+    dev = _profile_device(device, threads)
+    names = [v.value for v in (layers or [Layer.all])]
+    _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
+
+
+class Form(str, Enum):  # asl_cli.inference.FORMS (a test keeps them equal)
+    eager = "eager"
+    inference = "inference"
+    frozen = "frozen"
+    frozen_inference = "frozen-inference"
+    compile = "compile"
+
+
+@profile_app.command("models")
+def profile_models(
+    models: List[str] = typer.Argument(..., metavar="MODEL|CHECKPOINT...", help="Zoo models or checkpoints (see asl zoo)."),
+    form: Optional[List[Form]] = typer.Option(None, "--form", help="Forms to time (repeatable; default eager, inference, frozen, "
+                                              "frozen-inference). inference: BatchNorm folded, shift fused into the 1x1 conv; "
+                                              "frozen: torch.jit trace + freeze + optimize_for_inference."),
+    malloc_pad: int = typer.Option(64, "--malloc-pad", min=0, metavar="MIB",
+                                   help="Have glibc's malloc keep this many MiB of freed memory instead of returning it "
+                                        "to the system after every pass (mallopt, this process only, every model alike; "
+                                        "0: glibc's default). Recorded in the CSV's malloc column."),
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
+    pairs with each model in its fastest form (Table 5, Fig. 4)."""
+    from asl_cli.experiments.bench import pad_malloc
+
+    dev = _profile_device(device, threads)
+    forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
+    _profile_models(models, dev, threads, min_run_time, out, forms, pad_malloc(malloc_pad))
+
+
+@profile_app.command("train-speed")
+def profile_train_speed(
+    model: str = typer.Argument(..., help="An asnet or as_resnet zoo model; timed with ASL, 1B-DW3-B-1 and 1B-DW3-1 blocks."),
+    batch: int = typer.Option(128, "--batch", min=1),
+    mode: Optional[List[StepMode]] = typer.Option(None, "--mode", help="Step forms to time (repeatable; default eager on the CPU, eager and graph on CUDA)."),
+    amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
+    device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
+) -> None:
+    """Training images/s and GPU busy fraction with ASL vs 3x3 depthwise blocks (paper Table 2), using asl train's step."""
+    dev = _profile_device(device, threads)
+    modes = ",".join(m.value for m in mode) if mode else "auto"
+    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last)
+
+
+def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
+    import torch
+
+    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.profile_layers import LAYERS, figure, run
+
+    names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
+    bad = [n for n in names if n not in LAYERS]
+    if bad:
+        fail(f"layers must be among {', '.join(LAYERS)} or all; got {', '.join(bad)}", code=2)
+    try:
+        dims = tuple(int(v) for v in shape.lower().split("x"))
+        assert len(dims) == 4 and min(dims) > 0
+    except (ValueError, AssertionError):
+        fail(f"--shape must look like 1x64x224x224, got {shape!r}", code=2)
+    dt = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}.get(dtype)
+    if dt is None:
+        fail(f"--dtype must be float32, float64 or bfloat16, got {dtype!r}", code=2)
+    with console.status(f"timing {', '.join(names)} at {shape} on {device}"):
+        try:
+            rows = run(names, dims, device, threads, dt, backward, min_run_time)
+        except (TypeError, RuntimeError) as e:
+            fail(str(e))
+    t = Table(title=f"layers at {shape} {dtype} ({'fwd+bwd' if backward else 'fwd'}), {rows[0]['device_name']}, {rows[0]['threads']} thread(s)")
+    for c in ("layer", "ms", "MFLOPs", "ms/MFLOP", "paper ms", "paper MFLOPs"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for r in rows:
+        t.add_row(r["description"], f"{r['ms']:.3f}", f"{r['mflops']:.1f}", f"{r['ms_per_mflop']:.4f}", fmt(r["paper_ms"]), fmt(r["paper_mflops"]))
+    show(t)
+    by = {r["layer"]: r for r in rows}
+    if "pw" in by and "dw3" in by:
+        console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
+                      f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: 7.1x the FLOPs, 3.5x faster)")
+    path = out or results_dir() / f"profile_layers_{device}.csv"
+    append_csv(rows, path)
+    for f in figure(rows, path.with_name(path.stem + "_time_per_mflop")):
+        console.print(f"wrote {f}")
+    console.print(f"appended {len(rows)} rows to {path}")
+
+
+def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",), malloc="default") -> None:
+    from asl_cli.train import checkpoint as ckpt_io
+    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.profile_models import figure, ratios, run
+
+    with console.status(f"timing {', '.join(specs)} as {', '.join(forms)}"):
+        try:
+            rows = [{**r, "malloc": malloc} for r in run(list(specs), device, threads, min_run_time, forms=forms)]
+        except KeyError as e:
+            fail(e.args[0], code=2)
+        except ckpt_io.CheckpointError as e:
+            fail(str(e))
+    t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s); "
+                    f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s; malloc: {malloc}")
+    cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "top-1"]
+    if device == "cuda":
+        cols[5:5] = ["GPU ms", "GPU img/s (b256 bf16)"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("model", "form") else "right")
+    for r in rows:
+        vals = [r["model"], r["form"] + (" *" if r["fastest"] else ""), f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}",
+                f"{r['cpu_ms_batch1']:.2f}", f"{r['cpu_gmacs_per_s']:.1f}", fmt(r["top1"])]
+        if device == "cuda":
+            vals[5:5] = [fmt(r.get("gpu_ms_batch1")), fmt(r.get("gpu_images_per_s_batch256"))]
+        t.add_row(*vals)
+    show(t)
+    console.print("* the model's fastest CPU form")
+    paper = Table(title="the paper's figures (Caffe, one i7-5930K thread)")
+    for c in ("model", "paper CPU ms", "paper top-1"):
+        paper.add_column(c, justify="left" if c == "model" else "right")
+    for r in {r["model"]: r for r in rows}.values():
+        paper.add_row(r["model"], fmt(r["paper_cpu_ms"]), fmt(r["paper_top1"]))
+    show(paper)
+    for rr in ratios(rows):
+        what = "GPU images/s" if rr["kind"].startswith("GPU") else "CPU latency"
+        console.print(f"{what} {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
+                      f"(MACs {rr['macs_ratio']:.2f}x; paper, Caffe: {rr['paper_ratio']:.3f}x)")
+    path = out or results_dir() / f"profile_models_{device}.csv"
+    append_csv(rows, path)
+    for f in figure(rows, path.with_name(path.stem + "_accuracy_vs_latency")):
+        console.print(f"wrote {f}")
+    console.print(f"appended {len(rows)} rows to {path}")
+
+
+def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
+                         modes: str = "auto", amp: str = "none", channels_last: bool = False) -> None:
+    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.train_speed import MODES, run, speedups
+    from asl_cli.zoo import get_entry
+
+    try:
+        entry = get_entry(model)
+    except KeyError as e:
+        fail(e.args[0], code=2)
+    if entry.family not in ("asnet", "as_resnet"):
+        fail(f"--train-speed compares spatial blocks of asnet/as_resnet models; {model} is {entry.family}", code=2)
+    if modes == "auto":
+        chosen = ("eager", "graph") if device == "cuda" else ("eager",)
+    else:
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in chosen if m not in MODES]
+    if bad or not chosen:
+        fail(f"--modes takes a comma-separated list of {', '.join(MODES)}; got {modes!r}", code=2)
+    if device == "cpu" and any("graph" in m for m in chosen):
+        fail("--modes graph needs --device cuda (CUDA graphs)", code=2)
+    if amp not in ("none", "bf16") or (amp == "bf16" and device != "cuda"):
+        fail(f"--amp must be none, or bf16 with --device cuda; got {amp!r}", code=2)
+    with console.status(f"timing training steps of {model} on {device}") as status:
+        rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
+                   channels_last=channels_last, modes=chosen, min_run_time=max(min_run_time, 1.0),
+                   progress=lambda text: status.update(f"timing training steps: {text}"))
+    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, {rows[0]['device_name']}")
+    cpu = rows[0]["fraction_of_matmul_peak"] is not None
+    for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", "of matmul peak" if cpu else "GPU busy", "ASL speed-up"):
+        t.add_column(c, justify="left" if c in ("block", "mode") else "right")
+    for r in rows:
+        share = f"{100 * r['fraction_of_matmul_peak']:.1f}%" if cpu else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%")
+        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", share,
+                  f"{r['speedup_of_first']:.2f}x")
+    show(t)
+    path = out or results_dir() / f"train_speed_{device}.csv"
+    append_csv(rows, path)
+    if cpu:
+        console.print(f"matrix-product peak in this run: {rows[0]['matmul_gmacs_per_s']:.1f} GMAC/s (float32 1024^3, "
+                      f"{rows[0]['threads']} thread(s)); training MACs per image: "
+                      + ", ".join(f"{r['spatial']} {r['train_macs_per_image'] / 1e6:.1f}M" for r in rows if r["mode"] == rows[0]["mode"]))
+    for c in speedups(rows):
+        line = f"{c['block']} fastest ({c['mode']}) / {c['peer']} fastest ({c['peer_mode']}): {c['vs_fastest']:.2f}x"
+        if c["vs_eager"] is not None:
+            line += f"; / {c['peer']} eager: {c['vs_eager']:.2f}x"
+        console.print(line)
+    console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")

@@ -1,0 +1,68 @@
+"""`asl plot-shifts`: the learned shifts of a run (paper Fig. 3) or how far several runs' shifts
+travelled."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console, err, fail, fmt, show
+
+
+@app.command(name="plot-shifts")
+def plot_shifts(
+    targets: Optional[List[Path]] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]...",
+                                                   help="A run folder (last checkpoint and shifts.csv) or a checkpoint "
+                                                        "(default: the newest run under ./runs with a checkpoint); several "
+                                                        "run folders: compare how far their shifts travelled."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>, or "
+                                       "results/shift_travel for several runs)."),
+) -> None:
+    """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training and how far they
+    travelled (shift_travel.csv: per layer and step, the mean distance from the start, the spread
+    and the share beyond 1 px), and per-layer statistics. Given several run folders, one table and
+    figure of their travel against steps, against the shift budget (the sum of per-step shift
+    learning rates) and against the random-walk length (the square root of their squares' sum)."""
+    from asl_cli.train import checkpoint as ckpt_io
+    from asl_cli.experiments.bench import results_dir
+    from asl_cli.experiments.plot_shifts import compare, newest_run, run
+
+    if targets and len(targets) > 1:
+        try:
+            res = compare(list(targets), out or results_dir() / "shift_travel")
+        except ckpt_io.CheckpointError as e:
+            fail(str(e))
+        last = res["table"].groupby("run", sort=False).tail(1)
+        t = Table(title="shift travel at each run's end")
+        for c in ("run", "steps", "shift x lr", "budget px", "walk px", "travel px", "spread", "beyond 1 px", "test top-1"):
+            t.add_column(c, justify="left" if c == "run" else "right")
+        for _, r in last.iterrows():
+            t.add_row(r["run"], str(r["step"]), f"{r['shift_lr_mult']:g}", f"{r['shift_budget_px']:.2f}", f"{r['shift_walk_px']:.3f}",
+                      f"{r['mean_travel']:.3f}",
+                      f"{r['spread']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%", fmt(r["final_test_top1"]))
+        show(t)
+        for f in res["files"]:
+            console.print(f"wrote {f}")
+        return
+    target = targets[0] if targets else None
+    try:
+        if target is None:
+            target = newest_run(Path("runs"))
+            console.print(f"plotting the newest run: [bold]{target}[/]")
+        out = out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name)
+        res = run(target, out)
+    except ckpt_io.CheckpointError as e:
+        fail(str(e))
+    for note in res["notes"]:
+        err.print(f"[yellow]warning:[/] {note}", highlight=False)
+    st = res["stats"]
+    t = Table(title=f"shift statistics ({len(st)} layers)")
+    for c in ("layer", "channels", "mean |shift|", "max |shift|", "beyond 1 px"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    for _, r in st.iterrows():
+        t.add_row(r["layer"], str(r["channels"]), f"{r['mean_abs_shift']:.3f}", f"{r['max_abs_shift']:.3f}", f"{100 * r['share_beyond_1px']:.1f}%")
+    show(t)
+    for f in res["files"]:
+        console.print(f"wrote {f}")

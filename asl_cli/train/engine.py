@@ -4,6 +4,7 @@ folder from `state`. No CLI code: progress is reported through callbacks and fai
 through exceptions."""
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -19,8 +20,8 @@ from torch import nn
 
 from . import state as run_folder
 from ..errors import Interrupted, NonFiniteLoss, TrainingError
-from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind,
-                       pick_device, setup_distributed, shift_lr_mult, total_steps)
+from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind, pick_device,
+                       setup_distributed, shift_lr_mult, total_steps)
 from .run_lock import RunLock
 from .state import Accum, TrainState, shift_values, unwrap
 from .step import TrainStep, graph_blocker
@@ -78,7 +79,15 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     lock = RunLock()  # acquired on the run folder once it is known
     undo: list[Callable[[], None]] = []  # what a start that fails must remove
     try:
-        return _train(cfg, resume, init_from, callbacks or Callbacks(), lock, undo, stop_signals)
+        run = _Run(cfg, callbacks or Callbacks())
+        state = run.open_folder(resume, lock, undo)  # set-up: the run folder
+        run.build(init_from if state is None else None)  # set-up: data, model, optimizer
+        run.restore(state)  # resume
+        run.prepare_step()  # set-up: DDP, compilation, CUDA graph
+        with _stop_requests(stop_signals, run.d) as stop:
+            undo.clear()  # from here on the folder holds the run's own record
+            run.loop(stop)  # the step loop, with its evaluation and checkpoint points
+        return run.summary()  # shutdown
     except BaseException:
         lock.release()
         for f in undo:
@@ -88,96 +97,197 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         lock.release()
 
 
-def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: list, stop_signals: tuple) -> dict:
-    t = cfg["train"]
-    d = setup_distributed(device_kind(t["device"]))
-    device = pick_device(t["device"], d)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if t["deterministic"]:
-        torch.use_deterministic_algorithms(True)
+class _Run:
+    """One training run's parts and progress; each method is one phase of `train`."""
 
-    state = None
-    if resume is not None:
-        run_dir = Path(resume)
-        state = run_folder.resume_folder(run_dir, lock if d.main else None)
-    else:
-        run_dir = run_folder.new_run_dir(cfg)
+    def __init__(self, cfg: dict, cb: Callbacks):
+        self.cfg, self.t, self.cb = cfg, cfg["train"], cb
+        self.d = setup_distributed(device_kind(self.t["device"]))
+        self.device = pick_device(self.t["device"], self.d)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.t["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+        self.st = TrainState()
+        self.summary_row: dict | None = None
+
+    def open_folder(self, resume, lock: RunLock, undo: list) -> dict | None:
+        """Creates (or, resuming, reopens) the run folder and locks it; returns the checkpoint to
+        resume from, if any."""
+        d = self.d
+        if resume is not None:
+            self.run_dir = Path(resume)
+            return run_folder.resume_folder(self.run_dir, lock if d.main else None)
+        run_dir = run_folder.new_run_dir(self.cfg)
         if d.world > 1:
             obj = [str(run_dir)]
             dist.broadcast_object_list(obj, src=0)
             run_dir = Path(obj[0])
         if d.main:
             created = not run_dir.exists()
-            run_folder.start_folder(run_dir, cfg, lock)
+            run_folder.start_folder(run_dir, self.cfg, lock)
             if created:  # a start that fails (missing data, a wrong device...) leaves no empty run folder behind
                 undo.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+        self.run_dir = run_dir
+        return None
 
-    data = build_data(cfg, d, device)
-    total = total_steps(cfg, data.steps_per_epoch)
-    model, model_args = build_model(cfg, data.num_classes, d, device, init_from if state is None else None)
-    shift_mult = shift_lr_mult(cfg)
-    opt = build_optimizer(model, cfg["optim"], device, shift_mult)
-    sched = build_schedule(opt, cfg, total)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t["amp"]]
-    if amp_dtype is not None and device.type != "cuda":
-        raise TrainingError("train.amp needs a CUDA device; use train.amp=none on the CPU")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    def build(self, init_from) -> None:
+        cfg, t, device = self.cfg, self.t, self.device
+        self.data = build_data(cfg, self.d, device)
+        self.total = total_steps(cfg, self.data.steps_per_epoch)
+        self.model, self.model_args = build_model(cfg, self.data.num_classes, self.d, device, init_from)
+        self.shift_mult = shift_lr_mult(cfg)
+        self.opt = build_optimizer(self.model, cfg["optim"], device, self.shift_mult)
+        self.sched = build_schedule(self.opt, cfg, self.total)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t["amp"]]
+        if self.amp_dtype is not None and device.type != "cuda":
+            raise TrainingError("train.amp needs a CUDA device; use train.amp=none on the CPU")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
-    st = TrainState()
-    if state is not None:
-        st = TrainState.restore(state, model, opt, sched, scaler, device)
-        if d.main:
-            run_folder.truncate_logs(run_dir, st.step, state.get("last_row"))
+    def restore(self, state: dict | None) -> None:
+        """Resume: the step, weights, optimizer, schedule and logs of the checkpoint; a new run
+        records every shift's starting point instead."""
+        if state is not None:
+            self.st = TrainState.restore(state, self.model, self.opt, self.sched, self.scaler, self.device)
+            if self.d.main:
+                run_folder.truncate_logs(self.run_dir, self.st.step, state.get("last_row"))
+        elif self.d.main:
+            run_folder.append_shifts(self.run_dir / "shifts.csv", 0, shift_values(self.model))
 
-    train_model = model
-    if d.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled, note = compile_choice(t["compile"], device, d.world, total - st.step)
-    if note:
-        cb.on_note(note)
-    if compiled:
-        train_model = torch.compile(train_model)
-    graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
-    step_fn = TrainStep(train_model, opt, scaler, device, amp_dtype, t["channels_last"], graph=graphed, start_step=st.step)
-
-    def check_finite(step: int) -> None:
-        """Raise NonFiniteLoss if any loss since the last check, or the weights, are not finite
-        (a host read: called at log, evaluation and checkpoint points only)."""
-        bad = step_fn.peek_bad()
-        if bad is None and not _weights_finite(model):
-            bad = step - 1
+    def prepare_step(self) -> None:
+        t, d, device = self.t, self.d, self.device
+        self.train_model = self.model
         if d.world > 1:
-            flag = torch.tensor([float(bad if bad is not None else -1)], device=device)
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.st.step)
+        if note:
+            self.cb.on_note(note)
+        if self.compiled:
+            self.train_model = torch.compile(self.train_model)
+        self.graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
+        self.step_fn = TrainStep(self.train_model, self.opt, self.scaler, device, self.amp_dtype, t["channels_last"],
+                                 graph=self.graphed, start_step=self.st.step)
+        self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.st.step, "device": str(device),
+                          "world": d.world, "model": self.cfg["model"]["name"], "steps_per_epoch": self.data.steps_per_epoch,
+                          "train_images": self.data.n_train, "cuda_graph": self.graphed, "compiled": self.compiled,
+                          "shift_lr_mult": self.shift_mult})
+
+    def loop(self, stop: dict) -> None:
+        t, st, total = self.t, self.st, self.total
+        first_step = st.step
+        batches = self.data.batches_from(st.step)
+        self.interval_start, self.interval_steps = time.time(), 0
+        # On the CPU reading the statistics costs nothing, so a non-finite loss is caught at once;
+        # on a GPU the host reads them only at log, evaluation and checkpoint points.
+        check_every = 1 if self.device.type == "cpu" else t["log_every"]
+        self.train_model.train()
+        for step in range(st.step, total):
+            if stop["flag"] or (self.d.world > 1 and step % t["log_every"] == 0 and _any_rank(stop["flag"], self.device)):
+                self.stop_at(step, stop["signum"])
+            x, y = next(batches)
+            t_first = time.time() if self.compiled and step == first_step else None
+            self.step_fn(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            if t_first is not None:
+                self.cb.on_note(f"the first (compiled) step took {time.time() - t_first:.0f} s")
+            self.sched.step()
+            self.interval_steps += 1
+            done = st.step = step + 1
+            is_log = done % t["log_every"] == 0 or done == total
+            is_eval = done % t["eval_every"] == 0 or done == total
+            is_ckpt = done % t["ckpt_every"] == 0
+            if done % check_every == 0 or is_log or is_eval or is_ckpt:
+                self.check_finite(done)
+            if is_log or is_eval or is_ckpt:
+                self.take_stats()
+            if is_log:
+                self.log(done)
+            if is_eval:
+                self.eval_point(done)
+            elif is_ckpt:
+                self.save(None, False)
+                st.last_good = done
+
+    def stop_at(self, step: int, signum) -> None:
+        """A stop request: checkpoint the step reached, then raise Interrupted."""
+        self.check_finite(step)
+        self.take_stats()
+        self.st.step = step
+        self.save(None, False)
+        raise Interrupted(step, self.run_dir, signum)
+
+    def log(self, done: int) -> None:
+        acc = self.st.acc
+        el = max(time.time() - self.interval_start, 1e-9)
+        self.cb.on_step(done, self.total, {"loss": acc.loss / max(acc.count, 1), "top1": 100 * acc.correct / max(acc.count, 1),
+                                           "lr": _lr_of(self.opt), "images_per_s": self.interval_steps * self.t["batch_size"] / el})
+
+    def eval_point(self, done: int) -> None:
+        """An evaluation point: test metrics, a checkpoint (the best one too when it improved) and
+        a metrics.csv row."""
+        st, t = self.st, self.t
+        seconds = time.time() - self.interval_start
+        res = evaluate(unwrap(self.model), self.data.test_batches(), self.device, self.amp_dtype, t["channels_last"])
+        if not all(math.isfinite(v) for v in res.values()):  # never saved, let alone kept as the best
+            raise NonFiniteLoss(done, self.run_dir, st.last_good, "the evaluation gave a non-finite test loss "
+                                f"({res['test_loss']:.4g}; {res['nonfinite']:.0f} non-finite outputs)")
+        self.train_model.train()
+        row = {"step": done, "epoch": round(done / self.data.steps_per_epoch, 4), "lr": _lr_of(self.opt),
+               "train_loss": st.acc.loss / max(st.acc.count, 1), "train_top1": 100 * st.acc.correct / max(st.acc.count, 1),
+               **res, "seconds": round(seconds, 3),
+               "images_per_s": round(self.interval_steps * t["batch_size"] / max(seconds, 1e-9), 1)}
+        improved = res["test_top1"] > st.best
+        if improved:
+            st.best, st.best_step = res["test_top1"], done
+        st.acc = Accum()
+        self.save(row, improved)
+        if self.d.main:
+            run_folder.append_row(self.run_dir / "metrics.csv", row)
+        self.cb.on_eval(row)
+        self.summary_row, st.last_good = row, done
+        self.interval_start, self.interval_steps = time.time(), 0
+
+    def check_finite(self, step: int) -> None:
+        """Raise NonFiniteLoss if any loss since the last check, or the weights, are not finite
+        (a host read: the loop calls it every step on the CPU, at its log, evaluation and
+        checkpoint points on a GPU)."""
+        bad = self.step_fn.peek_bad()
+        if bad is None and not _weights_finite(self.model):
+            bad = step - 1
+        if self.d.world > 1:
+            flag = torch.tensor([float(bad if bad is not None else -1)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             bad = int(flag.item()) if flag.item() >= 0 else None
         if bad is not None:
-            raise NonFiniteLoss(bad, run_dir, st.last_good)
+            raise NonFiniteLoss(bad, self.run_dir, self.st.last_good)
 
-    def take_stats() -> None:
-        s = step_fn.take_stats()
+    def take_stats(self) -> None:
+        s = self.step_fn.take_stats()
         vals = [s.loss_sum, s.correct, s.count]
-        if d.world > 1:  # log the global batch, not this rank's slice
-            v = torch.tensor(vals, dtype=torch.float64, device=device)
+        if self.d.world > 1:  # log the global batch, not this rank's slice
+            v = torch.tensor(vals, dtype=torch.float64, device=self.device)
             dist.all_reduce(v)
             vals = v.tolist()
-        st.acc.loss += vals[0]
-        st.acc.correct += vals[1]
-        st.acc.count += vals[2]
+        self.st.acc.loss += vals[0]
+        self.st.acc.correct += vals[1]
+        self.st.acc.count += vals[2]
 
-    def save(row: dict | None, is_best: bool) -> None:
-        if d.main:
-            run_folder.save(run_dir, st.checkpoint(cfg=cfg, model=model, model_args=model_args, opt=opt, sched=sched, scaler=scaler,
-                                                   device=device, total=total, steps_per_epoch=data.steps_per_epoch,
-                                                   preprocessing=data.preprocessing, row=row), is_best)
+    def save(self, row: dict | None, is_best: bool) -> None:
+        if self.d.main:
+            run_folder.save(self.run_dir, self.st.checkpoint(
+                cfg=self.cfg, model=self.model, model_args=self.model_args, opt=self.opt, sched=self.sched,
+                scaler=self.scaler, device=self.device, total=self.total, steps_per_epoch=self.data.steps_per_epoch,
+                preprocessing=self.data.preprocessing, row=row), is_best)
 
-    if state is None and d.main:
-        run_folder.append_shifts(run_dir / "shifts.csv", 0, shift_values(model))  # the starting point of every shift
+    def summary(self) -> dict:
+        return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.st.best, "last": self.summary_row,
+                "cuda_graph": self.graphed, "compiled": self.compiled}
 
-    cb.on_start({"run_dir": str(run_dir), "total": total, "start": st.step, "device": str(device), "world": d.world,
-                 "model": cfg["model"]["name"], "steps_per_epoch": data.steps_per_epoch, "train_images": data.n_train, "cuda_graph": graphed,
-                 "compiled": compiled, "shift_lr_mult": shift_mult})
 
+@contextlib.contextmanager
+def _stop_requests(signals: tuple, d):
+    """While the loop runs, each of `signals` asks it to stop at the next step (a second one
+    stops at once); the previous handlers come back afterwards."""
     stop = {"flag": False, "signum": None}
     old_handlers = {}
 
@@ -187,75 +297,16 @@ def _train(cfg: dict, resume, init_from, cb: Callbacks, lock: RunLock, undo: lis
         stop["flag"], stop["signum"] = True, signum
 
     if d.main or d.world == 1:
-        for sig in stop_signals:
+        for sig in signals:
             try:
                 old_handlers[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread
                 pass
-
-    undo.clear()  # from here on the folder holds the run's own record
-    first_step = st.step
-    batches = data.batches_from(st.step)
-    interval_start, interval_steps = time.time(), 0
-    summary_row: dict | None = None
-    # On the CPU reading the statistics costs nothing, so a non-finite loss is caught at once;
-    # on a GPU the host reads them only at log, evaluation and checkpoint points.
-    check_every = 1 if device.type == "cpu" else t["log_every"]
-    train_model.train()
     try:
-        for step in range(st.step, total):
-            if stop["flag"] or (d.world > 1 and step % t["log_every"] == 0 and _any_rank(stop["flag"], device)):
-                check_finite(step)
-                take_stats()
-                st.step = step
-                save(None, False)
-                raise Interrupted(step, run_dir, stop["signum"])
-            x, y = next(batches)
-            t_first = time.time() if compiled and step == first_step else None
-            step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            if t_first is not None:
-                cb.on_note(f"the first (compiled) step took {time.time() - t_first:.0f} s")
-            sched.step()
-            interval_steps += 1
-            done = st.step = step + 1
-            is_log = done % t["log_every"] == 0 or done == total
-            is_eval = done % t["eval_every"] == 0 or done == total
-            is_ckpt = done % t["ckpt_every"] == 0
-            if done % check_every == 0 or is_log or is_eval or is_ckpt:
-                check_finite(done)
-            if is_log or is_eval or is_ckpt:
-                take_stats()
-            if is_log:
-                el = max(time.time() - interval_start, 1e-9)
-                cb.on_step(done, total, {"loss": st.acc.loss / max(st.acc.count, 1), "top1": 100 * st.acc.correct / max(st.acc.count, 1),
-                                         "lr": _lr_of(opt), "images_per_s": interval_steps * t["batch_size"] / el})
-            if is_eval:
-                seconds = time.time() - interval_start
-                res = evaluate(unwrap(model), data.test_batches(), device, amp_dtype, t["channels_last"])
-                if not all(math.isfinite(v) for v in res.values()):  # never saved, let alone kept as the best
-                    raise NonFiniteLoss(done, run_dir, st.last_good, "the evaluation gave a non-finite test loss "
-                                        f"({res['test_loss']:.4g}; {res['nonfinite']:.0f} non-finite outputs)")
-                train_model.train()
-                row = {"step": done, "epoch": round(done / data.steps_per_epoch, 4), "lr": _lr_of(opt),
-                       "train_loss": st.acc.loss / max(st.acc.count, 1), "train_top1": 100 * st.acc.correct / max(st.acc.count, 1),
-                       **res, "seconds": round(seconds, 3), "images_per_s": round(interval_steps * t["batch_size"] / max(seconds, 1e-9), 1)}
-                improved = res["test_top1"] > st.best
-                if improved:
-                    st.best, st.best_step = res["test_top1"], done
-                st.acc = Accum()
-                save(row, improved)
-                if d.main:
-                    run_folder.append_row(run_dir / "metrics.csv", row)
-                cb.on_eval(row)
-                summary_row, st.last_good = row, done
-                interval_start, interval_steps = time.time(), 0
-            elif is_ckpt:
-                save(None, False)
-                st.last_good = done
+        yield stop
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    return {"run_dir": str(run_dir), "steps": total, "best_top1": st.best, "last": summary_row, "cuda_graph": graphed, "compiled": compiled}
 
 
 def _lr_of(opt: torch.optim.Optimizer) -> float:

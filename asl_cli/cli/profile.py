@@ -224,7 +224,7 @@ def profile_train_speed(
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
     import torch
 
-    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.profile_layers import LAYERS, figure, run
 
     names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
@@ -254,16 +254,12 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     if "pw" in by and "dw3" in by:
         console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
                       f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: 7.1x the FLOPs, 3.5x faster)")
-    path = out or results_dir() / f"profile_layers_{device}.csv"
-    append_csv(rows, path)
-    for f in figure(rows, path.with_name(path.stem + "_time_per_mflop")):
-        console.print(f"wrote {f}")
-    console.print(f"appended {len(rows)} rows to {path}")
+    _append_with_figure(rows, out or results_dir() / f"profile_layers_{device}.csv", figure, "_time_per_mflop")
 
 
 def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",), malloc="default") -> None:
     from asl_cli.train import checkpoint as ckpt_io
-    from asl_cli.experiments.bench import append_csv, results_dir
+    from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.profile_models import figure, ratios, run
 
     with console.status(f"timing {', '.join(specs)} as {', '.join(forms)}"):
@@ -298,11 +294,7 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
         what = "GPU images/s" if rr["kind"].startswith("GPU") else "CPU latency"
         console.print(f"{what} {rr['pair']} ({rr['kind']}: {rr['forms']}): [bold]{rr['ratio']:.3f}x[/] "
                       f"(MACs {rr['macs_ratio']:.2f}x; paper, Caffe: {rr['paper_ratio']:.3f}x)")
-    path = out or results_dir() / f"profile_models_{device}.csv"
-    append_csv(rows, path)
-    for f in figure(rows, path.with_name(path.stem + "_accuracy_vs_latency")):
-        console.print(f"wrote {f}")
-    console.print(f"appended {len(rows)} rows to {path}")
+    _append_with_figure(rows, out or results_dir() / f"profile_models_{device}.csv", figure, "_accuracy_vs_latency")
 
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
@@ -353,3 +345,13 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
             line += f"; / {c['peer']} eager: {c['vs_eager']:.2f}x"
         console.print(line)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
+
+
+def _append_with_figure(rows: list[dict], path: Path, figure, suffix: str) -> None:
+    """Appends the rows to the CSV and draws their figure beside it."""
+    from asl_cli.experiments.bench import append_csv
+
+    append_csv(rows, path)
+    for f in figure(rows, path.with_name(path.stem + suffix)):
+        console.print(f"wrote {f}")
+    console.print(f"appended {len(rows)} rows to {path}")

@@ -93,7 +93,7 @@ def travel_table(history: pd.DataFrame) -> pd.DataFrame:
     (standard deviation of all alpha and beta values) and the share of channels beyond 1 px."""
     h = history.sort_values(["layer", "channel", "step"])
     start = h[h["step"] == h["step"].min()].set_index(["layer", "channel"])[["alpha", "beta"]]
-    h = h.join(start, on=["layer", "channel"], rsuffix="_0")
+    h = h.join(start.rename(columns={"alpha": "alpha_0", "beta": "beta_0"}), on=["layer", "channel"])
     h["travel"] = ((h["alpha"] - h["alpha_0"]) ** 2 + (h["beta"] - h["beta_0"]) ** 2) ** 0.5
     h["beyond"] = (h[["alpha", "beta"]].abs().max(axis=1) > 1).astype(float)
 

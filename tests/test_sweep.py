@@ -14,7 +14,7 @@ from asl_cli.cli import app
 from asl_cli.config import ConfigError, load_config
 from asl_cli.data import DataError
 from asl_cli.experiments.sweep import Axis
-from asl_cli.experiments.stats import summarize, t_ppf, t_sf2, welch
+from asl_cli.experiments.stats import summarize, t_ppf, t_sf2, welch, welch_from_summaries
 
 runner = CliRunner()
 TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=4",
@@ -32,6 +32,12 @@ def test_t_tail_and_welch():
     diff, p = welch([1, 2, 3, 4], [3, 4, 5, 6, 7])
     assert diff == -2.5 and p == pytest.approx(0.0349388, rel=1e-4)
     assert math.isnan(welch([1.0], [2.0, 3.0])[1])
+
+
+def test_welch_from_summaries_equals_welch_on_the_values():
+    a, b = [79.1, 80.2, 78.9], [77.5, 76.6, 77.2, 76.9]
+    assert welch_from_summaries(summarize(a), summarize(b)) == pytest.approx(welch(a, b), rel=1e-12)
+    assert math.isnan(welch_from_summaries(summarize([1.0]), summarize(b))[1])
 
 
 def test_summarize():
@@ -142,6 +148,9 @@ def test_sweep_parallel_workers_reuse_and_statistics(tmp_path):
         assert col in df.columns, col
     assert (df["top1_ci95_low"] <= df["top1_mean"]).all() and (df["top1_mean"] <= df["top1_ci95_high"]).all()
     assert df.loc[0, "diff_vs_baseline"] == 0 and df.loc[1, "params"] != df.loc[0, "params"]
+    for _, row in df.iterrows():  # each seed's top-1, so that later comparisons need no run folders
+        seeds = [float(v) for v in row["top1_runs"].split(";")]
+        assert len(seeds) == 2 and sum(seeds) / 2 == pytest.approx(row["top1_mean"], abs=0.01)
     assert df.loc[0, "dataset"] == "synthetic" and df.loc[0, "paper_top1"] == 94.5
     assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "s.svg").exists()
     assert "dw3 seed 1: running" in res.output and "dw3 seed 1: done" in res.output  # the log-file view

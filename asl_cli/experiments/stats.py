@@ -81,7 +81,12 @@ def summarize(values: list[float], level: float = 0.95) -> Summary:
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     """Welch's unequal-variance t-test of mean(a) - mean(b): (difference, two-sided p-value).
     The p-value is NaN when either side has fewer than two values or both have no spread."""
-    sa, sb = summarize(a), summarize(b)
+    return welch_from_summaries(summarize(a), summarize(b))
+
+
+def welch_from_summaries(sa: Summary, sb: Summary) -> tuple[float, float]:
+    """Welch's test from each side's count, mean and sample standard deviation alone, e.g. two
+    cells of results CSVs whose runs are no longer at hand (their top1_mean, top1_std, seeds)."""
     diff = sa.mean - sb.mean
     if sa.n < 2 or sb.n < 2:
         return diff, float("nan")

@@ -232,7 +232,8 @@ def summary_table(runs: list[Run], df: pd.DataFrame, baseline: str | None, recip
             s1, s5 = summarize(d["top1"].tolist()), summarize(d["top5"].tolist())
             row.update(top1_mean=round(s1.mean, 3), top1_std=round(s1.std, 3), top1_ci95_low=round(s1.ci_low, 3),
                        top1_ci95_high=round(s1.ci_high, 3), top5_mean=round(s5.mean, 3), top5_std=round(s5.std, 3),
-                       params=int(d["params"].iloc[0]))
+                       params=int(d["params"].iloc[0]),
+                       top1_runs=";".join(f"{v:.2f}" for v in d.sort_values("seed")["top1"]))
             if baseline is not None and base:
                 diff, p = welch(d["top1"].tolist(), base)
                 row.update(baseline=baseline, diff_vs_baseline=round(diff, 3), p_welch=round(p, 4) if p == p else p)

@@ -7,6 +7,8 @@
 # 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.
 # 3. Table 2: the ASL block against 1B-DW3-B-1 and 1B-DW3-1, 3 seeds (the ASL cell is TR's runs).
 # 4. Fig. 3 and the shift travel of TR seed 0 against the authors'-rate run of seed 0.
+# STEPS="rate table2" (any of ablate, rate, table2, figures) runs only those steps, e.g. on a machine
+# that has the earlier steps' CSVs but not their run folders; a cell whose runs are missing trains.
 set -euo pipefail
 DIR=${1:?usage: scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]}
 J=${2:-2}
@@ -15,6 +17,8 @@ OV=("$@")
 R=runs/cifar10_cpu
 SEEDS=3
 KEYS=(--seed-key train.seed --seed-key model.args.shift_seed)
+STEPS=" ${STEPS:-ablate rate table2 figures} "
+step() { [[ $STEPS == *" $1 "* ]]; }
 RULE=$(asl config cifar10_cpu "${OV[@]}" --plain | python -c "import math,sys,yaml; c=yaml.safe_load(sys.stdin); o=c['optim']; print(round(o['shift_lr_mult']*math.sqrt(o['shift_lr_reference_iterations']/c['train']['iterations']), 6))")
 
 reuse_tr() {  # TR's finished runs serve as another grid's cell of the same configuration
@@ -26,14 +30,24 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
   done
 }
 
-asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR,TN --seeds $SEEDS --jobs "$J" \
-  --root $R/ablate --csv results/ablate_cifar10_cpu.csv
-reuse_tr "$RULE" $R/rate
-asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
-  --axis "optim.shift_lr_mult=$RULE,0.01" --seeds $SEEDS --jobs "$J" "${KEYS[@]}" --baseline "$RULE" \
-  --root $R/rate --csv results/tr_rate_cifar10_cpu.csv --title "TR: the square-root rule's shift rate vs the authors' (cifar10_cpu)"
-reuse_tr asl $R/table2
-asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=asl,dw3_bn,dw3 --seeds $SEEDS --jobs "$J" "${KEYS[@]}" \
-  --root $R/table2 --csv results/table2_cifar10_cpu.csv
-asl plot-shifts $R/ablate/TR-seed0 --out results/shifts/cifar10_cpu-TR-seed0
-asl plot-shifts $R/ablate/TR-seed0 "$R/rate/0.01-seed0" --out results/shift_travel_cifar10_cpu
+if step ablate; then
+  asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR,TN --seeds $SEEDS --jobs "$J" \
+    --root $R/ablate --csv results/ablate_cifar10_cpu.csv
+fi
+if step rate; then
+  reuse_tr "$RULE" $R/rate
+  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
+    --axis "optim.shift_lr_mult=$RULE,0.01" --seeds $SEEDS --jobs "$J" "${KEYS[@]}" --baseline "$RULE" \
+    --root $R/rate --csv results/tr_rate_cifar10_cpu.csv --title "TR: the square-root rule's shift rate vs the authors' (cifar10_cpu)"
+fi
+if step table2; then
+  reuse_tr asl $R/table2
+  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=asl,dw3_bn,dw3 --seeds $SEEDS --jobs "$J" "${KEYS[@]}" \
+    --root $R/table2 --csv results/table2_cifar10_cpu.csv
+fi
+if step figures; then
+  TR0=$R/ablate/TR-seed0
+  [ -d "$TR0" ] || TR0=$R/rate/$RULE-seed0  # the same configuration, trained by the rate step
+  asl plot-shifts "$TR0" --out results/shifts/cifar10_cpu-TR-seed0
+  asl plot-shifts "$TR0" "$R/rate/0.01-seed0" --out results/shift_travel_cifar10_cpu
+fi

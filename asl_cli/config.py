@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "none",  # none | bf16 | fp16 (CUDA)
         "channels_last": False,
         "compile": "auto",  # auto | true | false: torch.compile the model (auto: on the CPU for runs long enough to pay)
+        "malloc_pad_mib": "auto",  # auto | MiB: freed memory glibc's malloc keeps for the next step (auto: 1024 on the CPU)
         "cuda_graph": "auto",  # auto | true | false: capture the whole step as a CUDA graph (auto: on for one CUDA process without fp16)
         "sync_bn": True,  # synchronised BatchNorm statistics under DistributedDataParallel
         "deterministic": False,
@@ -91,6 +92,7 @@ TYPES: dict[str, tuple] = {
     "output.dir": (str,),
     "train.cuda_graph": (str, bool),
     "train.compile": (str, bool),
+    "train.malloc_pad_mib": (str, int),
     "optim.shift_lr_reference_iterations": (int,),
     "cluster.partition": (str,),
     "cluster.cpus_per_task": (int,),
@@ -293,6 +295,9 @@ def validate(cfg: dict) -> None:
     _require(t["epochs"] is None or (math.isfinite(t["epochs"]) and t["epochs"] > 0), f"train.epochs must be > 0, got {t['epochs']}")
     for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
         _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
+    mp = t["malloc_pad_mib"]
+    _require(mp == "auto" or (isinstance(mp, int) and not isinstance(mp, bool) and 0 <= mp <= 2047),
+             f"train.malloc_pad_mib must be auto or a number of MiB from 0 to 2047, got {mp!r}")
     _require(math.isfinite(o["lr"]) and o["lr"] > 0, f"optim.lr must be a finite number > 0, got {o['lr']}")
     _require(0 <= o["momentum"] < 1, f"optim.momentum must be in [0, 1), got {o['momentum']}")
     _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
@@ -336,6 +341,8 @@ KEY_HELP = {
     "train.device": "auto, cpu, cuda or cuda:N",
     "train.cuda_graph": "capture the whole step as a CUDA graph (auto: one CUDA process without fp16)",
     "train.compile": "torch.compile the model (auto: on the CPU, with a C++ compiler, for runs of >= 1000 steps)",
+    "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
+                             "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",
     "train.init_skip_mismatched": "--init-from: keep fresh weights where shapes differ",
     "optim.shift_lr_mult": "the shifts' learning rate as a multiple of optim.lr",

@@ -65,7 +65,7 @@ def test_profile_models_and_pairs(tmp_path):
     for col in ["model", "form", "fastest", "params", "macs", "cpu_ms_batch1", "cpu_gmacs_per_s", "cpu_blas_gmacs_per_s",
                 "top1", "paper_top1", "paper_cpu_ms", "malloc", *PROV]:
         assert col in df.columns
-    assert set(df["malloc"]) <= {"glibc top_pad=64MiB mmap_threshold=64MiB", "default (mallopt unavailable)"}
+    assert set(df["malloc"]) <= {"glibc trim_threshold=top_pad=mmap_threshold=1024MiB", "default (mallopt unavailable)"}
     assert sorted(set(df["form"])) == ["eager", "frozen", "frozen-inference", "inference"]
     assert df.groupby("model")["fastest"].sum().tolist() == [1, 1]  # one fastest form per model
     assert "fastest:" in out and "eager:" in out

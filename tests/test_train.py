@@ -290,6 +290,36 @@ def test_short_runs_and_gpus_keep_the_eager_step():
     assert compile_choice(False, cpu, 1, 10**6) == (False, "")
 
 
+def test_cpu_runs_pad_malloc_unless_the_environment_or_the_recipe_says_otherwise(tmp_path, monkeypatch):
+    from asl_cli import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "pad_malloc", lambda mib: calls.append(mib) or f"padded {mib}")
+    for k in allocator.ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    assert allocator.configure("auto", "cpu") == "padded 1024" and calls == [1024]
+    assert allocator.configure("auto", "cuda") == "default" and calls == [1024]
+    assert allocator.configure(0, "cpu") == "padded 0" and allocator.configure(16, "cuda") == "padded 16"
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1048576")
+    assert allocator.configure("auto", "cpu") == "environment MALLOC_TOP_PAD_=1048576" and calls == [1024, 0, 16]
+    for bad in (-1, 2048, True, "lots"):
+        with pytest.raises(ValueError, match="malloc_pad_mib"):
+            allocator.configure(bad, "cpu")
+        with pytest.raises(ConfigError, match="malloc_pad_mib"):
+            tiny_cfg(tmp_path, f"train.malloc_pad_mib={str(bad).lower()}")
+    summary = train(tiny_cfg(tmp_path, "train.iterations=1", "train.malloc_pad_mib=8"))
+    assert summary["malloc"] == "padded 8"
+
+
+def test_pad_malloc_reports_what_glibc_accepted():
+    from asl_cli.allocator import pad_malloc
+
+    assert pad_malloc(0) == "default"
+    assert pad_malloc(64) in ("glibc trim_threshold=top_pad=mmap_threshold=64MiB", "default (mallopt unavailable)")
+    with pytest.raises(ValueError, match="at most 2047"):
+        pad_malloc(4096)
+
+
 def test_the_shift_rate_follows_the_square_root_rule(tmp_path):
     from asl_cli.train.builders import shift_lr_mult
 

@@ -92,6 +92,10 @@ app.add_typer(profile_app, name="profile")
 DEVICE_OPT = typer.Option(Device.cpu, "--device", help="Where to time.")
 THREADS_OPT = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one).")
 MIN_RUN_OPT = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement.")
+MALLOC_PAD_OPT = typer.Option(1024, "--malloc-pad", min=0, max=2047, metavar="MIB",
+                              help="Have glibc's malloc keep up to this many MiB of freed memory instead of returning it "
+                                   "to the system after every pass (mallopt, this process only, every model alike; as "
+                                   "asl train does on the CPU; 0: glibc's default). Recorded in the CSV's malloc column.")
 OUT_OPT = typer.Option(None, "--out", help="CSV to append to (figures are written beside it).")
 SHAPE_OPT = typer.Option("1x64x224x224", "--shape", help="NxCxHxW (C is also the conv output width).")
 DTYPE_OPT = typer.Option(DType.float32, "--dtype")
@@ -191,15 +195,12 @@ def profile_models(
     form: Optional[List[Form]] = typer.Option(None, "--form", help="Forms to time (repeatable; default eager, inference, frozen, "
                                               "frozen-inference). inference: BatchNorm folded, shift fused into the 1x1 conv; "
                                               "frozen: torch.jit trace + freeze + optimize_for_inference."),
-    malloc_pad: int = typer.Option(64, "--malloc-pad", min=0, metavar="MIB",
-                                   help="Have glibc's malloc keep this many MiB of freed memory instead of returning it "
-                                        "to the system after every pass (mallopt, this process only, every model alike; "
-                                        "0: glibc's default). Recorded in the CSV's malloc column."),
+    malloc_pad: int = MALLOC_PAD_OPT,
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
     pairs with each model in its fastest form (Table 5, Fig. 4)."""
-    from asl_cli.experiments.bench import pad_malloc
+    from asl_cli.allocator import pad_malloc
 
     dev = _profile_device(device, threads)
     forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
@@ -213,12 +214,16 @@ def profile_train_speed(
     mode: Optional[List[StepMode]] = typer.Option(None, "--mode", help="Step forms to time (repeatable; default eager on the CPU, eager and graph on CUDA)."),
     amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
+    malloc_pad: int = MALLOC_PAD_OPT,
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
-    """Training images/s and GPU busy fraction with ASL vs 3x3 depthwise blocks (paper Table 2), using asl train's step."""
+    """Training images/s and GPU busy fraction with ASL vs 3x3 depthwise blocks (paper Table 2), using asl train's step
+    (on the CPU with the allocator setting that asl train's train.malloc_pad_mib=auto picks)."""
+    from asl_cli.allocator import pad_malloc
+
     dev = _profile_device(device, threads)
     modes = ",".join(m.value for m in mode) if mode else "auto"
-    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last)
+    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last, pad_malloc(malloc_pad))
 
 
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
@@ -298,7 +303,7 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
 
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
-                         modes: str = "auto", amp: str = "none", channels_last: bool = False) -> None:
+                         modes: str = "auto", amp: str = "none", channels_last: bool = False, malloc: str = "default") -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.train_speed import MODES, run, speedups
     from asl_cli.zoo import get_entry
@@ -324,7 +329,9 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
                    channels_last=channels_last, modes=chosen, min_run_time=max(min_run_time, 1.0),
                    progress=lambda text: status.update(f"timing training steps: {text}"))
-    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, {rows[0]['device_name']}")
+    rows = [{**r, "malloc": malloc} for r in rows]
+    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, "
+                    f"{rows[0]['device_name']}, malloc {malloc}")
     cpu = rows[0]["fraction_of_matmul_peak"] is not None
     for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", "of matmul peak" if cpu else "GPU busy", "ASL speed-up"):
         t.add_column(c, justify="left" if c in ("block", "mode") else "right")

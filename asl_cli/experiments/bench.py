@@ -100,26 +100,6 @@ def device_name(device: str) -> str:
     return f"{proc} ({os.cpu_count()} cores)"
 
 
-def pad_malloc(mib: int) -> str:
-    """Ask glibc's malloc to keep `mib` MiB of freed memory at the top of the heap and to serve
-    requests below that size from the heap, so that tensors freed and allocated again in every
-    forward pass reuse the same pages instead of returning them to the system and faulting them in
-    again (mallopt M_TOP_PAD and M_MMAP_THRESHOLD). Affects this process only, every model in it
-    alike. Returns how allocation is configured, for the results' `malloc` column."""
-    import ctypes
-    import ctypes.util
-
-    if mib <= 0:
-        return "default"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        size = mib << 20
-        ok = libc.mallopt(-2, size) == 1 and libc.mallopt(-3, size) == 1  # M_TOP_PAD, M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        ok = False
-    return f"glibc top_pad={mib}MiB mmap_threshold={mib}MiB" if ok else "default (mallopt unavailable)"
-
-
 def provenance(device: str, threads: int | None) -> dict:
     """Columns that say how a measured number can be reproduced."""
     return {

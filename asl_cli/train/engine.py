@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import state as run_folder
+from ..allocator import configure as configure_malloc
 from ..errors import Interrupted, NonFiniteLoss, TrainingError
 from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind, pick_device,
                        setup_distributed, shift_lr_mult, total_steps)
@@ -160,6 +161,7 @@ class _Run:
         if d.world > 1:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.malloc = configure_malloc(t["malloc_pad_mib"], device.type)
         self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.st.step)
         if note:
             self.cb.on_note(note)
@@ -171,7 +173,7 @@ class _Run:
         self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.st.step, "device": str(device),
                           "world": d.world, "model": self.cfg["model"]["name"], "steps_per_epoch": self.data.steps_per_epoch,
                           "train_images": self.data.n_train, "cuda_graph": self.graphed, "compiled": self.compiled,
-                          "shift_lr_mult": self.shift_mult})
+                          "malloc": self.malloc, "shift_lr_mult": self.shift_mult})
 
     def loop(self, stop: dict) -> None:
         t, st, total = self.t, self.st, self.total
@@ -281,7 +283,7 @@ class _Run:
 
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.st.best, "last": self.summary_row,
-                "cuda_graph": self.graphed, "compiled": self.compiled}
+                "cuda_graph": self.graphed, "compiled": self.compiled, "malloc": self.malloc}
 
 
 @contextlib.contextmanager

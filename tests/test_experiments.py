@@ -87,6 +87,16 @@ def test_profile_op_cpu(tmp_path):
     assert len(fused) == 9 and (fused["fused_vs_conv1x1"].astype(float) > 0).all() and "target: fused within" in out
 
 
+def test_profile_train_speed_writes_every_block_with_its_allocator_and_page_faults(tmp_path):
+    csv = tmp_path / "speed.csv"
+    out = invoke("profile", "train-speed", "asnet20_16x1", "--batch", "4", "--malloc-pad", "0", "--out", csv)
+    assert "asl fastest (eager) / dw3_bn fastest (eager)" in out
+    df = pd.read_csv(csv)
+    assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] and set(df["malloc"]) == {"default"}
+    assert (df["page_faults_per_step"] >= 0).all() and (df["images_per_s"] > 0).all()
+    assert (df["fraction_of_matmul_peak"] > 0).all() and df["speedup_of_first"].iloc[0] == 1.0
+
+
 def test_profile_errors():
     res = runner.invoke(app, ["profile"])
     assert res.exit_code == 2

@@ -333,11 +333,13 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
     t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, "
                     f"{rows[0]['device_name']}, malloc {malloc}")
     cpu = rows[0]["fraction_of_matmul_peak"] is not None
-    for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", "of matmul peak" if cpu else "GPU busy", "ASL speed-up"):
+    for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", *(("of matmul peak", "page faults/step") if cpu else ("GPU busy",)),
+              "ASL speed-up"):
         t.add_column(c, justify="left" if c in ("block", "mode") else "right")
     for r in rows:
-        share = f"{100 * r['fraction_of_matmul_peak']:.1f}%" if cpu else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%")
-        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", share,
+        extra = ((f"{100 * r['fraction_of_matmul_peak']:.1f}%", f"{r['page_faults_per_step']:.0f}") if cpu
+                 else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%",))
+        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
                   f"{r['speedup_of_first']:.2f}x")
     show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"

@@ -91,6 +91,17 @@ def gpu_busy_fraction(fn, steps: int = 20) -> float | None:
     return busy / max(spans[-1][1] - spans[0][0], 1e-9)
 
 
+def page_faults_per_step(fn, steps: int = 3) -> float:
+    """Minor page faults of this process per step: pages the allocator handed back to the system
+    and the next step touched again (see asl_cli.allocator)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
         threads: int | None = None, amp: str = "none", channels_last: bool = False, modes=("eager",),
         min_run_time: float = 2.0, progress=lambda text: None) -> list[dict]:
@@ -109,12 +120,14 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
                 fn()
             ms = median_ms(fn, threads=threads or torch.get_num_threads(), min_run_time=min_run_time)
             busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
+            faults = page_faults_per_step(fn) if dev.type == "cpu" else None
             gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
             rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
                          "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
                          "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
                          "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
                          "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
+                         "page_faults_per_step": None if faults is None else round(faults, 1),
                          "amp": amp, "channels_last": channels_last, **prov})
     for r in rows:  # ASL's speed relative to each block, within the same mode
         asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)

@@ -89,11 +89,13 @@ def test_profile_op_cpu(tmp_path):
 
 def test_profile_train_speed_writes_every_block_with_its_allocator_and_page_faults(tmp_path):
     csv = tmp_path / "speed.csv"
-    out = invoke("profile", "train-speed", "asnet20_16x1", "--batch", "4", "--malloc-pad", "0", "--out", csv)
+    out = invoke("profile", "train-speed", "asnet20_16x1", "--batch", "4", "--malloc-pad", "0", "--rounds", "2",
+                 "--min-run-time", "0.05", "--out", csv)
     assert "asl fastest (eager) / dw3_bn fastest (eager)" in out
     df = pd.read_csv(csv)
     assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] and set(df["malloc"]) == {"default"}
-    assert (df["page_faults_per_step"] >= 0).all() and (df["images_per_s"] > 0).all()
+    assert (df["page_faults_per_step"] >= 0).all() and (df["images_per_s"] > 0).all() and (df["rounds"] == 2).all()
+    assert all(len(str(v).split(";")) == 2 for v in df["ms_per_step_rounds"])
     assert (df["fraction_of_matmul_peak"] > 0).all() and df["speedup_of_first"].iloc[0] == 1.0
 
 

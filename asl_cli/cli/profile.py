@@ -215,6 +215,8 @@ def profile_train_speed(
     amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
     malloc_pad: int = MALLOC_PAD_OPT,
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds of timing that visit every configuration in turn; each "
+                               "figure is the median over them, so a drifting machine speed moves all alike."),
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Training images/s and GPU busy fraction with ASL vs 3x3 depthwise blocks (paper Table 2), using asl train's step
@@ -223,7 +225,8 @@ def profile_train_speed(
 
     dev = _profile_device(device, threads)
     modes = ",".join(m.value for m in mode) if mode else "auto"
-    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last, pad_malloc(malloc_pad))
+    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last, pad_malloc(malloc_pad),
+                         rounds)
 
 
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
@@ -303,7 +306,8 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
 
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
-                         modes: str = "auto", amp: str = "none", channels_last: bool = False, malloc: str = "default") -> None:
+                         modes: str = "auto", amp: str = "none", channels_last: bool = False, malloc: str = "default",
+                         rounds: int = 5) -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.train_speed import MODES, run, speedups
     from asl_cli.zoo import get_entry
@@ -327,7 +331,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         fail(f"--amp must be none, or bf16 with --device cuda; got {amp!r}", code=2)
     with console.status(f"timing training steps of {model} on {device}") as status:
         rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
-                   channels_last=channels_last, modes=chosen, min_run_time=max(min_run_time, 1.0),
+                   channels_last=channels_last, modes=chosen, min_run_time=min_run_time, rounds=rounds,
                    progress=lambda text: status.update(f"timing training steps: {text}"))
     rows = [{**r, "malloc": malloc} for r in rows]
     t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, "

@@ -27,13 +27,13 @@ def results_dir() -> Path:
     return Path("results")
 
 
-def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 1.0) -> float:
+def median_ms(fn: Callable[[], object], threads: int = 1, min_run_time: float = 1.0, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds (CUDA work is synchronised by the timer)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)  # warm up with the thread count that is timed (oneDNN caches per setting)
     try:
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     finally:
         torch.set_num_threads(prev)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)

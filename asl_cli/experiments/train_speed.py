@@ -104,31 +104,45 @@ def page_faults_per_step(fn, steps: int = 3) -> float:
 
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
         threads: int | None = None, amp: str = "none", channels_last: bool = False, modes=("eager",),
-        min_run_time: float = 2.0, progress=lambda text: None) -> list[dict]:
+        min_run_time: float = 1.0, rounds: int = 5, progress=lambda text: None) -> list[dict]:
+    """Every (mode, block) step is built and warmed up first, then timed for `min_run_time` seconds
+    in each of `rounds` rounds that visit each in turn, and its figure is the median over the rounds: a machine whose speed drifts
+    over minutes moves every configuration alike, so the ratios between them hold."""
+    import statistics
+
     from .profile_models import blas_gmacs
 
     dev = torch.device(device)
+    nthreads = threads or torch.get_num_threads()
     prov = provenance(device, threads if dev.type == "cpu" else None)
-    peak = blas_gmacs(threads or torch.get_num_threads()) if dev.type == "cpu" else None  # the same run's practical peak
     macs = {s: train_macs(model, s) for s in spatials}
-    rows = []
+    steps, times = {}, {}
     for mode in modes:
         for spatial in spatials:
-            progress(f"{model} {spatial} {mode}")
+            progress(f"{model} {spatial} {mode}: building and warming up")
             fn = make_step(model, spatial, batch, dev, mode, amp, channels_last)
             for _ in range(6):  # eager warm-up steps, capture, compilation
                 fn()
-            ms = median_ms(fn, threads=threads or torch.get_num_threads(), min_run_time=min_run_time)
-            busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
-            faults = page_faults_per_step(fn) if dev.type == "cpu" else None
-            gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
-            rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
-                         "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
-                         "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
-                         "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
-                         "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
-                         "page_faults_per_step": None if faults is None else round(faults, 1),
-                         "amp": amp, "channels_last": channels_last, **prov})
+            steps[mode, spatial], times[mode, spatial] = fn, []
+    for r in range(rounds):
+        for (mode, spatial), fn in steps.items():
+            progress(f"round {r + 1}/{rounds}: {model} {spatial} {mode}")
+            times[mode, spatial].append(median_ms(fn, threads=nthreads, min_run_time=min_run_time, warmup=1))
+    peak = blas_gmacs(nthreads) if dev.type == "cpu" else None  # the same run's practical peak
+    rows = []
+    for (mode, spatial), fn in steps.items():
+        ms = statistics.median(times[mode, spatial])
+        busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
+        faults = page_faults_per_step(fn) if dev.type == "cpu" else None
+        gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
+        rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
+                     "ms_per_step_rounds": ";".join(f"{t:.1f}" for t in times[mode, spatial]), "rounds": rounds,
+                     "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
+                     "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
+                     "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
+                     "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
+                     "page_faults_per_step": None if faults is None else round(faults, 1),
+                     "amp": amp, "channels_last": channels_last, **prov})
     for r in rows:  # ASL's speed relative to each block, within the same mode
         asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)
         r["speedup_of_first"] = round(asl["images_per_s"] / r["images_per_s"], 3)

@@ -6,7 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "asl_cli"
 # lowest first; a module may import its own layer's modules and any layer listed before it
 LAYERS = [
-    ("errors",),
+    ("errors", "allocator"),
     ("ops",),
     ("nn",),
     ("zoo",),

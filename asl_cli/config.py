@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from .allocator import MAX_PAD_MIB
+
 # Installed from a wheel the recipes ship inside the package; in a source checkout they are the
 # top-level recipes/ folder.
 _HERE = Path(__file__).resolve().parent
@@ -296,8 +298,8 @@ def validate(cfg: dict) -> None:
     for key in ("batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
         _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
     mp = t["malloc_pad_mib"]
-    _require(mp == "auto" or (isinstance(mp, int) and not isinstance(mp, bool) and 0 <= mp <= 2047),
-             f"train.malloc_pad_mib must be auto or a number of MiB from 0 to 2047, got {mp!r}")
+    _require(mp == "auto" or (isinstance(mp, int) and not isinstance(mp, bool) and 0 <= mp <= MAX_PAD_MIB),
+             f"train.malloc_pad_mib must be auto or a number of MiB from 0 to {MAX_PAD_MIB}, got {mp!r}")
     _require(math.isfinite(o["lr"]) and o["lr"] > 0, f"optim.lr must be a finite number > 0, got {o['lr']}")
     _require(0 <= o["momentum"] < 1, f"optim.momentum must be in [0, 1), got {o['momentum']}")
     _require(o["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {o['weight_decay']}")

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..allocator import DEFAULT_PAD_MIB, MAX_PAD_MIB
 from .app import app, console, err, fail, fmt, show
 
 
@@ -92,7 +93,7 @@ app.add_typer(profile_app, name="profile")
 DEVICE_OPT = typer.Option(Device.cpu, "--device", help="Where to time.")
 THREADS_OPT = typer.Option(1, "--threads", min=1, help="CPU threads (the paper uses one).")
 MIN_RUN_OPT = typer.Option(1.0, "--min-run-time", min=0.01, help="Seconds of timing per measurement.")
-MALLOC_PAD_OPT = typer.Option(1024, "--malloc-pad", min=0, max=2047, metavar="MIB",
+MALLOC_PAD_OPT = typer.Option(DEFAULT_PAD_MIB, "--malloc-pad", min=0, max=MAX_PAD_MIB, metavar="MIB",
                               help="Have glibc's malloc keep up to this many MiB of freed memory instead of returning it "
                                    "to the system after every pass (mallopt, this process only, every model alike; as "
                                    "asl train does on the CPU; 0: glibc's default). Recorded in the CSV's malloc column.")

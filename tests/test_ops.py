@@ -24,6 +24,10 @@ CASES = [
     (1, 2, 4, 6, 1, 0, 12.0),
     (2, 6, 1, 1, 1, 0, 0.8),
     (1, 3, 11, 3, (2, 1), (0, 1), 1.7),
+    # channels_last images whose pixels and channels are multiples of 8 (the CPU transposes them
+    # to planes in 8 x 8 register blocks), at strides 1 and 2
+    (2, 16, 8, 12, 1, 0, 2.0),
+    (2, 8, 8, 8, 2, 1, 1.5),
 ]
 
 
@@ -380,14 +384,36 @@ def test_random_cases_against_reference():
         torch.testing.assert_close(torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding), gs, atol=1e-10, rtol=1e-10)
 
 
-def test_backward_op_equals_the_two_gradient_ops():
-    x = torch.randn(2, 5, 8, 12, dtype=torch.float64)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_op_equals_the_two_gradient_ops(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 8, 12, dtype=torch.float64).contiguous(memory_format=fmt)
     s = rand_shift(5, 2.0)
     for stride, padding in [([1, 1], [0, 0]), ([2, 2], [1, 1])]:
         g = torch.randn_like(torch.ops.asl.active_shift(x, s, stride, padding))
         gi, gs = torch.ops.asl.active_shift_backward(g, x, s, stride, padding)
         torch.testing.assert_close(gi, torch.ops.asl.active_shift_grad_input(g, x, s, stride, padding))
         torch.testing.assert_close(gs, torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding))
+
+
+@pytest.mark.parametrize("shape, stride", [((3, 16, 12, 8), 1), ((2, 24, 16, 16), 2), ((2, 5, 7, 9), 1)])
+def test_channels_last_gives_the_nchw_result_bit_for_bit(shape, stride):
+    """On the CPU, channels_last images are transposed to the same plane kernels: the forward
+    pass and both gradients (one backward call or the two gradient ops) equal NCHW's exactly."""
+    x = torch.randn(shape)
+    s = rand_shift(shape[1], 2.5, torch.float32)
+    args = ([stride, stride], [1, 1])
+    y = torch.ops.asl.active_shift(x, s, *args)
+    g = torch.randn_like(y)
+    xc, gc = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    yc = torch.ops.asl.active_shift(xc, s, *args)
+    assert yc.is_contiguous(memory_format=torch.channels_last) and torch.equal(yc, y)
+    gi, gs = torch.ops.asl.active_shift_backward(g, x, s, *args)
+    gic, gsc = torch.ops.asl.active_shift_backward(gc, xc, s, *args)
+    assert gic.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gic, gi) and torch.equal(gsc, gs)
+    assert torch.equal(torch.ops.asl.active_shift_grad_input(gc, xc, s, *args), gi)
+    assert torch.equal(torch.ops.asl.active_shift_grad_shift(gc, xc, s, *args), gs)
 
 
 # Shapes served by the CUDA fast path (NCHW, stride 1, rows of whole 16-byte chunks) and its

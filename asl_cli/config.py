@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "amp": "none",  # none | bf16 | fp16 (CUDA)
-        "channels_last": False,
+        "channels_last": "auto",  # auto | true | false: NHWC activations (auto: on the CPU)
         "compile": "auto",  # auto | true | false: torch.compile the model (auto: on the CPU for runs long enough to pay)
         "malloc_pad_mib": "auto",  # auto | MiB: freed memory glibc's malloc keeps for the next step (auto: 1024 on the CPU)
         "cuda_graph": "auto",  # auto | true | false: capture the whole step as a CUDA graph (auto: on for one CUDA process without fp16)
@@ -94,6 +94,7 @@ TYPES: dict[str, tuple] = {
     "output.dir": (str,),
     "train.cuda_graph": (str, bool),
     "train.compile": (str, bool),
+    "train.channels_last": (str, bool),
     "train.malloc_pad_mib": (str, int),
     "optim.shift_lr_reference_iterations": (int,),
     "cluster.partition": (str,),
@@ -106,6 +107,7 @@ CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.cuda_graph": ("auto", True, False),
     "train.compile": ("auto", True, False),
+    "train.channels_last": ("auto", True, False),
     "optim.name": ("sgd",),
     "schedule.type": ("multistep", "linear", "cosine", "constant"),
 }
@@ -343,6 +345,8 @@ KEY_HELP = {
     "train.device": "auto, cpu, cuda or cuda:N",
     "train.cuda_graph": "capture the whole step as a CUDA graph (auto: one CUDA process without fp16)",
     "train.compile": "torch.compile the model (auto: on the CPU, with a C++ compiler, for runs of >= 1000 steps)",
+    "train.channels_last": ("channels_last (NHWC) activations and weights (auto: on the CPU, where oneDNN's 1x1 convolutions "
+                            "and BatchNorm run faster on them; NCHW on CUDA)"),
     "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
                              "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",

@@ -22,7 +22,7 @@ from . import state as run_folder
 from ..allocator import configure as configure_malloc
 from ..errors import Interrupted, NonFiniteLoss, TrainingError
 from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind, pick_device,
-                       setup_distributed, shift_lr_mult, total_steps)
+                       setup_distributed, shift_lr_mult, total_steps, use_channels_last)
 from .run_lock import RunLock
 from .state import Accum, TrainState, shift_values, unwrap
 from .step import TrainStep, graph_blocker
@@ -162,18 +162,20 @@ class _Run:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.malloc = configure_malloc(t["malloc_pad_mib"], device.type)
+        self.channels_last = use_channels_last(t["channels_last"], device)
         self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.st.step)
         if note:
             self.cb.on_note(note)
         if self.compiled:
             self.train_model = torch.compile(self.train_model)
         self.graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
-        self.step_fn = TrainStep(self.train_model, self.opt, self.scaler, device, self.amp_dtype, t["channels_last"],
+        self.step_fn = TrainStep(self.train_model, self.opt, self.scaler, device, self.amp_dtype, self.channels_last,
                                  graph=self.graphed, start_step=self.st.step)
         self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.st.step, "device": str(device),
                           "world": d.world, "model": self.cfg["model"]["name"], "steps_per_epoch": self.data.steps_per_epoch,
                           "train_images": self.data.n_train, "cuda_graph": self.graphed, "compiled": self.compiled,
-                          "malloc": self.malloc, "shift_lr_mult": self.shift_mult})
+                          "malloc": self.malloc, "channels_last": self.channels_last,
+                          "shift_lr_mult": self.shift_mult})
 
     def loop(self, stop: dict) -> None:
         t, st, total = self.t, self.st, self.total
@@ -229,7 +231,7 @@ class _Run:
         a metrics.csv row."""
         st, t = self.st, self.t
         seconds = time.time() - self.interval_start
-        res = evaluate(unwrap(self.model), self.data.test_batches(), self.device, self.amp_dtype, t["channels_last"])
+        res = evaluate(unwrap(self.model), self.data.test_batches(), self.device, self.amp_dtype, self.channels_last)
         if not all(math.isfinite(v) for v in res.values()):  # never saved, let alone kept as the best
             raise NonFiniteLoss(done, self.run_dir, st.last_good, "the evaluation gave a non-finite test loss "
                                 f"({res['test_loss']:.4g}; {res['nonfinite']:.0f} non-finite outputs)")
@@ -283,7 +285,8 @@ class _Run:
 
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.st.best, "last": self.summary_row,
-                "cuda_graph": self.graphed, "compiled": self.compiled, "malloc": self.malloc}
+                "cuda_graph": self.graphed, "compiled": self.compiled, "channels_last": self.channels_last,
+                "malloc": self.malloc}
 
 
 @contextlib.contextmanager

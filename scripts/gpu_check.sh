@@ -56,7 +56,7 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then log "(GPU_CHECK_QUICK=1: training and m
 log "== training throughput (the step asl train runs)"
 python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode eager --mode graph \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
-python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 --channels-last \
+python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 --layout channels_last \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"
 python -m asl_cli profile train-speed asnet20_16x1 --device cuda --batch 128 --mode graph --amp bf16 \
   --min-run-time 1 --out "$OUT/train_speed_cuda.csv" 2>&1 | tee -a "$OUT/log.txt"

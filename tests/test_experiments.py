@@ -91,9 +91,11 @@ def test_profile_train_speed_writes_every_block_with_its_allocator_and_page_faul
     csv = tmp_path / "speed.csv"
     out = invoke("profile", "train-speed", "asnet20_16x1", "--batch", "4", "--malloc-pad", "0", "--rounds", "2",
                  "--min-run-time", "0.05", "--out", csv)
-    assert "asl fastest (eager) / dw3_bn fastest (eager)" in out
+    assert "asl fastest (eager, " in out and "dw3_bn eager (eager, nchw)" in out
     df = pd.read_csv(csv)
-    assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] and set(df["malloc"]) == {"default"}
+    # on the CPU both layouts by default: NCHW (plain PyTorch) and channels_last (asl train's)
+    assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] * 2 and set(df["malloc"]) == {"default"}
+    assert df["channels_last"].tolist() == [False] * 3 + [True] * 3
     assert (df["page_faults_per_step"] >= 0).all() and (df["images_per_s"] > 0).all() and (df["rounds"] == 2).all()
     assert all(len(str(v).split(";")) == 2 for v in df["ms_per_step_rounds"])
     assert (df["fraction_of_matmul_peak"] > 0).all() and df["speedup_of_first"].iloc[0] == 1.0

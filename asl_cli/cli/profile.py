@@ -82,6 +82,11 @@ class Amp(str, Enum):
     bf16 = "bf16"
 
 
+class Layout(str, Enum):
+    nchw = "nchw"
+    channels_last = "channels_last"
+
+
 profile_app = typer.Typer(
     help="Measure speed against peers timed in the same run; print ratios and append a CSV (default results/<kind>_<device>.csv "
          "under the working directory). `asl profile --layer dw3` times layers (paper Table 1), the same as "
@@ -214,7 +219,8 @@ def profile_train_speed(
     batch: int = typer.Option(128, "--batch", min=1),
     mode: Optional[List[StepMode]] = typer.Option(None, "--mode", help="Step forms to time (repeatable; default eager on the CPU, eager and graph on CUDA)."),
     amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last memory format."),
+    layout: Optional[List[Layout]] = typer.Option(None, "--layout", help="Memory formats to time (repeatable; default both "
+                                                  "on the CPU, where asl train uses channels_last; nchw on CUDA)."),
     malloc_pad: int = MALLOC_PAD_OPT,
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds of timing that visit every configuration in turn; each "
                                "figure is the median over them, so a drifting machine speed moves all alike."),
@@ -226,7 +232,8 @@ def profile_train_speed(
 
     dev = _profile_device(device, threads)
     modes = ",".join(m.value for m in mode) if mode else "auto"
-    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, channels_last, pad_malloc(malloc_pad),
+    layouts = tuple(v.value for v in layout) if layout else (("nchw", "channels_last") if dev == "cpu" else ("nchw",))
+    _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, layouts, pad_malloc(malloc_pad),
                          rounds)
 
 
@@ -307,7 +314,7 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
 
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
-                         modes: str = "auto", amp: str = "none", channels_last: bool = False, malloc: str = "default",
+                         modes: str = "auto", amp: str = "none", layouts=("nchw",), malloc: str = "default",
                          rounds: int = 5) -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.train_speed import MODES, run, speedups
@@ -332,19 +339,19 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         fail(f"--amp must be none, or bf16 with --device cuda; got {amp!r}", code=2)
     with console.status(f"timing training steps of {model} on {device}") as status:
         rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
-                   channels_last=channels_last, modes=chosen, min_run_time=min_run_time, rounds=rounds,
+                   layouts=layouts, modes=chosen, min_run_time=min_run_time, rounds=rounds,
                    progress=lambda text: status.update(f"timing training steps: {text}"))
     rows = [{**r, "malloc": malloc} for r in rows]
-    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, {'channels_last' if channels_last else 'NCHW'}, "
+    t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, "
                     f"{rows[0]['device_name']}, malloc {malloc}")
     cpu = rows[0]["fraction_of_matmul_peak"] is not None
-    for c in ("block", "mode", "ms/step", "images/s", "GMAC/s", *(("of matmul peak", "page faults/step") if cpu else ("GPU busy",)),
+    for c in ("block", "mode", "layout", "ms/step", "images/s", "GMAC/s", *(("of matmul peak", "page faults/step") if cpu else ("GPU busy",)),
               "ASL speed-up"):
-        t.add_column(c, justify="left" if c in ("block", "mode") else "right")
+        t.add_column(c, justify="left" if c in ("block", "mode", "layout") else "right")
     for r in rows:
         extra = ((f"{100 * r['fraction_of_matmul_peak']:.1f}%", f"{r['page_faults_per_step']:.0f}") if cpu
                  else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%",))
-        t.add_row(r["spatial"], r["mode"], f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
+        t.add_row(r["spatial"], r["mode"], "channels_last" if r["channels_last"] else "nchw", f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
                   f"{r['speedup_of_first']:.2f}x")
     show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"
@@ -352,11 +359,12 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
     if cpu:
         console.print(f"matrix-product peak in this run: {rows[0]['matmul_gmacs_per_s']:.1f} GMAC/s (float32 1024^3, "
                       f"{rows[0]['threads']} thread(s)); training MACs per image: "
-                      + ", ".join(f"{r['spatial']} {r['train_macs_per_image'] / 1e6:.1f}M" for r in rows if r["mode"] == rows[0]["mode"]))
+                      + ", ".join(f"{r['spatial']} {r['train_macs_per_image'] / 1e6:.1f}M" for r in rows if r["mode"] == rows[0]["mode"]
+                                 and r["channels_last"] == rows[0]["channels_last"]))
     for c in speedups(rows):
         line = f"{c['block']} fastest ({c['mode']}) / {c['peer']} fastest ({c['peer_mode']}): {c['vs_fastest']:.2f}x"
         if c["vs_eager"] is not None:
-            line += f"; / {c['peer']} eager: {c['vs_eager']:.2f}x"
+            line += f"; / {c['peer']} eager ({c['eager_mode']}): {c['vs_eager']:.2f}x"
         console.print(line)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
 

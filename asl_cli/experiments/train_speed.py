@@ -18,6 +18,7 @@ from ..zoo import create_model, get_entry
 from .bench import median_ms, provenance
 
 MODES = ("eager", "graph", "compile", "compile+graph")
+LAYOUTS = ("nchw", "channels_last")
 
 
 def make_step(model_name: str, spatial: str, batch: int, device: torch.device, mode: str = "eager",
@@ -103,9 +104,9 @@ def page_faults_per_step(fn, steps: int = 3) -> float:
 
 
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
-        threads: int | None = None, amp: str = "none", channels_last: bool = False, modes=("eager",),
+        threads: int | None = None, amp: str = "none", layouts=("nchw",), modes=("eager",),
         min_run_time: float = 1.0, rounds: int = 5, progress=lambda text: None) -> list[dict]:
-    """Every (mode, block) step is built and warmed up first, then timed for `min_run_time` seconds
+    """Every (mode, layout, block) step is built and warmed up first, then timed for `min_run_time` seconds
     in each of `rounds` rounds that visit each in turn, and its figure is the median over the rounds: a machine whose speed drifts
     over minutes moves every configuration alike, so the ratios between them hold."""
     import statistics
@@ -118,48 +119,58 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
     macs = {s: train_macs(model, s) for s in spatials}
     steps, times = {}, {}
     for mode in modes:
-        for spatial in spatials:
-            progress(f"{model} {spatial} {mode}: building and warming up")
-            fn = make_step(model, spatial, batch, dev, mode, amp, channels_last)
-            for _ in range(6):  # eager warm-up steps, capture, compilation
-                fn()
-            steps[mode, spatial], times[mode, spatial] = fn, []
+        for layout in layouts:
+            for spatial in spatials:
+                progress(f"{model} {spatial} {mode} {layout}: building and warming up")
+                fn = make_step(model, spatial, batch, dev, mode, amp, layout == "channels_last")
+                for _ in range(6):  # eager warm-up steps, capture, compilation
+                    fn()
+                steps[mode, layout, spatial], times[mode, layout, spatial] = fn, []
     for r in range(rounds):
-        for (mode, spatial), fn in steps.items():
-            progress(f"round {r + 1}/{rounds}: {model} {spatial} {mode}")
-            times[mode, spatial].append(median_ms(fn, threads=nthreads, min_run_time=min_run_time, warmup=1))
+        for key, fn in steps.items():
+            progress(f"round {r + 1}/{rounds}: {model} {key[2]} {key[0]} {key[1]}")
+            times[key].append(median_ms(fn, threads=nthreads, min_run_time=min_run_time, warmup=1))
     peak = blas_gmacs(nthreads) if dev.type == "cpu" else None  # the same run's practical peak
     rows = []
-    for (mode, spatial), fn in steps.items():
-        ms = statistics.median(times[mode, spatial])
+    for (mode, layout, spatial), fn in steps.items():
+        ms = statistics.median(times[mode, layout, spatial])
         busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
         faults = page_faults_per_step(fn) if dev.type == "cpu" else None
         gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
         rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
-                     "ms_per_step_rounds": ";".join(f"{t:.1f}" for t in times[mode, spatial]), "rounds": rounds,
+                     "ms_per_step_rounds": ";".join(f"{t:.1f}" for t in times[mode, layout, spatial]), "rounds": rounds,
                      "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
                      "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
                      "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
                      "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
                      "page_faults_per_step": None if faults is None else round(faults, 1),
-                     "amp": amp, "channels_last": channels_last, **prov})
-    for r in rows:  # ASL's speed relative to each block, within the same mode
-        asl = next((q for q in rows if q["mode"] == r["mode"] and q["spatial"] == spatials[0]), r)
+                     "amp": amp, "channels_last": layout == "channels_last", **prov})
+    for r in rows:  # ASL's speed relative to each block, within the same mode and layout
+        asl = next((q for q in rows if q["mode"] == r["mode"] and q["channels_last"] == r["channels_last"]
+                    and q["spatial"] == spatials[0]), r)
         r["speedup_of_first"] = round(asl["images_per_s"] / r["images_per_s"], 3)
     return rows
 
 
+def form(row: dict) -> str:
+    """A timed step's mode and memory layout, e.g. "eager, channels_last"."""
+    return f"{row['mode']}, {'channels_last' if row['channels_last'] else 'nchw'}"
+
+
 def speedups(rows: list[dict]) -> list[dict]:
-    """The first block's fastest step against each other block's fastest and eager steps (images/s
-    ratios; vs_eager is None when that block's eager step was not timed)."""
+    """The first block's fastest step against each other block's fastest step and its eager step
+    (images/s ratios). The peer's eager step is its plain PyTorch one: eager in NCHW when timed,
+    else eager in the layout timed; vs_eager is None when no eager step was timed."""
     first = rows[0]["spatial"]
     best = max((r for r in rows if r["spatial"] == first), key=lambda r: r["images_per_s"])
     out = []
     for peer in dict.fromkeys(r["spatial"] for r in rows if r["spatial"] != first):
         o = [r for r in rows if r["spatial"] == peer]
-        eager = next((r for r in o if r["mode"] == "eager"), None)
+        eagers = sorted((r for r in o if r["mode"] == "eager"), key=lambda r: r["channels_last"])
+        eager = eagers[0] if eagers else None
         fastest = max(o, key=lambda r: r["images_per_s"])
-        out.append({"block": first, "mode": best["mode"], "peer": peer, "peer_mode": fastest["mode"],
+        out.append({"block": first, "mode": form(best), "peer": peer, "peer_mode": form(fastest),
+                    "eager_mode": None if eager is None else form(eager),
                     "vs_fastest": best["images_per_s"] / fastest["images_per_s"],
                     "vs_eager": None if eager is None else best["images_per_s"] / eager["images_per_s"]})
     return out

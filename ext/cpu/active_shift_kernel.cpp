@@ -93,12 +93,45 @@ void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
   const int64_t q_lo = cols.lo, q_hi = cols.hi;
   const bool unit = sw == 1 && x.sW == 1 && g.sW == 1;
   double da = 0, db = 0;
+  // Stride 1 over whole contiguous planes of one width: the rows whose taps are all inside are
+  // summed as one flat run (long vector loops rather than one short loop per row), from the first
+  // row's first inside column to the last row's last; the columns in between whose taps wrapped
+  // into a neighbouring row are then taken out again, and every row's edge columns are added below.
+  const Range rows = both_taps_inside(s.dr - padding[0], 1, x.H, g.H);
+  const bool flat = unit && stride[0] == 1 && g.W == x.W && g.sH == g.W && x.sH == x.W && rows.hi > rows.lo &&
+                    q_hi > q_lo;
+  if (flat) {
+    const int64_t W = g.W, xoff = (s.dr - padding[0]) * W + off_c;  // x's flat index of g's element e: e + xoff
+    const int64_t first = rows.lo * W + q_lo, last = (rows.hi - 1) * W + q_hi;
+    for (int64_t e = first; e < last; e += 256) {  // chunks summed in double
+      acc_t ra = 0, rb = 0;
+      const T* a = x.p + e + xoff;
+      shift_grad_unit<T, acc_t>(g.p + e, a, a + W, std::min<int64_t>(256, last - e), fr, fc, &ra, &rb);
+      da += ra;
+      db += rb;
+    }
+    auto wrapped = [&](int64_t e) {  // the flat run's term at element e (taps read across a row end)
+      const T* a = x.p + e + xoff;
+      const acc_t gv = static_cast<acc_t>(g.p[e]);
+      const acc_t v00 = static_cast<acc_t>(a[0]), v01 = static_cast<acc_t>(a[1]);
+      const acc_t v10 = static_cast<acc_t>(a[W]), v11 = static_cast<acc_t>(a[W + 1]);
+      da -= static_cast<double>(gv * d_alpha(v00, v01, v10, v11, fr));
+      db -= static_cast<double>(gv * d_beta(v00, v01, v10, v11, fc));
+    };
+    for (int64_t p = rows.lo; p < rows.hi; ++p) {
+      if (p + 1 < rows.hi)
+        for (int64_t q = q_hi; q < W; ++q) wrapped(p * W + q);
+      if (p > rows.lo)
+        for (int64_t q = 0; q < q_lo; ++q) wrapped(p * W + q);
+    }
+  }
   for (int64_t p = 0; p < g.H; ++p) {
     const int64_t r = p * stride[0] - padding[0] + s.dr;
     const T* a = x.row(r);
     const T* b = x.row(r + 1);
     if (!a && !b) continue;
     const T* grow = g.p + p * g.sH;
+    const bool in_flat = flat && p >= rows.lo && p < rows.hi;
     acc_t ra = 0, rb = 0;  // row sums in opmath, plane sums in double
     auto generic = [&](int64_t q) {
       const int64_t c = q * sw + off_c;
@@ -109,7 +142,9 @@ void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
       rb += gv * d_beta(v00, v01, v10, v11, fc);
     };
     for (int64_t q = 0; q < q_lo; ++q) generic(q);
-    if (unit && a && b && q_hi > q_lo) {
+    if (in_flat) {
+      // the inside columns are in the flat run
+    } else if (unit && a && b && q_hi > q_lo) {
       const int64_t c0 = q_lo + off_c;
       shift_grad_unit<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, fr, fc, &ra, &rb);
     } else {

@@ -51,6 +51,13 @@ def nvidia_pip_includes():
 
 def extensions():
     cxx = ["-O3", "-fopenmp-simd"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template that runs serially unless this unit is compiled
+        # with OpenMP; libgomp.so.1 then resolves to the copy torch has already loaded, so the
+        # kernels share torch's thread pool and torch.set_num_threads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     # One file per operator family and device: ext/*.cpp (schemas, checks, compositions),
     # ext/cpu/*.cpp, ext/cuda/*.cu; separate units build in parallel (MAX_JOBS).
     sources = sorted(glob.glob(os.path.join("ext", "*.cpp")) + glob.glob(os.path.join("ext", "cpu", "*.cpp")))
@@ -72,11 +79,13 @@ def extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "ext")] + nvidia_pip_includes(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
         )
         print(f"asl build: CUDA_HOME={cuda_home} TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected)')}")
     else:
         ext = cpp_extension.CppExtension(
-            "asl_cli._C", sources, include_dirs=[os.path.join(ROOT, "ext")], extra_compile_args={"cxx": cxx}
+            "asl_cli._C", sources, include_dirs=[os.path.join(ROOT, "ext")], extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     print(f"asl build: compiling backends: {', '.join(backends)}")
     return [ext]

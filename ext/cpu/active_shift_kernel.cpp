@@ -167,11 +167,47 @@ void forward_plane(Plane<const T> x, Plane<T> y, const ChannelShift<acc_t>& s, a
                          acc_t(1) - s.fc, s.fc);
 }
 
+// Input gradient when both strides are >= 2: the taps of different outputs never share an input
+// element (rows p*s + off and p*s + off + 1 are distinct for distinct p), so every input element
+// gets at most one term and the gradient is a plain scatter into a zeroed plane.
+template <typename T, typename acc_t>
+void scatter_input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
+                              at::IntArrayRef padding) {
+  for (int64_t r = 0; r < gx.H; ++r)
+    for (int64_t c = 0; c < gx.W; ++c) gx.p[r * gx.sH + c * gx.sW] = T(0);
+  const int64_t off_r = s.dr - padding[0], off_c = s.dc - padding[1], sr = stride[0], sc = stride[1];
+  const acc_t wr[2] = {acc_t(1) - s.fr, s.fr}, wc[2] = {acc_t(1) - s.fc, s.fc};
+  const Range cols = both_taps_inside(off_c, sc, gx.W, g.W);
+  for (int64_t p = 0; p < g.H; ++p) {
+    const T* grow = g.p + p * g.sH;
+    for (int k = 0; k < 2; ++k) {
+      T* o = gx.row(p * sr + off_r + k);
+      if (!o) continue;
+      const acc_t w0 = wr[k] * wc[0], w1 = wr[k] * wc[1];
+      auto one = [&](int64_t q) {
+        const int64_t c = q * sc + off_c;
+        const acc_t v = static_cast<acc_t>(grow[q * g.sW]);
+        if (c >= 0 && c < gx.W) o[c * gx.sW] = static_cast<T>(w0 * v);
+        if (c + 1 >= 0 && c + 1 < gx.W) o[(c + 1) * gx.sW] = static_cast<T>(w1 * v);
+      };
+      for (int64_t q = 0; q < cols.lo; ++q) one(q);
+      for (int64_t q = cols.lo; q < cols.hi; ++q) {  // both columns inside
+        const int64_t c = q * sc + off_c;
+        const acc_t v = static_cast<acc_t>(grow[q * g.sW]);
+        o[c * gx.sW] = static_cast<T>(w0 * v);
+        o[(c + 1) * gx.sW] = static_cast<T>(w1 * v);
+      }
+      for (int64_t q = cols.hi; q < g.W; ++q) one(q);
+    }
+  }
+}
+
 // One plane of the input gradient.
 template <typename T, typename acc_t>
 void input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
                       at::IntArrayRef padding) {
   if (!s.finite) return fill_nan(gx);
+  if (stride[0] >= 2 && stride[1] >= 2) return scatter_input_grad_plane<T, acc_t>(g, gx, s, stride, padding);
   if (stride[0] == 1 && stride[1] == 1) {
     // Transposed sampling at stride 1 is sampling at the mirrored shift.
     sample_plane<T, acc_t>(g, gx, 1, 1, padding[0] - s.dr - 1, padding[1] - s.dc - 1, s.fr, acc_t(1) - s.fr, s.fc,

@@ -83,6 +83,23 @@ ASL_MULTIVERSION void shift_grad_unit(const T* __restrict__ g, const T* __restri
   *rb += sb;
 }
 
+// The same at a column stride sw > 1 (taps a[i * sw] and a[i * sw + 1]).
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void shift_grad_strided(const T* __restrict__ g, const T* __restrict__ a, const T* __restrict__ b,
+                                         int64_t n, int64_t sw, acc_t fr, acc_t fc, acc_t* ra, acc_t* rb) {
+  acc_t sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v00 = static_cast<acc_t>(a[i * sw]), v01 = static_cast<acc_t>(a[i * sw + 1]);
+    const acc_t v10 = static_cast<acc_t>(b[i * sw]), v11 = static_cast<acc_t>(b[i * sw + 1]);
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    sa += gv * d_alpha(v00, v01, v10, v11, fr);
+    sb += gv * d_beta(v00, v01, v10, v11, fc);
+  }
+  *ra += sa;
+  *rb += sb;
+}
+
 // Sum over one plane of grad_output times d(output)/d(alpha) and d(output)/d(beta).
 template <typename T, typename acc_t>
 void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc_t>& s,
@@ -147,6 +164,9 @@ void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
     } else if (unit && a && b && q_hi > q_lo) {
       const int64_t c0 = q_lo + off_c;
       shift_grad_unit<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, fr, fc, &ra, &rb);
+    } else if (x.sW == 1 && g.sW == 1 && a && b && q_hi > q_lo) {
+      const int64_t c0 = q_lo * sw + off_c;
+      shift_grad_strided<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, sw, fr, fc, &ra, &rb);
     } else {
       for (int64_t q = q_lo; q < q_hi; ++q) generic(q);
     }

@@ -4,6 +4,8 @@
 # about 3.3 hours on an Intel Xeon with AVX-512 (~17 min per run, ~420 images/s), of which Table 4
 # (15 runs) takes 2.2; about 7 hours on an AMD EPYC with AVX2 only (34 min per ASL run, 42 per DW3;
 # the later 1B-DW3-1 runs 36-40). All measured before asl train kept freed memory by default.
+# With channels_last by default and the OpenMP build, the EPYC ran one ASL and one 1B-DW3-B-1 run
+# at once in 14.3 minutes: about 2.9 hours for the 24 runs (extrapolated from that one pair).
 #   bash scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]   (overrides go to every run)
 # 1. Table 4: GS, SI, SR, TR and TN (TR learned from SR's N(0,1) start), 3 seeds each.
 # 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.

@@ -317,7 +317,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
                          modes: str = "auto", amp: str = "none", layouts=("nchw",), malloc: str = "default",
                          rounds: int = 5) -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
-    from asl_cli.experiments.train_speed import MODES, run, speedups
+    from asl_cli.experiments.train_speed import MODES, layout_of, run, speedups
     from asl_cli.zoo import get_entry
 
     try:
@@ -351,7 +351,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
     for r in rows:
         extra = ((f"{100 * r['fraction_of_matmul_peak']:.1f}%", f"{r['page_faults_per_step']:.0f}") if cpu
                  else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%",))
-        t.add_row(r["spatial"], r["mode"], "channels_last" if r["channels_last"] else "nchw", f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
+        t.add_row(r["spatial"], r["mode"], layout_of(r), f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
                   f"{r['speedup_of_first']:.2f}x")
     show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"

@@ -18,7 +18,6 @@ from ..zoo import create_model, get_entry
 from .bench import median_ms, provenance
 
 MODES = ("eager", "graph", "compile", "compile+graph")
-LAYOUTS = ("nchw", "channels_last")
 
 
 def make_step(model_name: str, spatial: str, batch: int, device: torch.device, mode: str = "eager",
@@ -152,9 +151,14 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
     return rows
 
 
+def layout_of(row: dict) -> str:
+    """A timed step's memory layout: "nchw" or "channels_last"."""
+    return "channels_last" if row["channels_last"] else "nchw"
+
+
 def form(row: dict) -> str:
     """A timed step's mode and memory layout, e.g. "eager, channels_last"."""
-    return f"{row['mode']}, {'channels_last' if row['channels_last'] else 'nchw'}"
+    return f"{row['mode']}, {layout_of(row)}"
 
 
 def speedups(rows: list[dict]) -> list[dict]:

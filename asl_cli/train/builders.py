@@ -210,8 +210,8 @@ def total_steps(cfg: dict, steps_per_epoch: int) -> int:
 
 
 def use_channels_last(setting, device: torch.device) -> bool:
-    """Resolve train.channels_last (auto | true | false). Auto: on the CPU, where a training step
-    of asnet20_16x1 ran 1.5x faster in channels_last than in NCHW (README, "Training on the CPU"):
+    """Resolve train.channels_last (auto | true | false). Auto: on the CPU, where asnet20_16x1's
+    eager training step ran 1.3-1.4x faster in channels_last than in NCHW (README, "Training on the CPU"):
     oneDNN's 1x1 and depthwise convolutions and ATen's BatchNorm are faster on NHWC there, and the
     active shift's kernels transpose NHWC images to planes in cache."""
     if setting is True or setting is False:

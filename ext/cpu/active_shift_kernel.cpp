@@ -250,8 +250,9 @@ void shift_grad_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
 
 // channels_last images go through the plane kernels too: each image is transposed to (C, H, W)
 // planes in a per-thread buffer (tens of KiB for CIFAR-sized layers, so it stays in cache), the
-// planes are processed as for NCHW, and results are transposed back. Per-channel gathers at
-// per-channel offsets (the alternative) measured several times slower than the two transposes.
+// planes are processed as for NCHW, and results are transposed back. In a profile of asnet20_16x1's
+// training step this took the shift's forward and backward from 31 and 89 ms a step (per-channel
+// gathers at per-channel offsets, the alternative) to 21 and 56 ms.
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // dst[j * ld + i] = src[i * ls + j] for an 8 x 8 block of floats, in AVX registers.
@@ -301,8 +302,8 @@ void transpose(const T* __restrict src, int64_t rows, int64_t cols, int64_t lds,
 }
 
 // The distance between planes in a buffer of P-pixel planes: P plus 16 elements, so that the
-// rows of an 8 x 8 block are not a multiple of 4 KiB apart (which stalls the loads behind the
-// stores: the block's 8 stores to planes 4 KiB apart measured 3x slower).
+// rows of an 8 x 8 block are not a multiple of 4 KiB apart (4 KiB aliasing: loads that look like
+// they depend on earlier stores to an address 4 KiB away wait for them).
 inline int64_t ld(int64_t P) { return P + 16; }
 
 // Plane c of a buffer of planes of H x W.

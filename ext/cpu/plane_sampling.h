@@ -227,19 +227,5 @@ void for_each_plane(int64_t N, int64_t C, int64_t plane_elems, const Fn& fn) {
   });
 }
 
-// Calls fn(n, c, s, dst) for each (n, c) plane dst of `out` (data at base) whose channel's shift s
-// is finite, and fills the planes of channels with a non-finite shift with NaN.
-template <typename T, typename acc_t, typename Fn>
-void for_each_output_plane(T* base, const at::Tensor& out, const std::vector<ChannelShift<acc_t>>& shifts, const Fn& fn) {
-  for_each_plane(out.size(0), out.size(1), out.size(2) * out.size(3), [&](int64_t n, int64_t c) {
-    const Plane<T> dst = plane(base, out, n, c);
-    if (shifts[c].finite) {
-      fn(n, c, shifts[c], dst);
-    } else {
-      fill_nan(dst);
-    }
-  });
-}
-
 }  // namespace
 }  // namespace asl

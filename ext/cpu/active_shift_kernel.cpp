@@ -43,7 +43,8 @@ void grad_input_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& 
     }
     return t;
   };
-  std::vector<Taps> cols(gx.W);
+  thread_local std::vector<Taps> cols;  // reused: no allocation per plane (CIFAR's planes are 64 pixels)
+  cols.resize(static_cast<size_t>(gx.W));
   for (int64_t c = 0; c < gx.W; ++c) cols[c] = taps(c, stride[1], padding[1], s.dc, s.fc, g.W);
   for (int64_t r = 0; r < gx.H; ++r) {
     const Taps rt = taps(r, stride[0], padding[0], s.dr, s.fr, g.H);

@@ -104,8 +104,8 @@ void flat_edge_columns(Plane<const T> src, Plane<T> out, int64_t p_lo, int64_t p
     int64_t q, c0, c1;
     bool in0, in1;
   };
-  std::vector<Col> cols;
-  cols.reserve(static_cast<size_t>(q_lo + out.W - q_hi));
+  thread_local std::vector<Col> cols;  // reused: no allocation per plane
+  cols.clear();
   auto add = [&](int64_t q) {
     const int64_t c = q + off_c;
     const bool in0 = c >= 0 && c < src.W, in1 = c + 1 >= 0 && c + 1 < src.W;
@@ -171,7 +171,8 @@ void sample_plane(Plane<const T> src, Plane<T> out, int64_t s_r, int64_t s_c, in
   const bool flat = unit && s_r == 1 && p_hi > p_lo && q_hi > q_lo;
   if (flat) {
     const int64_t n = q_hi - q_lo;
-    std::vector<acc_t> h(static_cast<size_t>(n));
+    thread_local std::vector<acc_t> h;  // reused: no allocation per plane
+    h.resize(static_cast<size_t>(n));
     const T* row = src.p + (p_lo + off_r) * src.sH + q_lo + off_c;
     hblend_unit<T, acc_t>(h.data(), row, n, wc0, wc1);
     for (int64_t p = p_lo; p < p_hi; ++p) {

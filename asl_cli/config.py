@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "amp": "none",  # none | bf16 | fp16 (CUDA)
         "channels_last": "auto",  # auto | true | false: NHWC activations (auto: on the CPU)
+        "fuse_bn_relu": "auto",  # auto | true | false: BatchNorm-ReLU pairs as one operator in training (auto: CPU, channels_last)
         "compile": "auto",  # auto | true | false: torch.compile the model (auto: on the CPU for runs long enough to pay)
         "malloc_pad_mib": "auto",  # auto | MiB: freed memory glibc's malloc keeps for the next step (auto: 1024 on the CPU)
         "cuda_graph": "auto",  # auto | true | false: capture the whole step as a CUDA graph (auto: on for one CUDA process without fp16)
@@ -95,6 +96,7 @@ TYPES: dict[str, tuple] = {
     "train.cuda_graph": (str, bool),
     "train.compile": (str, bool),
     "train.channels_last": (str, bool),
+    "train.fuse_bn_relu": (str, bool),
     "train.malloc_pad_mib": (str, int),
     "optim.shift_lr_reference_iterations": (int,),
     "cluster.partition": (str,),
@@ -108,6 +110,7 @@ CHOICES = {
     "train.cuda_graph": ("auto", True, False),
     "train.compile": ("auto", True, False),
     "train.channels_last": ("auto", True, False),
+    "train.fuse_bn_relu": ("auto", True, False),
     "optim.name": ("sgd",),
     "schedule.type": ("multistep", "linear", "cosine", "constant"),
 }
@@ -347,6 +350,8 @@ KEY_HELP = {
     "train.compile": "torch.compile the model (auto: on the CPU, with a C++ compiler, for runs of >= 1000 steps)",
     "train.channels_last": ("channels_last (NHWC) activations and weights (auto: on the CPU, where oneDNN's 1x1 convolutions "
                             "and BatchNorm run faster on them; NCHW on CUDA)"),
+    "train.fuse_bn_relu": ("run each BatchNorm2d followed by a ReLU as one operator in training (asl_cli.bn_relu; five passes "
+                           "over the activations instead of about eight; auto: on the CPU in channels_last)"),
     "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
                              "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",

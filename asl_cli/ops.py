@@ -36,6 +36,9 @@ FALLBACK_SCHEMAS = {
                       "int[2] stride, int[2] padding) -> Tensor"),
     "scale_bias_relu": "scale_bias_relu(Tensor input, Tensor scale, Tensor bias) -> Tensor",
     "conv1x1": "conv1x1(Tensor input, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_bias, bool relu) -> Tensor",
+    "batch_norm_relu": "batch_norm_relu(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "batch_norm_relu_backward": ("batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, "
+                                 "Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)"),
 }
 
 _EXT_ERROR: Exception | None = None

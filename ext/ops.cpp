@@ -28,6 +28,13 @@ TORCH_LIBRARY(asl, m) {
   // in_bias) applied to its input (a pre-activation BatchNorm and its ReLU), bias and ReLU: on the
   // CPU each 32-pixel panel of the input is transformed in cache and multiplied at once.
   m.def("conv1x1(Tensor input, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_bias, bool relu) -> Tensor");
+  // Training: relu(batch_norm(input)) with the batch's statistics; returns (output, mean, invstd)
+  // per channel (running statistics are the caller's). Its backward gives (grad_input,
+  // grad_weight, grad_bias), recomputing the ReLU's mask from the input.
+  m.def("batch_norm_relu(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor invstd) -> (Tensor, Tensor, Tensor)");
 }
 
 // An importable module with no Python functions: importing it registers the operators.

@@ -91,11 +91,14 @@ def test_profile_train_speed_writes_every_block_with_its_allocator_and_page_faul
     csv = tmp_path / "speed.csv"
     out = invoke("profile", "train-speed", "asnet20_16x1", "--batch", "4", "--malloc-pad", "0", "--rounds", "2",
                  "--min-run-time", "0.05", "--out", csv)
-    assert "asl fastest (eager, " in out and "dw3_bn eager (eager, nchw)" in out
+    flat = " ".join(out.split())  # the console wraps long lines
+    assert "asl fastest (eager, " in flat and "dw3_bn eager (eager, nchw)" in flat
     df = pd.read_csv(csv)
-    # on the CPU both layouts by default: NCHW (plain PyTorch) and channels_last (asl train's)
-    assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] * 2 and set(df["malloc"]) == {"default"}
-    assert df["channels_last"].tolist() == [False] * 3 + [True] * 3
+    # on the CPU both layouts and both BatchNorm-ReLUs by default: NCHW with ATen's (plain PyTorch)
+    # to channels_last with the fused operator (asl train's)
+    assert df["spatial"].tolist() == ["asl", "dw3_bn", "dw3"] * 4 and set(df["malloc"]) == {"default"}
+    assert df["channels_last"].tolist() == [False] * 6 + [True] * 6
+    assert df["fused_bn_relu"].tolist() == ([False] * 3 + [True] * 3) * 2
     assert (df["page_faults_per_step"] >= 0).all() and (df["images_per_s"] > 0).all() and (df["rounds"] == 2).all()
     assert all(len(str(v).split(";")) == 2 for v in df["ms_per_step_rounds"])
     assert (df["fraction_of_matmul_peak"] > 0).all() and df["speedup_of_first"].iloc[0] == 1.0

@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "asl_cli"
 LAYERS = [
     ("errors", "allocator"),
     ("ops",),
-    ("nn",),
+    ("nn", "bn_relu"),
     ("zoo",),
     ("config", "inference"),
     ("data",),

@@ -246,7 +246,7 @@ def test_recipe_base_inheritance(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_default_cpu_step_is_compiled_channels_last_and_trains_as_the_plain_eager_step(tmp_path, monkeypatch):
+def test_the_default_cpu_step_is_compiled_channels_last_fused_and_trains_as_the_plain_eager_step(tmp_path, monkeypatch):
     import asl_cli
     from asl_cli.train import builders
 
@@ -259,11 +259,12 @@ def test_the_default_cpu_step_is_compiled_channels_last_and_trains_as_the_plain_
         losses, notes = [], []
         cb = Callbacks(on_step=lambda step, total, st: losses.append(st["loss"]), on_note=notes.append)
         summary = train(tiny_cfg(tmp_path / setting, f"train.compile={setting}", f"train.channels_last={setting}",
-                                 "train.log_every=1", "train.iterations=8"), callbacks=cb)
+                                 f"train.fuse_bn_relu={setting}", "train.log_every=1", "train.iterations=8"), callbacks=cb)
         runs[setting] = (summary, losses, notes)
     (auto, auto_losses, auto_notes), (eager, eager_losses, _) = runs["auto"], runs["false"]
     assert auto["compiled"] and not eager["compiled"]
     assert auto["channels_last"] and not eager["channels_last"]
+    assert auto["fused_bn_relu"] > 0 and eager["fused_bn_relu"] == 0
     assert any("compiling the training step" in n for n in auto_notes)
     assert sum("first (compiled) step took" in n for n in auto_notes) == 1  # once, for the step that compiles
     assert len(auto_losses) == 8 and len(set(eager_losses)) == 8  # the weights move from step to step

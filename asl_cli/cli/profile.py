@@ -87,6 +87,11 @@ class Layout(str, Enum):
     channels_last = "channels_last"
 
 
+class BnRelu(str, Enum):
+    aten = "aten"
+    fused = "fused"
+
+
 profile_app = typer.Typer(
     help="Measure speed against peers timed in the same run; print ratios and append a CSV (default results/<kind>_<device>.csv "
          "under the working directory). `asl profile --layer dw3` times layers (paper Table 1), the same as "
@@ -221,6 +226,9 @@ def profile_train_speed(
     amp: Amp = typer.Option(Amp.none, "--amp", help="Autocast (bf16 needs CUDA)."),
     layout: Optional[List[Layout]] = typer.Option(None, "--layout", help="Memory formats to time (repeatable; default both "
                                                   "on the CPU, where asl train uses channels_last; nchw on CUDA)."),
+    bn_relu: Optional[List[BnRelu]] = typer.Option(None, "--bn-relu", help="BatchNorm-ReLU pairs as ATen's two operators "
+                                                   "or as asl's fused one (repeatable; default both on the CPU, where "
+                                                   "asl train fuses them; aten on CUDA)."),
     malloc_pad: int = MALLOC_PAD_OPT,
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds of timing that visit every configuration in turn; each "
                                "figure is the median over them, so a drifting machine speed moves all alike."),
@@ -233,8 +241,9 @@ def profile_train_speed(
     dev = _profile_device(device, threads)
     modes = ",".join(m.value for m in mode) if mode else "auto"
     layouts = tuple(v.value for v in layout) if layout else (("nchw", "channels_last") if dev == "cpu" else ("nchw",))
+    bn_relus = tuple(v.value for v in bn_relu) if bn_relu else (("aten", "fused") if dev == "cpu" else ("aten",))
     _profile_train_speed(model, batch, dev, threads, min_run_time, out, modes, amp.value, layouts, pad_malloc(malloc_pad),
-                         rounds)
+                         rounds, bn_relus)
 
 
 def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time, out) -> None:
@@ -315,7 +324,7 @@ def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",),
 
 def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_run_time: float, out: Optional[Path],
                          modes: str = "auto", amp: str = "none", layouts=("nchw",), malloc: str = "default",
-                         rounds: int = 5) -> None:
+                         rounds: int = 5, bn_relus=("aten",)) -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
     from asl_cli.experiments.train_speed import MODES, layout_of, run, speedups
     from asl_cli.zoo import get_entry
@@ -339,19 +348,19 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         fail(f"--amp must be none, or bf16 with --device cuda; got {amp!r}", code=2)
     with console.status(f"timing training steps of {model} on {device}") as status:
         rows = run(model, batch=batch, device=device, threads=threads if device == "cpu" else None, amp=amp,
-                   layouts=layouts, modes=chosen, min_run_time=min_run_time, rounds=rounds,
+                   layouts=layouts, modes=chosen, bn_relus=bn_relus, min_run_time=min_run_time, rounds=rounds,
                    progress=lambda text: status.update(f"timing training steps: {text}"))
     rows = [{**r, "malloc": malloc} for r in rows]
     t = Table(title=f"training throughput, {model}, batch {batch}, amp {amp}, "
                     f"{rows[0]['device_name']}, malloc {malloc}")
     cpu = rows[0]["fraction_of_matmul_peak"] is not None
-    for c in ("block", "mode", "layout", "ms/step", "images/s", "GMAC/s", *(("of matmul peak", "page faults/step") if cpu else ("GPU busy",)),
-              "ASL speed-up"):
-        t.add_column(c, justify="left" if c in ("block", "mode", "layout") else "right")
+    for c in ("block", "mode", "layout", "BN-ReLU", "ms/step", "images/s", "GMAC/s",
+              *(("of matmul peak", "page faults/step") if cpu else ("GPU busy",)), "ASL speed-up"):
+        t.add_column(c, justify="left" if c in ("block", "mode", "layout", "BN-ReLU") else "right")
     for r in rows:
         extra = ((f"{100 * r['fraction_of_matmul_peak']:.1f}%", f"{r['page_faults_per_step']:.0f}") if cpu
                  else ("-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%",))
-        t.add_row(r["spatial"], r["mode"], layout_of(r), f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
+        t.add_row(r["spatial"], r["mode"], layout_of(r), "fused" if r["fused_bn_relu"] else "aten", f"{r['ms_per_step']:.2f}", f"{r['images_per_s']:.0f}", f"{r['gmacs_per_s']:.1f}", *extra,
                   f"{r['speedup_of_first']:.2f}x")
     show(t)
     path = out or results_dir() / f"train_speed_{device}.csv"
@@ -360,7 +369,8 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         console.print(f"matrix-product peak in this run: {rows[0]['matmul_gmacs_per_s']:.1f} GMAC/s (float32 1024^3, "
                       f"{rows[0]['threads']} thread(s)); training MACs per image: "
                       + ", ".join(f"{r['spatial']} {r['train_macs_per_image'] / 1e6:.1f}M" for r in rows if r["mode"] == rows[0]["mode"]
-                                 and r["channels_last"] == rows[0]["channels_last"]))
+                                 and r["channels_last"] == rows[0]["channels_last"]
+                                 and r["fused_bn_relu"] == rows[0]["fused_bn_relu"]))
     for c in speedups(rows):
         line = f"{c['block']} fastest ({c['mode']}) / {c['peer']} fastest ({c['peer_mode']}): {c['vs_fastest']:.2f}x"
         if c["vs_eager"] is not None:

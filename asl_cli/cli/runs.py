@@ -98,7 +98,8 @@ def train_with_progress(run_training, cfg, resume, init_from, show: bool):
     def on_start(info):
         console.print(f"run folder: [bold]{info['run_dir']}[/]  model {info['model']} on {info['device']}"
                       f" x{info['world']}  ({info['steps_per_epoch']} steps/epoch"
-                      f"{', channels_last' if info['channels_last'] else ''})")
+                      f"{', channels_last' if info['channels_last'] else ''}"
+                      f"{', {} BatchNorm-ReLU pairs fused'.format(info['fused_bn_relu']) if info['fused_bn_relu'] else ''})")
         if info["malloc"] != "default":
             console.print(f"host memory: {info['malloc']} (train.malloc_pad_mib)", highlight=False)
         if cfg["optim"]["shift_lr_reference_iterations"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bn_relu import fuse_bn_relu
 from ..config import DEFAULTS
 from ..data import TensorBatches
 from ..train.builders import build_optimizer
@@ -21,13 +22,16 @@ MODES = ("eager", "graph", "compile", "compile+graph")
 
 
 def make_step(model_name: str, spatial: str, batch: int, device: torch.device, mode: str = "eager",
-              amp: str = "none", channels_last: bool = False):
+              amp: str = "none", channels_last: bool = False, fused_bn_relu: bool = False):
     """A zero-argument callable that runs one training step exactly as `asl train` would."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     entry = get_entry(model_name)
     torch.manual_seed(0)
-    model = create_model(model_name, spatial=spatial).to(device)
+    model = create_model(model_name, spatial=spatial)
+    if fused_bn_relu:
+        fuse_bn_relu(model)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, DEFAULTS["optim"], device)
@@ -103,9 +107,9 @@ def page_faults_per_step(fn, steps: int = 3) -> float:
 
 
 def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: int = 128, device: str = "cpu",
-        threads: int | None = None, amp: str = "none", layouts=("nchw",), modes=("eager",),
+        threads: int | None = None, amp: str = "none", layouts=("nchw",), modes=("eager",), bn_relus=("aten",),
         min_run_time: float = 1.0, rounds: int = 5, progress=lambda text: None) -> list[dict]:
-    """Every (mode, layout, block) step is built and warmed up first, then timed for `min_run_time` seconds
+    """Every (mode, layout, BatchNorm-ReLU, block) step is built and warmed up first, then timed for `min_run_time` seconds
     in each of `rounds` rounds that visit each in turn, and its figure is the median over the rounds: a machine whose speed drifts
     over minutes moves every configuration alike, so the ratios between them hold."""
     import statistics
@@ -119,34 +123,35 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
     steps, times = {}, {}
     for mode in modes:
         for layout in layouts:
-            for spatial in spatials:
-                progress(f"{model} {spatial} {mode} {layout}: building and warming up")
-                fn = make_step(model, spatial, batch, dev, mode, amp, layout == "channels_last")
-                for _ in range(6):  # eager warm-up steps, capture, compilation
-                    fn()
-                steps[mode, layout, spatial], times[mode, layout, spatial] = fn, []
+            for bn in bn_relus:
+                for spatial in spatials:
+                    progress(f"{model} {spatial} {mode} {layout} {bn}: building and warming up")
+                    fn = make_step(model, spatial, batch, dev, mode, amp, layout == "channels_last", bn == "fused")
+                    for _ in range(6):  # eager warm-up steps, capture, compilation
+                        fn()
+                    steps[mode, layout, bn, spatial], times[mode, layout, bn, spatial] = fn, []
     for r in range(rounds):
         for key, fn in steps.items():
-            progress(f"round {r + 1}/{rounds}: {model} {key[2]} {key[0]} {key[1]}")
+            progress(f"round {r + 1}/{rounds}: {model} {key[3]} {', '.join(key[:3])}")
             times[key].append(median_ms(fn, threads=nthreads, min_run_time=min_run_time, warmup=1))
     peak = blas_gmacs(nthreads) if dev.type == "cpu" else None  # the same run's practical peak
     rows = []
-    for (mode, layout, spatial), fn in steps.items():
-        ms = statistics.median(times[mode, layout, spatial])
+    for (mode, layout, bn, spatial), fn in steps.items():
+        ms = statistics.median(times[mode, layout, bn, spatial])
         busy = gpu_busy_fraction(fn) if dev.type == "cuda" else None
         faults = page_faults_per_step(fn) if dev.type == "cpu" else None
         gmacs = batch / ms * 1e3 * macs[spatial] / 1e9
         rows.append({"model": model, "spatial": spatial, "mode": mode, "batch": batch, "ms_per_step": round(ms, 3),
-                     "ms_per_step_rounds": ";".join(f"{t:.1f}" for t in times[mode, layout, spatial]), "rounds": rounds,
+                     "ms_per_step_rounds": ";".join(f"{t:.1f}" for t in times[mode, layout, bn, spatial]), "rounds": rounds,
                      "images_per_s": round(batch / ms * 1e3, 1), "gpu_busy": None if busy is None else round(busy, 3),
                      "train_macs_per_image": macs[spatial], "gmacs_per_s": round(gmacs, 2),
                      "matmul_gmacs_per_s": None if peak is None else round(peak, 2),
                      "fraction_of_matmul_peak": None if peak is None else round(gmacs / peak, 4),
                      "page_faults_per_step": None if faults is None else round(faults, 1),
-                     "amp": amp, "channels_last": layout == "channels_last", **prov})
-    for r in rows:  # ASL's speed relative to each block, within the same mode and layout
+                     "amp": amp, "channels_last": layout == "channels_last", "fused_bn_relu": bn == "fused", **prov})
+    for r in rows:  # ASL's speed relative to each block, within the same mode, layout and BatchNorm-ReLU
         asl = next((q for q in rows if q["mode"] == r["mode"] and q["channels_last"] == r["channels_last"]
-                    and q["spatial"] == spatials[0]), r)
+                    and q["fused_bn_relu"] == r["fused_bn_relu"] and q["spatial"] == spatials[0]), r)
         r["speedup_of_first"] = round(asl["images_per_s"] / r["images_per_s"], 3)
     return rows
 
@@ -157,20 +162,21 @@ def layout_of(row: dict) -> str:
 
 
 def form(row: dict) -> str:
-    """A timed step's mode and memory layout, e.g. "eager, channels_last"."""
-    return f"{row['mode']}, {layout_of(row)}"
+    """A timed step's mode, memory layout and BatchNorm-ReLU, e.g. "eager, channels_last, fused"."""
+    return f"{row['mode']}, {layout_of(row)}" + (", fused" if row.get("fused_bn_relu") else "")
 
 
 def speedups(rows: list[dict]) -> list[dict]:
     """The first block's fastest step against each other block's fastest step and its eager step
-    (images/s ratios). The peer's eager step is its plain PyTorch one: eager in NCHW when timed,
-    else eager in the layout timed; vs_eager is None when no eager step was timed."""
+    (images/s ratios). The peer's eager step is its plain PyTorch one: eager in NCHW with ATen's
+    BatchNorm and ReLU when timed, else the nearest eager step timed; vs_eager is None when no
+    eager step was timed."""
     first = rows[0]["spatial"]
     best = max((r for r in rows if r["spatial"] == first), key=lambda r: r["images_per_s"])
     out = []
     for peer in dict.fromkeys(r["spatial"] for r in rows if r["spatial"] != first):
         o = [r for r in rows if r["spatial"] == peer]
-        eagers = sorted((r for r in o if r["mode"] == "eager"), key=lambda r: r["channels_last"])
+        eagers = sorted((r for r in o if r["mode"] == "eager"), key=lambda r: (r["channels_last"], bool(r.get("fused_bn_relu"))))
         eager = eagers[0] if eagers else None
         fastest = max(o, key=lambda r: r["images_per_s"])
         out.append({"block": first, "mode": form(best), "peer": peer, "peer_mode": form(fastest),

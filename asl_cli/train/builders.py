@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from ..bn_relu import fuse_bn_relu
 from ..config import ConfigError
 from ..data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, imagenet_folders, load_tensor_data, steps_per_epoch
 from ..nn import install_shift_grad_normalization, param_groups
@@ -219,6 +220,15 @@ def use_channels_last(setting, device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def use_fused_bn_relu(setting, device: torch.device, channels_last: bool) -> bool:
+    """Resolve train.fuse_bn_relu (auto | true | false). Auto: on the CPU in channels_last, where
+    the fused kernel beat ATen's pair in both directions at every CIFAR layer size (in NCHW its
+    backward lost to ATen's on 8 x 8 planes; on other devices BatchNormReLU2d is the plain pair)."""
+    if setting is True or setting is False:
+        return setting
+    return device.type == "cpu" and channels_last
+
+
 def build_model(cfg: dict, num_classes: int, d: Dist, device: torch.device, init_from=None) -> tuple[nn.Module, dict]:
     """The zoo model (seeded by train.seed), optionally started from another checkpoint's
     weights, with synchronised BatchNorm across processes, on the device in its memory format."""
@@ -236,8 +246,11 @@ def build_model(cfg: dict, num_classes: int, d: Dist, device: torch.device, init
             warnings.warn(f"--init-from: kept fresh initialisation for {', '.join(fresh)} (shapes differ)", stacklevel=2)
     if d.world > 1 and t["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else convert_allreduce_bn(model)
+    channels_last = use_channels_last(t["channels_last"], device)
+    if use_fused_bn_relu(t["fuse_bn_relu"], device, channels_last):
+        fuse_bn_relu(model)  # the same parameters and state-dict keys
     model.to(device)
-    if use_channels_last(t["channels_last"], device):
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     return model, model_args
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import state as run_folder
 from ..allocator import configure as configure_malloc
+from ..bn_relu import BatchNormReLU2d
 from ..errors import Interrupted, NonFiniteLoss, TrainingError
 from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind, pick_device,
                        setup_distributed, shift_lr_mult, total_steps, use_channels_last)
@@ -163,6 +164,7 @@ class _Run:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.malloc = configure_malloc(t["malloc_pad_mib"], device.type)
         self.channels_last = use_channels_last(t["channels_last"], device)
+        self.fused_bn_relu = sum(isinstance(m, BatchNormReLU2d) for m in self.model.modules())
         self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.st.step)
         if note:
             self.cb.on_note(note)
@@ -174,7 +176,7 @@ class _Run:
         self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.st.step, "device": str(device),
                           "world": d.world, "model": self.cfg["model"]["name"], "steps_per_epoch": self.data.steps_per_epoch,
                           "train_images": self.data.n_train, "cuda_graph": self.graphed, "compiled": self.compiled,
-                          "malloc": self.malloc, "channels_last": self.channels_last,
+                          "malloc": self.malloc, "channels_last": self.channels_last, "fused_bn_relu": self.fused_bn_relu,
                           "shift_lr_mult": self.shift_mult})
 
     def loop(self, stop: dict) -> None:
@@ -286,6 +288,7 @@ class _Run:
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.st.best, "last": self.summary_row,
                 "cuda_graph": self.graphed, "compiled": self.compiled, "channels_last": self.channels_last,
+                "fused_bn_relu": self.fused_bn_relu,
                 "malloc": self.malloc}
 
 

@@ -1,0 +1,363 @@
+// CPU kernels of the training-mode BatchNorm-ReLU pair (batch_norm_relu and its backward), for
+// NCHW and channels_last tensors. ATen's BatchNorm, ReLU and their two backwards take about eight
+// full passes over a layer's activations in a training step, and at CIFAR sizes on the CPU they
+// are bound by memory traffic; these take five: forward one pass for the statistics and one that
+// writes relu(x * a + b); backward one pass for the two per-channel sums and one that writes the
+// input gradient. The ReLU's mask is recomputed from the input in the backward (it reads the input
+// anyway), so neither the output nor a mask is kept for it.
+#include "plane_sampling.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace asl {
+namespace {
+
+constexpr int64_t kBlock = 256;  // rows (channels_last) or elements (NCHW) summed in acc_t, then in double
+
+// relu's argument, computed the same way in the forward and in the backward's mask.
+template <typename acc_t>
+inline acc_t affine(acc_t x, acc_t a, acc_t b) {
+  return x * a + b;
+}
+
+// channels_last: s1[c] += sum(x - pivot[c]), s2[c] += sum((x - pivot[c])^2) over `rows` rows of C.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void moments_rows(const T* __restrict x, int64_t rows, int64_t C, const acc_t* __restrict pivot,
+                                   acc_t* __restrict s1, acc_t* __restrict s2) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(x[r * C + c]) - pivot[c];
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+}
+
+// channels_last backward sums: with gy = g where relu's argument is positive (else 0),
+// s1[c] += sum(gy), s2[c] += sum(gy * (x - mean[c])).
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void grad_sums_rows(const T* __restrict g, const T* __restrict x, int64_t rows, int64_t C,
+                                     const acc_t* __restrict a, const acc_t* __restrict b,
+                                     const acc_t* __restrict mean, acc_t* __restrict s1, acc_t* __restrict s2) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t xv = static_cast<acc_t>(x[r * C + c]);
+      const acc_t gv = static_cast<acc_t>(g[r * C + c]);  // loaded unconditionally: the loop vectorizes
+      const acc_t gy = affine(xv, a[c], b[c]) > acc_t(0) ? gv : acc_t(0);
+      s1[c] += gy;
+      s2[c] += gy * (xv - mean[c]);
+    }
+}
+
+// y = relu(x * a + b) (forward), or gx = k * gy + (x - mean) * q + r0 (backward), over `rows` rows of C.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void forward_rows(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
+                                   const acc_t* __restrict a, const acc_t* __restrict b) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = affine(static_cast<acc_t>(x[r * C + c]), a[c], b[c]);
+      y[r * C + c] = static_cast<T>(v > acc_t(0) ? v : acc_t(0));
+    }
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void input_grad_rows(const T* __restrict g, const T* __restrict x, T* __restrict gx, int64_t rows,
+                                      int64_t C, const acc_t* __restrict a, const acc_t* __restrict b,
+                                      const acc_t* __restrict mean, const acc_t* __restrict k,
+                                      const acc_t* __restrict q, const acc_t* __restrict r0) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t xv = static_cast<acc_t>(x[r * C + c]);
+      const acc_t gv = static_cast<acc_t>(g[r * C + c]);  // loaded unconditionally: the loop vectorizes
+      const acc_t gy = affine(xv, a[c], b[c]) > acc_t(0) ? gv : acc_t(0);
+      gx[r * C + c] = static_cast<T>(k[c] * gy + ((xv - mean[c]) * q[c] + r0[c]));
+    }
+}
+
+// The NCHW forms: one channel's contiguous run of n elements, with scalars per channel. The sums
+// go through 8 lane accumulators, which the compiler vectorizes (a single one it may not reorder).
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void moments_run(const T* __restrict x, int64_t n, acc_t pivot, acc_t* __restrict out) {
+  acc_t l1[8] = {}, l2[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const acc_t d = static_cast<acc_t>(x[i + l]) - pivot;
+      l1[l] += d;
+      l2[l] += d * d;
+    }
+  for (; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - pivot;
+    l1[0] += d;
+    l2[0] += d * d;
+  }
+  for (int l = 0; l < 8; ++l) out[0] += l1[l], out[1] += l2[l];
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void grad_sums_run(const T* __restrict g, const T* __restrict x, int64_t n, acc_t a, acc_t b,
+                                    acc_t mean, acc_t* __restrict out) {
+  acc_t l1[8] = {}, l2[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const acc_t xv = static_cast<acc_t>(x[i + l]);
+      const acc_t gv = static_cast<acc_t>(g[i + l]);
+      const acc_t gy = affine(xv, a, b) > acc_t(0) ? gv : acc_t(0);
+      l1[l] += gy;
+      l2[l] += gy * (xv - mean);
+    }
+  for (; i < n; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    const acc_t gy = affine(xv, a, b) > acc_t(0) ? gv : acc_t(0);
+    l1[0] += gy;
+    l2[0] += gy * (xv - mean);
+  }
+  for (int l = 0; l < 8; ++l) out[0] += l1[l], out[1] += l2[l];
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void forward_run(const T* __restrict x, T* __restrict y, int64_t n, acc_t a, acc_t b) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = affine(static_cast<acc_t>(x[i]), a, b);
+    y[i] = static_cast<T>(v > acc_t(0) ? v : acc_t(0));
+  }
+}
+
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void input_grad_run(const T* __restrict g, const T* __restrict x, T* __restrict gx, int64_t n,
+                                     acc_t a, acc_t b, acc_t mean, acc_t k, acc_t q, acc_t r0) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    const acc_t gy = affine(xv, a, b) > acc_t(0) ? gv : acc_t(0);
+    gx[i] = static_cast<T>(k * gy + ((xv - mean) * q + r0));
+  }
+}
+
+// Per-channel (sum of u, sum of v) over the whole tensor, where `rows_fn(r0, rows, s1, s2)` adds a
+// block of channels_last rows and `run_fn(n, c, begin, len, out2)` a run of an NCHW plane. Blocks
+// are summed in acc_t and then, in a fixed order, in double: the result does not depend on the
+// number of threads.
+template <typename acc_t, typename RowsFn, typename RunFn>
+std::vector<double> channel_sums(int64_t N, int64_t C, int64_t P, bool channels_last, const RowsFn& rows_fn,
+                                 const RunFn& run_fn) {
+  std::vector<double> total(static_cast<size_t>(2 * C), 0.0);
+  if (channels_last) {
+    const int64_t M = N * P, blocks = (M + kBlock - 1) / kBlock;
+    std::vector<double> partial(static_cast<size_t>(blocks * 2 * C));
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s(static_cast<size_t>(2 * C));
+      for (int64_t k = begin; k < end; ++k) {
+        std::fill(s.begin(), s.end(), acc_t(0));
+        const int64_t r0 = k * kBlock;
+        rows_fn(r0, std::min(kBlock, M - r0), s.data(), s.data() + C);
+        for (int64_t c = 0; c < 2 * C; ++c) partial[k * 2 * C + c] = static_cast<double>(s[c]);
+      }
+    });
+    for (int64_t k = 0; k < blocks; ++k)
+      for (int64_t c = 0; c < 2 * C; ++c) total[c] += partial[k * 2 * C + c];
+    return total;
+  }
+  std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0);
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(P, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t j = 0; j < P; j += kBlock) {
+        acc_t out[2] = {acc_t(0), acc_t(0)};
+        run_fn(i / C, i % C, j, std::min(kBlock, P - j), out);
+        s1 += static_cast<double>(out[0]);
+        s2 += static_cast<double>(out[1]);
+      }
+      partial[2 * i] = s1;
+      partial[2 * i + 1] = s2;
+    }
+  });
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      total[c] += partial[2 * (n * C + c)];
+      total[C + c] += partial[2 * (n * C + c) + 1];
+    }
+  return total;
+}
+
+// Calls rows_fn(r0, rows) over channels_last row blocks, or run_fn(n, c) over NCHW planes, in parallel.
+template <typename RowsFn, typename RunFn>
+void elementwise(int64_t N, int64_t C, int64_t P, bool channels_last, const RowsFn& rows_fn, const RunFn& run_fn) {
+  if (channels_last) {
+    const int64_t M = N * P;
+    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; r += kBlock) rows_fn(r, std::min(kBlock, end - r));
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(P, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run_fn(i / C, i % C);
+  });
+}
+
+void check_training(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+                   ": input must be float32 or float64, got ", input.scalar_type());
+  const int64_t C = input.size(1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weight, "weight"}, {bias, "bias"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C && t.device() == input.device(), op, ": ", name, " must be (", C,
+                      ") on ", input.device(), ", got ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                     " differs from input dtype ", input.scalar_type());
+  }
+  TORCH_CHECK_VALUE(input.numel() / std::max<int64_t>(C, 1) > 1, op,
+                    ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
+}
+
+// The per-channel a, b of relu(x * a + b): a = weight * invstd, b = bias - mean * a.
+template <typename acc_t>
+void affine_coefficients(const acc_t* w, const acc_t* bi, const acc_t* mean, const acc_t* invstd, int64_t C,
+                         std::vector<acc_t>& a, std::vector<acc_t>& b) {
+  a.resize(static_cast<size_t>(C));
+  b.resize(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = w[c] * invstd[c];
+    b[c] = bi[c] - mean[c] * a[c];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Tensor& input_, const at::Tensor& weight,
+                                                                   const at::Tensor& bias, double eps) {
+  const char* op = "batch_norm_relu";
+  check_training(input_, weight, bias, op);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  const bool cl = use_channels_last(input_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor input = input_.contiguous(format);
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor mean = at::empty({C}, input.options().dtype(acc_type)), invstd = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = out.data_ptr<T>();
+    // Sums of x - pivot (the channel's first value) rather than of x: no cancellation in the
+    // variance when a channel's mean is large against its spread.
+    std::vector<acc_t> pivot(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<acc_t>(cl ? xp[c] : xp[c * P]);
+    const auto sums = channel_sums<acc_t>(
+        N, C, P, cl,
+        [&](int64_t r0, int64_t rows, acc_t* s1, acc_t* s2) {
+          moments_rows<T, acc_t>(xp + r0 * C, rows, C, pivot.data(), s1, s2);
+        },
+        [&](int64_t n, int64_t c, int64_t j, int64_t len, acc_t* o) {
+          moments_run<T, acc_t>(xp + (n * C + c) * P + j, len, pivot[c], o);
+        });
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    const double M = static_cast<double>(N * P);
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = sums[c] / M, var = std::max(0.0, sums[C + c] / M - d * d);
+      mp[c] = static_cast<acc_t>(pivot[c] + d);
+      ip[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+    }
+    const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
+    std::vector<acc_t> a, b;
+    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), mp, ip, C, a, b);
+    elementwise(
+        N, C, P, cl,
+        [&](int64_t r0, int64_t rows) { forward_rows<T, acc_t>(xp + r0 * C, yp + r0 * C, rows, C, a.data(), b.data()); },
+        [&](int64_t n, int64_t c) {
+          const int64_t i = (n * C + c) * P;
+          forward_run<T, acc_t>(xp + i, yp + i, P, a[c], b[c]);
+        });
+  });
+  return {out, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  const char* op = "batch_norm_relu_backward";
+  check_training(input_, weight, bias, op);
+  TORCH_CHECK_VALUE(grad_.sizes() == input_.sizes() && grad_.device() == input_.device(), op,
+                    ": grad_output must have the input's shape ", input_.sizes(), " on ", input_.device(), ", got ",
+                    grad_.sizes(), " on ", grad_.device());
+  const int64_t C = input_.size(1);
+  const auto acc_type = at::toOpMathType(input_.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {invstd, "invstd"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C && t.device() == input_.device(), op, ": ", name, " must be (",
+                      C, ") on ", input_.device(), ", got ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
+  }
+  const bool cl = use_channels_last(input_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor input = input_.contiguous(format);
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(format);
+  const int64_t N = input.size(0), P = input.size(2) * input.size(3);
+  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format));
+  at::Tensor gw = at::empty({C}, weight.options()), gb = at::empty({C}, bias.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* gp = grad.const_data_ptr<T>();
+    const T* xp = input.const_data_ptr<T>();
+    T* op_ = gx.data_ptr<T>();
+    const acc_t* mp = mean.contiguous().const_data_ptr<acc_t>();
+    const acc_t* ip = invstd.contiguous().const_data_ptr<acc_t>();
+    const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    std::vector<acc_t> a, b;
+    affine_coefficients(wp, bi.const_data_ptr<acc_t>(), mp, ip, C, a, b);
+    const auto sums = channel_sums<acc_t>(
+        N, C, P, cl,
+        [&](int64_t r0, int64_t rows, acc_t* s1, acc_t* s2) {
+          grad_sums_rows<T, acc_t>(gp + r0 * C, xp + r0 * C, rows, C, a.data(), b.data(), mp, s1, s2);
+        },
+        [&](int64_t n, int64_t c, int64_t j, int64_t len, acc_t* o) {
+          const int64_t i = (n * C + c) * P + j;
+          grad_sums_run<T, acc_t>(gp + i, xp + i, len, a[c], b[c], mp[c], o);
+        });
+    // gx = weight * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)), xhat = (x - mean) * invstd,
+    // written as k * gy + (x - mean) * q + r0 with per-channel k, q, r0.
+    const double M = static_cast<double>(N * P);
+    std::vector<acc_t> k(C), q(C), r0(C);
+    T* gwp = gw.data_ptr<T>();
+    T* gbp = gb.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double kc = static_cast<double>(wp[c]) * ip[c], is = ip[c];
+      const double qc = -kc * is * is * sums[C + c] / M;
+      k[c] = static_cast<acc_t>(kc);
+      q[c] = static_cast<acc_t>(qc);
+      r0[c] = static_cast<acc_t>(-kc * sums[c] / M);
+      gwp[c] = static_cast<T>(sums[C + c] * is);
+      gbp[c] = static_cast<T>(sums[c]);
+    }
+    elementwise(
+        N, C, P, cl,
+        [&](int64_t rr, int64_t rows) {
+          input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a.data(), b.data(), mp,
+                                    k.data(), q.data(), r0.data());
+        },
+        [&](int64_t n, int64_t c) {
+          const int64_t i = (n * C + c) * P;
+          input_grad_run<T, acc_t>(gp + i, xp + i, op_ + i, P, a[c], b[c], mp[c], k[c], q[c], r0[c]);
+        });
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(asl, CPU, m) {
+  m.impl("batch_norm_relu", &batch_norm_relu_cpu);
+  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward_cpu);
+}
+
+}  // namespace asl

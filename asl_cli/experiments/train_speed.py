@@ -121,10 +121,10 @@ def run(model: str = "asnet20_16x1", spatials=("asl", "dw3_bn", "dw3"), batch: i
     if any(m.startswith("compile") for m in modes):
         # every compiled configuration is one more compilation of the same forward code; past
         # dynamo's limit (8) the rest would silently run eager
-        import torch._dynamo
+        from torch import _dynamo
 
         n_compiled = sum(m.startswith("compile") for m in modes) * len(layouts) * len(bn_relus) * len(spatials)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_compiled + 1)
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, n_compiled + 1)
     prov = provenance(device, threads if dev.type == "cpu" else None)
     macs = {s: train_macs(model, s) for s in spatials}
     steps, times = {}, {}

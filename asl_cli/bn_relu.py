@@ -31,12 +31,25 @@ def _check(op: str, input: Tensor, weight: Tensor, bias: Tensor, eps: float = 0.
                       lambda: f"{op}: input must be float32 or float64, got {input.dtype}")
     C = input.shape[1]
     for t, name in ((weight, "weight"), (bias, "bias")):
-        torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == C and t.device == input.device,
-                          lambda: f"{op}: {name} must be ({C}) on {input.device}, got {tuple(t.shape)} on {t.device}")
-        torch._check_with(TypeError, t.dtype == input.dtype, lambda: f"{op}: {name} dtype {t.dtype} differs from input dtype {input.dtype}")
+        ops._check_vector(op, input, t, name, C)
     torch._check_with(ValueError, eps >= 0, lambda: f"{op}: eps must be >= 0, got {eps}")
     torch._check_with(ValueError, input.numel() // max(C, 1) > 1,
                       lambda: f"{op}: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
+
+
+def _check_backward(grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> None:
+    """The backward kernel's checks: the forward's, grad_output's shape and device, and the
+    saved statistics ((C) in the accumulation dtype)."""
+    op = "batch_norm_relu_backward"
+    _check(op, input, weight, bias)
+    torch._check_with(ValueError, grad.shape == input.shape and grad.device == input.device,
+                      lambda: f"{op}: grad_output must have the input's shape {tuple(input.shape)} on {input.device}, "
+                              f"got {tuple(grad.shape)} on {grad.device}")
+    C, acc = input.shape[1], _acc_dtype(input.dtype)
+    for t, name in ((mean, "mean"), (invstd, "invstd")):
+        torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == C and t.device == input.device,
+                          lambda: f"{op}: {name} must be ({C}) on {input.device}, got {tuple(t.shape)} on {t.device}")
+        torch._check_with(TypeError, t.dtype == acc, lambda: f"{op}: {name} must be {acc}, got {t.dtype}")
 
 
 def _format(input: Tensor) -> torch.memory_format:
@@ -56,8 +69,7 @@ def reference_batch_norm_relu(input: Tensor, weight: Tensor, bias: Tensor, eps: 
 def reference_batch_norm_relu_backward(grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
                                        invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of reference_batch_norm_relu's output, by the formula."""
-    _check("batch_norm_relu_backward", input, weight, bias)
-    torch._check_with(ValueError, grad.shape == input.shape, lambda: f"batch_norm_relu_backward: grad_output must have the input's shape {tuple(input.shape)}, got {tuple(grad.shape)}")
+    _check_backward(grad, input, weight, bias, mean, invstd)
     acc = _acc_dtype(input.dtype)
     view = (1, -1, 1, 1)
     x, g = input.to(acc), grad.to(acc)
@@ -85,7 +97,7 @@ def _fake(input, weight, bias, eps):
 
 @torch.library.register_fake("asl::batch_norm_relu_backward")
 def _fake_backward(grad, input, weight, bias, mean, invstd):
-    _check("batch_norm_relu_backward", input, weight, bias)
+    _check_backward(grad, input, weight, bias, mean, invstd)
     return torch.empty_like(input, memory_format=_format(input)), torch.empty_like(weight), torch.empty_like(bias)
 
 

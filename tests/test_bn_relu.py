@@ -160,11 +160,17 @@ def test_wrong_inputs_raise(impl, name, make, exc, match):
         fn(*args, *(() if len(args) == 4 else (1e-5,)))
 
 
-def test_backward_rejects_a_gradient_of_another_shape():
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_backward_rejects_a_gradient_of_another_shape_and_wrong_statistics(impl):
+    fn = torch.ops.asl.batch_norm_relu_backward if impl == "op" else reference_batch_norm_relu_backward
     x, w, b = inputs((2, 4, 3, 3))
     _, mean, invstd = torch.ops.asl.batch_norm_relu(x, w, b, 1e-5)
     with pytest.raises(ValueError, match="grad_output must have the input's shape"):
-        torch.ops.asl.batch_norm_relu_backward(torch.randn(2, 4, 3, 2), x, w, b, mean, invstd)
+        fn(torch.randn(2, 4, 3, 2), x, w, b, mean, invstd)
+    with pytest.raises(ValueError, match="mean must be"):
+        fn(torch.randn_like(x), x, w, b, mean[:3], invstd)
+    with pytest.raises(TypeError, match="invstd must be"):
+        fn(torch.randn_like(x), x, w, b, mean, invstd.double())
 
 
 def test_train_fuses_on_the_cpu_in_channels_last_by_default():

@@ -309,8 +309,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
     const T* gp = grad.const_data_ptr<T>();
     const T* xp = input.const_data_ptr<T>();
     T* op_ = gx.data_ptr<T>();
-    const acc_t* mp = mean.contiguous().const_data_ptr<acc_t>();
-    const acc_t* ip = invstd.contiguous().const_data_ptr<acc_t>();
+    const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();  // held: the pointers outlive the call
+    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+    const acc_t* ip = invstd_c.const_data_ptr<acc_t>();
     const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
     const acc_t* wp = w.const_data_ptr<acc_t>();
     std::vector<acc_t> a, b;

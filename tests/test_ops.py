@@ -28,6 +28,10 @@ CASES = [
     # to planes in 8 x 8 register blocks), at strides 1 and 2
     (2, 16, 8, 12, 1, 0, 2.0),
     (2, 8, 8, 8, 2, 1, 1.5),
+    # shifts of up to 10 px: the CPU blends channels that reach at most 8 px outside from
+    # zero-bordered planes and the others with bounds checks, both in one call
+    (2, 16, 16, 16, 1, 0, 10.0),
+    (2, 8, 16, 24, 2, 1, 10.0),
 ]
 
 
@@ -396,12 +400,15 @@ def test_backward_op_equals_the_two_gradient_ops(channels_last):
         torch.testing.assert_close(gs, torch.ops.asl.active_shift_grad_shift(g, x, s, stride, padding))
 
 
-@pytest.mark.parametrize("shape, stride", [((3, 16, 12, 8), 1), ((2, 24, 16, 16), 2), ((2, 5, 7, 9), 1)])
-def test_channels_last_gives_the_nchw_result_bit_for_bit(shape, stride):
+@pytest.mark.parametrize("shape, stride, scale", [((3, 16, 12, 8), 1, 2.5), ((2, 24, 16, 16), 2, 2.5),
+                                                  ((2, 5, 7, 9), 1, 2.5), ((2, 16, 16, 16), 1, 10.0),
+                                                  ((2, 16, 16, 16), 2, 10.0)])
+def test_channels_last_gives_the_nchw_result_bit_for_bit(shape, stride, scale):
     """On the CPU, channels_last images are transposed to the same plane kernels: the forward
-    pass and both gradients (one backward call or the two gradient ops) equal NCHW's exactly."""
+    pass and both gradients (one backward call or the two gradient ops) equal NCHW's exactly,
+    also when some channels reach beyond the scratch planes' borders and others do not."""
     x = torch.randn(shape)
-    s = rand_shift(shape[1], 2.5, torch.float32)
+    s = rand_shift(shape[1], scale, torch.float32)
     args = ([stride, stride], [1, 1])
     y = torch.ops.asl.active_shift(x, s, *args)
     g = torch.randn_like(y)

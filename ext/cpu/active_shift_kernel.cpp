@@ -1,9 +1,9 @@
 // CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
-// shift is constant, so every output row blends two input rows with fixed weights and the
-// interior of a row is a branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the
-// one-element offset split every cache line and measured slower). channels_last images are
-// transposed to planes in cache and back (see transpose). The backward kernel computes both
-// gradients in one pass.
+// shift is constant, so every output row blends two input rows with fixed weights in a
+// branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the one-element offset split
+// every cache line and measured slower). Each plane is first copied (NCHW) or transposed
+// (channels_last) into a scratch plane with zero borders, so that rows need no edge cases (see
+// Padded). The backward kernel computes both gradients in one pass.
 #include "plane_sampling.h"
 
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #endif
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace asl {
@@ -253,7 +254,9 @@ void shift_grad_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc
 // planes in a per-thread buffer (tens of KiB for CIFAR-sized layers, so it stays in cache), the
 // planes are processed as for NCHW, and results are transposed back. In a profile of asnet20_16x1's
 // training step this took the shift's forward and backward from 31 and 89 ms a step (per-channel
-// gathers at per-channel offsets, the alternative) to 21 and 56 ms.
+// gathers at per-channel offsets, the alternative) to 21 and 56 ms. Zero-bordered scratch planes
+// (and the shift gradient's flat runs) then took them from 20 and 41 to 13 and 28 ms a step (one
+// thread; each op timed inside the step, in a faster phase of the same machine).
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // dst[j * ld + i] = src[i * ls + j] for an 8 x 8 block of floats, in AVX registers.
@@ -313,8 +316,169 @@ Plane<T> buffer_plane(T* base, int64_t c, int64_t H, int64_t W) {
   return Plane<T>{base + c * ld(H * W), H, W, W, 1};
 }
 
-// Calls fn(n, buffers) for every image n, in parallel over images; `buffers` holds one
-// (C, H, W)-sized scratch array per entry of `sizes`, kept for the task's images.
+// Zero-bordered planes. Each plane is copied (NCHW) or transposed (channels_last) into a scratch
+// plane whose borders are zeros wide enough for every tap of every channel whose shift reaches at
+// most kMaxReach pixels outside; those channels are then blended by branch-free loops over whole
+// rows with no edge cases (one call per plane: on CIFAR's 8 x 8 and 16 x 16 planes the per-plane
+// and per-edge work of the bounds-checked kernels cost more than the blending). Channels that
+// reach further (or are not finite) take the bounds-checked kernels on the same scratch plane,
+// so both memory formats give the same result bit for bit.
+constexpr int64_t kMaxReach = 8;
+
+// How far the taps i * stride + off + {0, 1}, i in [0, out_len), fall below 0 and beyond src_len.
+inline std::pair<int64_t, int64_t> reach(int64_t off, int64_t stride, int64_t src_len, int64_t out_len) {
+  return {std::max<int64_t>(0, -off), std::max<int64_t>(0, (out_len - 1) * stride + off + 2 - src_len)};
+}
+
+// Scratch planes of H x W with borders, one every `ld` elements, and the channels they serve.
+struct Padded {
+  int64_t H = 0, W = 0, top = 0, left = 0, rows = 0, Wp = 0, ld = 0;  // rows, Wp: with the borders
+  std::vector<char> ok;  // per channel: every tap lies inside the borders
+  // Widens the right border to a row pitch of Wp (never narrower) and sets the plane distance.
+  void set_pitch(int64_t pitch) {
+    Wp = std::max(Wp, pitch);
+    ld = rows * Wp + 16;  // + 16: see ld()
+    if (ld % 1024 == 0) ld += 16;
+  }
+  int64_t origin(int64_t c) const { return c * ld + top * Wp + left; }  // plane c's element (0, 0)
+  template <typename T>
+  Plane<const T> view(const T* origin) const {
+    return Plane<const T>{origin, H, W, Wp, 1};
+  }
+};
+
+// Borders for sampling source planes of H x W at stride (s_r, s_c) into outputs of Ho x Wo, with
+// channel c's taps starting at offset(c) = {row, column}; plan=false: no borders, no channel served.
+template <typename acc_t, typename OffsetFn>
+Padded plan_padding(const std::vector<ChannelShift<acc_t>>& shifts, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                    int64_t s_r, int64_t s_c, const OffsetFn& offset, bool plan = true) {
+  Padded L;
+  L.H = H;
+  L.W = W;
+  L.ok.assign(shifts.size(), 0);
+  int64_t bottom = 0, right = 0;
+  for (size_t c = 0; plan && c < shifts.size(); ++c) {
+    if (!shifts[c].finite) continue;
+    const auto [off_r, off_c] = offset(shifts[c]);
+    const auto [t, b] = reach(off_r, s_r, H, Ho);
+    const auto [l, r] = reach(off_c, s_c, W, Wo);
+    if (std::max({t, b, l, r}) > kMaxReach) continue;
+    L.ok[c] = 1;
+    L.top = std::max(L.top, t);
+    bottom = std::max(bottom, b);
+    L.left = std::max(L.left, l);
+    right = std::max(right, r);
+  }
+  L.rows = L.top + H + bottom;
+  L.set_pitch(L.left + W + right);
+  return L;
+}
+
+// out[p, q] = wr0 (wc0 a[q s_c] + wc1 a[q s_c + 1]) + wr1 (wc0 b[q s_c] + wc1 b[q s_c + 1]) with
+// a = src + p s_r sH and b = a + sH, for a source whose taps are all in memory (zero borders).
+// At stride 1 each source row is blended horizontally once (h holds the previous row's blend).
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void blend_padded(const T* __restrict src, int64_t sH, T* __restrict out, int64_t oH, int64_t Ho,
+                                   int64_t Wo, int64_t s_r, int64_t s_c, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1,
+                                   acc_t* __restrict h) {
+  if (s_r == 1 && s_c == 1) {
+    for (int64_t q = 0; q < Wo; ++q) h[q] = wc0 * static_cast<acc_t>(src[q]) + wc1 * static_cast<acc_t>(src[q + 1]);
+    for (int64_t p = 0; p < Ho; ++p) {
+      const T* b = src + (p + 1) * sH;
+      T* o = out + p * oH;
+      for (int64_t q = 0; q < Wo; ++q) {
+        const acc_t hb = wc0 * static_cast<acc_t>(b[q]) + wc1 * static_cast<acc_t>(b[q + 1]);
+        o[q] = static_cast<T>(wr0 * h[q] + wr1 * hb);
+        h[q] = hb;
+      }
+    }
+    return;
+  }
+  auto row = [&](const T* a, const T* b, T* o, auto sc) __attribute__((always_inline)) {
+    for (int64_t q = 0; q < Wo; ++q) {
+      const int64_t i = q * sc;
+      o[q] = static_cast<T>(wr0 * (wc0 * static_cast<acc_t>(a[i]) + wc1 * static_cast<acc_t>(a[i + 1])) +
+                            wr1 * (wc0 * static_cast<acc_t>(b[i]) + wc1 * static_cast<acc_t>(b[i + 1])));
+    }
+  };
+  for (int64_t p = 0; p < Ho; ++p) {
+    const T* a = src + p * s_r * sH;
+    if (s_c == 1) row(a, a + sH, out + p * oH, std::integral_constant<int64_t, 1>());
+    else if (s_c == 2) row(a, a + sH, out + p * oH, std::integral_constant<int64_t, 2>());
+    else row(a, a + sH, out + p * oH, s_c);
+  }
+}
+
+// grad_shift_plane for a source whose taps are all in memory: x points at the taps of output
+// (0, 0). Row sums in opmath, the plane's sum in double.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void shift_grad_padded(const T* __restrict g, int64_t gH, int64_t Ho, int64_t Wo,
+                                        const T* __restrict x, int64_t sH, int64_t s_r, int64_t s_c, acc_t fr,
+                                        acc_t fc, double* out2) {
+  double da = 0, db = 0;
+  if (s_r == 1 && s_c == 1 && gH == sH) {
+    // One flat run over the rows at their common pitch (long vector loops instead of one short
+    // loop per row): grad_output's border columns are zeros, so the terms between rows vanish.
+    const int64_t n = (Ho - 1) * sH + Wo;
+    for (int64_t e0 = 0; e0 < n; e0 += 256) {  // chunks summed in opmath, then in double
+      const int64_t m = std::min<int64_t>(256, n - e0);
+      const T* gr = g + e0;
+      const T* a = x + e0;
+      const T* b = a + sH;
+      acc_t sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
+        const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
+        const acc_t gv = static_cast<acc_t>(gr[i]);
+        sa += gv * d_alpha(v00, v01, v10, v11, fr);
+        sb += gv * d_beta(v00, v01, v10, v11, fc);
+      }
+      da += sa;
+      db += sb;
+    }
+    out2[0] = da;
+    out2[1] = db;
+    return;
+  }
+  auto row = [&](const T* gr, const T* a, const T* b, auto sc) __attribute__((always_inline)) {
+    acc_t sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+    for (int64_t q = 0; q < Wo; ++q) {
+      const int64_t i = q * sc;
+      const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
+      const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
+      const acc_t gv = static_cast<acc_t>(gr[q]);
+      sa += gv * d_alpha(v00, v01, v10, v11, fr);
+      sb += gv * d_beta(v00, v01, v10, v11, fc);
+    }
+    da += sa;
+    db += sb;
+  };
+  for (int64_t p = 0; p < Ho; ++p) {
+    const T* a = x + p * s_r * sH;
+    if (s_c == 1) row(g + p * gH, a, a + sH, std::integral_constant<int64_t, 1>());
+    else if (s_c == 2) row(g + p * gH, a, a + sH, std::integral_constant<int64_t, 2>());
+    else row(g + p * gH, a, a + sH, s_c);
+  }
+  out2[0] = da;
+  out2[1] = db;
+}
+
+// Fills the interiors of scratch planes: one NCHW plane (rows of W), or one channels_last image
+// (H x W pixels of C channels) transposed row by row into its C planes.
+template <typename T>
+void copy_into(const T* src, T* origin, const Padded& L) {
+  for (int64_t r = 0; r < L.H; ++r) std::copy(src + r * L.W, src + (r + 1) * L.W, origin + r * L.Wp);
+}
+template <typename T>
+void transpose_into(const T* src, int64_t C, T* base, const Padded& L) {
+  for (int64_t r = 0; r < L.H; ++r) transpose<T>(src + r * L.W * C, L.W, C, C, base + L.origin(0) + r * L.Wp, L.ld);
+}
+
+// Calls fn(n, buffers) for every image n, in parallel over images; `buffers` holds one zeroed
+// scratch array per entry of `sizes`, kept for the task's images (borders stay zero: only the
+// interiors are ever written).
 template <typename T, size_t K, typename Fn>
 void for_each_image(int64_t N, const std::array<int64_t, K>& sizes, const Fn& fn) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -325,6 +489,22 @@ void for_each_image(int64_t N, const std::array<int64_t, K>& sizes, const Fn& fn
       buffers[k] = store[k].data();
     }
     for (int64_t n = begin; n < end; ++n) fn(n, buffers);
+  });
+}
+
+// The same for every (n, c) plane, in tasks of about 32k output elements.
+template <typename T, size_t K, typename Fn>
+void for_each_plane_buffered(int64_t N, int64_t C, int64_t plane_elems, const std::array<int64_t, K>& sizes,
+                             const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_elems));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    std::array<std::vector<T>, K> store;
+    std::array<T*, K> buffers;
+    for (size_t k = 0; k < K; ++k) {
+      store[k].resize(static_cast<size_t>(sizes[k]));
+      buffers[k] = store[k].data();
+    }
+    for (int64_t i = begin; i < end; ++i) fn(i / C, i % C, buffers);
   });
 }
 
@@ -339,21 +519,31 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
+    static_assert(std::is_same_v<T, acc_t>, "scratch rows are held in T buffers");
     const auto shifts = channel_shifts<acc_t>(shift, g.limit);
+    const Padded X = plan_padding(shifts, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, [&](const ChannelShift<acc_t>& s) {
+      return std::pair<int64_t, int64_t>{s.dr - g.ph, s.dc - g.pw};
+    });
     const T* xp = input.const_data_ptr<T>();
     T* yp = out.data_ptr<T>();
+    // Channel c of one image, from its scratch plane (element (0, 0) at xo) into y.
+    auto channel = [&](int64_t c, const T* xo, Plane<T> y, acc_t* h) {
+      const ChannelShift<acc_t>& s = shifts[c];
+      if (!X.ok[c]) return forward_plane<T, acc_t>(X.view(xo), y, s, stride, padding);
+      blend_padded<T, acc_t>(xo + (s.dr - g.ph) * X.Wp + (s.dc - g.pw), X.Wp, y.p, y.sH, g.Ho, g.Wo, g.sh, g.sw,
+                             acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc, h);
+    };
     if (!g.channels_last) {
-      for_each_plane(N, C, Po, [&](int64_t n, int64_t c) {
-        forward_plane<T, acc_t>(plane(xp, input, n, c), plane(yp, out, n, c), shifts[c], stride, padding);
+      for_each_plane_buffered<T>(N, C, Po, std::array<int64_t, 2>{X.ld, g.Wo}, [&](int64_t n, int64_t c, const auto& buf) {
+        T* xo = buf[0] + X.origin(0);
+        copy_into(xp + (n * C + c) * P, xo, X);
+        channel(c, xo, plane(yp, out, n, c), buf[1]);
       });
       return;
     }
-    for_each_image<T>(N, std::array<int64_t, 2>{C * ld(P), C * ld(Po)}, [&](int64_t n, const std::array<T*, 2>& buf) {
-      transpose<T>(xp + n * C * P, P, C, C, buf[0], ld(P));
-      for (int64_t c = 0; c < C; ++c) {
-        forward_plane<T, acc_t>(buffer_plane<const T>(buf[0], c, g.H, g.W), buffer_plane(buf[1], c, g.Ho, g.Wo),
-                                shifts[c], stride, padding);
-      }
+    for_each_image<T>(N, std::array<int64_t, 3>{C * X.ld, C * ld(Po), g.Wo}, [&](int64_t n, const auto& buf) {
+      transpose_into(xp + n * C * P, C, buf[0], X);
+      for (int64_t c = 0; c < C; ++c) channel(c, buf[0] + X.origin(c), buffer_plane(buf[1], c, g.Ho, g.Wo), buf[2]);
       transpose<T>(buf[1], C, Po, ld(Po), yp + n * C * Po, C);
     });
   });
@@ -380,29 +570,63 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_backward_cpu", [&] {
       using T = scalar_t;
       using acc_t = at::opmath_type<T>;
+      static_assert(std::is_same_v<T, acc_t>, "scratch rows are held in T buffers");
       const auto shifts = channel_shifts<acc_t>(shift, g.limit);
+      // input's planes, for the shift gradient: sampled as in the forward pass
+      Padded X = plan_padding(shifts, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, [&](const ChannelShift<acc_t>& s) {
+        return std::pair<int64_t, int64_t>{s.dr - g.ph, s.dc - g.pw};
+      }, want_shift);
+      // grad_output's planes: at stride 1 the input gradient samples them at the mirrored shift.
+      // Planned for the shift gradient alone too: its flat runs' sums depend on the row pitch, and
+      // the same pitch gives active_shift_grad_shift the bits of active_shift_backward.
+      const bool unit = g.sh == 1 && g.sw == 1;
+      Padded G = plan_padding(shifts, g.Ho, g.Wo, g.H, g.W, 1, 1, [&](const ChannelShift<acc_t>& s) {
+        return std::pair<int64_t, int64_t>{g.ph - s.dr - 1, g.pw - s.dc - 1};
+      }, unit);
+      if (want_shift && unit) {  // one row pitch for both: the shift gradient's flat runs
+        G.set_pitch(X.Wp);
+        X.set_pitch(G.Wp);
+      }
       const T* gp = grad.const_data_ptr<T>();
       const T* xp = input.const_data_ptr<T>();
       T* op_ = want_input ? gx.data_ptr<T>() : nullptr;
+      // Channel c of image n, from the scratch planes of grad_output (go) and input (xo).
+      auto channel = [&](int64_t n, int64_t c, const T* go, const T* xo, Plane<T> gxc, acc_t* h) {
+        const ChannelShift<acc_t>& s = shifts[c];
+        if (want_input && G.ok[c]) {
+          blend_padded<T, acc_t>(go + (g.ph - s.dr - 1) * G.Wp + (g.pw - s.dc - 1), G.Wp, gxc.p, gxc.sH, g.H, g.W, 1,
+                                 1, s.fr, acc_t(1) - s.fr, s.fc, acc_t(1) - s.fc, h);
+        } else if (want_input) {
+          input_grad_plane<T, acc_t>(G.view(go), gxc, s, stride, padding);
+        }
+        if (!want_shift) return;
+        double* out2 = &partial[2 * (n * C + c)];
+        if (X.ok[c]) {
+          shift_grad_padded<T, acc_t>(go, G.Wp, g.Ho, g.Wo, xo + (s.dr - g.ph) * X.Wp + (s.dc - g.pw), X.Wp, g.sh,
+                                      g.sw, s.fr, s.fc, out2);
+        } else {
+          shift_grad_plane<T, acc_t>(G.view(go), X.view(xo), s, stride, padding, out2);
+        }
+      };
+      const int64_t hsize = std::max(g.W, g.Wo);
       if (!g.channels_last) {
-        for_each_plane(N, C, Po, [&](int64_t n, int64_t c) {
-          if (want_input) input_grad_plane<T, acc_t>(plane(gp, grad, n, c), plane(op_, gx, n, c), shifts[c], stride, padding);
-          if (want_shift)
-            shift_grad_plane<T, acc_t>(plane(gp, grad, n, c), plane(xp, input, n, c), shifts[c], stride, padding,
-                                       &partial[2 * (n * C + c)]);
+        const std::array<int64_t, 3> sizes{G.ld, want_shift ? X.ld : 0, hsize};
+        for_each_plane_buffered<T>(N, C, Po, sizes, [&](int64_t n, int64_t c, const auto& buf) {
+          T* go = buf[0] + G.origin(0);
+          copy_into(gp + (n * C + c) * Po, go, G);
+          T* xo = want_shift ? buf[1] + X.origin(0) : nullptr;
+          if (want_shift) copy_into(xp + (n * C + c) * P, xo, X);
+          channel(n, c, go, xo, want_input ? plane(op_, gx, n, c) : Plane<T>{}, buf[2]);
         });
         return;
       }
-      const std::array<int64_t, 3> sizes{C * ld(Po), want_shift ? C * ld(P) : 0, want_input ? C * ld(P) : 0};
-      for_each_image<T>(N, sizes, [&](int64_t n, const std::array<T*, 3>& buf) {
-        transpose<T>(gp + n * C * Po, Po, C, C, buf[0], ld(Po));
-        if (want_shift) transpose<T>(xp + n * C * P, P, C, C, buf[1], ld(P));
+      const std::array<int64_t, 4> sizes{C * G.ld, want_shift ? C * X.ld : 0, want_input ? C * ld(P) : 0, hsize};
+      for_each_image<T>(N, sizes, [&](int64_t n, const auto& buf) {
+        transpose_into(gp + n * C * Po, C, buf[0], G);
+        if (want_shift) transpose_into(xp + n * C * P, C, buf[1], X);
         for (int64_t c = 0; c < C; ++c) {
-          const Plane<const T> gc = buffer_plane<const T>(buf[0], c, g.Ho, g.Wo);
-          if (want_input) input_grad_plane<T, acc_t>(gc, buffer_plane(buf[2], c, g.H, g.W), shifts[c], stride, padding);
-          if (want_shift)
-            shift_grad_plane<T, acc_t>(gc, buffer_plane<const T>(buf[1], c, g.H, g.W), shifts[c], stride, padding,
-                                       &partial[2 * (n * C + c)]);
+          channel(n, c, buf[0] + G.origin(c), want_shift ? buf[1] + X.origin(c) : nullptr,
+                  want_input ? buffer_plane(buf[2], c, g.H, g.W) : Plane<T>{}, buf[3]);
         }
         if (want_input) transpose<T>(buf[2], C, P, ld(P), op_ + n * C * P, C);
       });

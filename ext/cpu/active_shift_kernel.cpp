@@ -189,38 +189,44 @@ void forward_plane(Plane<const T> x, Plane<T> y, const ChannelShift<acc_t>& s, a
                          acc_t(1) - s.fc, s.fc);
 }
 
+// o[2i] = w0 g[i], o[2i + 1] = w1 g[i]: a row of the input gradient at column stride 2.
+template <typename T, typename acc_t>
+ASL_MULTIVERSION void interleave_unit(T* __restrict o, const T* __restrict g, int64_t n, acc_t w0, acc_t w1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(g[i]);
+    o[2 * i] = static_cast<T>(w0 * v);
+    o[2 * i + 1] = static_cast<T>(w1 * v);
+  }
+}
+
 // Input gradient when both strides are >= 2: the taps of different outputs never share an input
 // element (rows p*s + off and p*s + off + 1 are distinct for distinct p), so every input element
-// gets at most one term and the gradient is a plain scatter into a zeroed plane.
+// takes at most one term, from output p = floor((r - off) / s) when r - off - p*s is 0 or 1. Each
+// element is written once; at column stride 2 the interior of a row is one vectorized loop.
 template <typename T, typename acc_t>
-void scatter_input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
+void strided_input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
                               at::IntArrayRef padding) {
-  for (int64_t r = 0; r < gx.H; ++r)
-    for (int64_t c = 0; c < gx.W; ++c) gx.p[r * gx.sH + c * gx.sW] = T(0);
   const int64_t off_r = s.dr - padding[0], off_c = s.dc - padding[1], sr = stride[0], sc = stride[1];
   const acc_t wr[2] = {acc_t(1) - s.fr, s.fr}, wc[2] = {acc_t(1) - s.fc, s.fc};
   const Range cols = both_taps_inside(off_c, sc, gx.W, g.W);
-  for (int64_t p = 0; p < g.H; ++p) {
-    const T* grow = g.p + p * g.sH;
-    for (int k = 0; k < 2; ++k) {
-      T* o = gx.row(p * sr + off_r + k);
-      if (!o) continue;
-      const acc_t w0 = wr[k] * wc[0], w1 = wr[k] * wc[1];
-      auto one = [&](int64_t q) {
-        const int64_t c = q * sc + off_c;
-        const acc_t v = static_cast<acc_t>(grow[q * g.sW]);
-        if (c >= 0 && c < gx.W) o[c * gx.sW] = static_cast<T>(w0 * v);
-        if (c + 1 >= 0 && c + 1 < gx.W) o[(c + 1) * gx.sW] = static_cast<T>(w1 * v);
-      };
-      for (int64_t q = 0; q < cols.lo; ++q) one(q);
-      for (int64_t q = cols.lo; q < cols.hi; ++q) {  // both columns inside
-        const int64_t c = q * sc + off_c;
-        const acc_t v = static_cast<acc_t>(grow[q * g.sW]);
-        o[c * gx.sW] = static_cast<T>(w0 * v);
-        o[(c + 1) * gx.sW] = static_cast<T>(w1 * v);
-      }
-      for (int64_t q = cols.hi; q < g.W; ++q) one(q);
+  const bool interleave = sc == 2 && gx.sW == 1 && g.sW == 1 && cols.hi > cols.lo;
+  const int64_t c_lo = interleave ? cols.lo * 2 + off_c : gx.W, c_hi = interleave ? cols.hi * 2 + off_c : gx.W;
+  for (int64_t r = 0; r < gx.H; ++r) {
+    T* o = gx.p + r * gx.sH;
+    const int64_t p = floor_div(r - off_r, sr), k = r - off_r - p * sr;
+    if (k > 1 || p < 0 || p >= g.H) {
+      for (int64_t c = 0; c < gx.W; ++c) o[c * gx.sW] = T(0);
+      continue;
     }
+    const T* grow = g.p + p * g.sH;
+    auto one = [&](int64_t c) {
+      const int64_t q = floor_div(c - off_c, sc), l = c - off_c - q * sc;
+      const bool in = l <= 1 && q >= 0 && q < g.W;
+      o[c * gx.sW] = in ? static_cast<T>(wr[k] * wc[l] * static_cast<acc_t>(grow[q * g.sW])) : T(0);
+    };
+    for (int64_t c = 0; c < c_lo; ++c) one(c);
+    if (interleave) interleave_unit<T, acc_t>(o + c_lo, grow + cols.lo, cols.hi - cols.lo, wr[k] * wc[0], wr[k] * wc[1]);
+    for (int64_t c = c_hi; c < gx.W; ++c) one(c);
   }
 }
 
@@ -229,7 +235,7 @@ template <typename T, typename acc_t>
 void input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
                       at::IntArrayRef padding) {
   if (!s.finite) return fill_nan(gx);
-  if (stride[0] >= 2 && stride[1] >= 2) return scatter_input_grad_plane<T, acc_t>(g, gx, s, stride, padding);
+  if (stride[0] >= 2 && stride[1] >= 2) return strided_input_grad_plane<T, acc_t>(g, gx, s, stride, padding);
   if (stride[0] == 1 && stride[1] == 1) {
     // Transposed sampling at stride 1 is sampling at the mirrored shift.
     sample_plane<T, acc_t>(g, gx, 1, 1, padding[0] - s.dr - 1, padding[1] - s.dc - 1, s.fr, acc_t(1) - s.fr, s.fc,

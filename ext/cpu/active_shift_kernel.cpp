@@ -428,18 +428,8 @@ ASL_MULTIVERSION void shift_grad_padded(const T* __restrict g, int64_t gH, int64
     const int64_t n = (Ho - 1) * sH + Wo;
     for (int64_t e0 = 0; e0 < n; e0 += 256) {  // chunks summed in opmath, then in double
       const int64_t m = std::min<int64_t>(256, n - e0);
-      const T* gr = g + e0;
-      const T* a = x + e0;
-      const T* b = a + sH;
       acc_t sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-      for (int64_t i = 0; i < m; ++i) {
-        const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
-        const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
-        const acc_t gv = static_cast<acc_t>(gr[i]);
-        sa += gv * d_alpha(v00, v01, v10, v11, fr);
-        sb += gv * d_beta(v00, v01, v10, v11, fc);
-      }
+      shift_grad_unit(g + e0, x + e0, x + e0 + sH, m, fr, fc, &sa, &sb);
       da += sa;
       db += sb;
     }

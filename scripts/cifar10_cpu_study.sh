@@ -6,6 +6,8 @@
 # the later 1B-DW3-1 runs 36-40). All measured before asl train kept freed memory by default.
 # With channels_last by default and the OpenMP build, the EPYC ran one ASL and one 1B-DW3-B-1 run
 # at once in 14.3 minutes: about 2.9 hours for the 24 runs (extrapolated from that one pair).
+# With the fused BatchNorm-ReLU and the scratch-plane shift kernels the same pair took 13.2 minutes:
+# about 2.6 hours for the 24 runs (again extrapolated from one pair).
 #   bash scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]   (overrides go to every run)
 # 1. Table 4: GS, SI, SR, TR and TN (TR learned from SR's N(0,1) start), 3 seeds each.
 # 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.

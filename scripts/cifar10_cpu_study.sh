@@ -6,13 +6,16 @@
 # the later 1B-DW3-1 runs 36-40). All measured before asl train kept freed memory by default.
 # With channels_last by default and the OpenMP build, the EPYC ran one ASL and one 1B-DW3-B-1 run
 # at once in 14.3 minutes: about 2.9 hours for the 24 runs (extrapolated from that one pair).
-# With the fused BatchNorm-ReLU and the scratch-plane shift kernels the same pair took 13.2 minutes:
-# about 2.6 hours for the 24 runs (again extrapolated from one pair).
+# With the fused BatchNorm-ReLU and the scratch-plane shift kernels the same pair took 13.2 minutes;
+# the study itself, run from start to end at commit 52159ea on that EPYC, took the time given in
+# README.md ("Reproduce"). Its runs took 12-14 minutes each, two at a time; when a step ended on an
+# odd run one core sat idle, so the training now runs in two lanes (below).
 #   bash scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]   (overrides go to every run)
 # 1. Table 4: GS, SI, SR, TR and TN (TR learned from SR's N(0,1) start), 3 seeds each.
 # 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.
 # 3. Table 2: the ASL block against 1B-DW3-B-1 and 1B-DW3-1, 3 seeds (the ASL cell is TR's runs).
 # 4. Fig. 3 and the shift travel of TR seed 0 against the authors'-rate run of seed 0.
+# With JOBS >= 2 the runs of steps 1-3 train first, in two lanes; each step's CSV follows.
 # STEPS="rate table2" (any of ablate, rate, table2, figures) runs only those steps, e.g. on a machine
 # that has the earlier steps' CSVs but not their run folders; a cell whose runs are missing trains.
 set -euo pipefail
@@ -35,6 +38,42 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
     fi
   done
 }
+
+# Training, in two lanes of JOBS/2 runs each when JOBS >= 2 (the cells do not depend on one another,
+# so neither core waits for a step's last run): lane A trains GS, SI, SR and TR (12 runs), lane B
+# TN, the authors'-rate TR and the two depthwise cells (12 runs). Then every step's summary pass
+# below reuses the finished runs and writes its CSV and figure; with JOBS = 1 those passes train.
+LANES=$R/lanes
+lane_a() {
+  if step ablate; then
+    asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR --seeds $SEEDS --jobs "$1" \
+      --root $R/ablate --csv $LANES/ablate_a.csv
+  fi
+}
+lane_b() {
+  if step ablate; then
+    asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant TN --seeds $SEEDS --jobs "$1" \
+      --root $R/ablate --csv $LANES/ablate_b.csv
+  fi
+  if step rate; then
+    asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
+      --axis optim.shift_lr_mult=0.01 --seeds $SEEDS --jobs "$1" "${KEYS[@]}" --root $R/rate --csv $LANES/rate_b.csv
+  fi
+  if step table2; then
+    asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=dw3_bn,dw3 --seeds $SEEDS --jobs "$1" \
+      "${KEYS[@]}" --root $R/table2 --csv $LANES/table2_b.csv
+  fi
+}
+if (( J >= 2 )) && [[ $STEPS == *" ablate "* || $STEPS == *" rate "* || $STEPS == *" table2 "* ]]; then
+  mkdir -p $LANES
+  echo "lane B (TN, the authors' rate, the depthwise cells) runs beside this one; its progress: $LANES/b.log"
+  lane_b $(( J / 2 )) > $LANES/b.log 2>&1 &
+  B=$!
+  trap 'pkill -P $B 2> /dev/null; kill $B 2> /dev/null' EXIT  # lane B's training stops with this script
+  lane_a $(( J - J / 2 ))
+  wait $B || { echo "lane B failed: see $LANES/b.log" >&2; exit 1; }
+  trap - EXIT
+fi
 
 if step ablate; then
   asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR,TN --seeds $SEEDS --jobs "$J" \

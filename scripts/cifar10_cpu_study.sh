@@ -15,7 +15,7 @@
 # 2. TR with the authors' shift rate (0.01 x lr, no square-root rule) beside TR with the rule.
 # 3. Table 2: the ASL block against 1B-DW3-B-1 and 1B-DW3-1, 3 seeds (the ASL cell is TR's runs).
 # 4. Fig. 3 and the shift travel of TR seed 0 against the authors'-rate run of seed 0.
-# With JOBS >= 2 the runs of steps 1-3 train first, in two lanes; each step's CSV follows.
+# With JOBS = 2 the runs of steps 1-3 train first, in two lanes; each step's CSV follows.
 # STEPS="rate table2" (any of ablate, rate, table2, figures) runs only those steps, e.g. on a machine
 # that has the earlier steps' CSVs but not their run folders; a cell whose runs are missing trains.
 set -euo pipefail
@@ -39,10 +39,11 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
   done
 }
 
-# Training, in two lanes of JOBS/2 runs each when JOBS >= 2 (the cells do not depend on one another,
-# so neither core waits for a step's last run): lane A trains GS, SI, SR and TR (12 runs), lane B
-# TN, the authors'-rate TR and the two depthwise cells (12 runs). Then every step's summary pass
-# below reuses the finished runs and writes its CSV and figure; with JOBS = 1 those passes train.
+# Training, with JOBS = 2, in two lanes of one run at a time, each with half the cores as threads
+# (the cells do not depend on one another, so neither lane waits for a step's last run): lane A
+# trains GS, SI, SR and TR (12 runs), lane B TN, the authors'-rate TR and the two depthwise cells
+# (12 runs). Then every step's summary pass below reuses the finished runs and writes its CSV and
+# figure; with another JOBS those passes train, JOBS runs at a time.
 LANES=$R/lanes
 lane_a() {
   if step ablate; then
@@ -64,13 +65,14 @@ lane_b() {
       "${KEYS[@]}" --root $R/table2 --csv $LANES/table2_b.csv
   fi
 }
-if (( J >= 2 )) && [[ $STEPS == *" ablate "* || $STEPS == *" rate "* || $STEPS == *" table2 "* ]]; then
+if (( J == 2 )) && [[ $STEPS == *" ablate "* || $STEPS == *" rate "* || $STEPS == *" table2 "* ]]; then
   mkdir -p $LANES
   echo "lane B (TN, the authors' rate, the depthwise cells) runs beside this one; its progress: $LANES/b.log"
-  lane_b $(( J / 2 )) > $LANES/b.log 2>&1 &
+  T=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) / 2 : 1 ))}  # a one-job asl trains in-process, on all cores unless told
+  OMP_NUM_THREADS=$T lane_b 1 > $LANES/b.log 2>&1 &
   B=$!
   trap 'pkill -P $B 2> /dev/null; kill $B 2> /dev/null' EXIT  # lane B's training stops with this script
-  lane_a $(( J - J / 2 ))
+  OMP_NUM_THREADS=$T lane_a 1
   wait $B || { echo "lane B failed: see $LANES/b.log" >&2; exit 1; }
   trap - EXIT
 fi

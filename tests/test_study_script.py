@@ -14,7 +14,7 @@ FAKE_ASL = """#!/usr/bin/env bash
 if [ "$1" = config ]; then
   printf 'optim:\\n  shift_lr_mult: 0.01\\n  shift_lr_reference_iterations: 64000\\ntrain:\\n  iterations: 3000\\n'; exit
 fi
-echo "$*" >> "$CALLS"
+echo "omp=${OMP_NUM_THREADS:-unset} $*" >> "$CALLS"
 [ -n "${FAIL:-}" ] && [[ "$*" == *"$FAIL"* ]] && exit 3
 exit 0
 """
@@ -29,6 +29,7 @@ def study(tmp_path, jobs, steps=None, fail=None):
     calls.unlink(missing_ok=True)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls))
     env.pop("STEPS", None)
+    env.pop("OMP_NUM_THREADS", None)
     env.pop("FAIL", None)
     if steps:
         env["STEPS"] = steps
@@ -58,7 +59,12 @@ def test_two_jobs_train_in_two_lanes_before_the_summaries(tmp_path):
                  index(calls, "spatial=asl,dw3_bn,dw3", "--csv results/table2_cifar10_cpu.csv")]
     # every run is trained before any summary is written
     assert max([lane_a] + lane_b) < min(summaries) and summaries == sorted(summaries)
-    assert sum(c.startswith("plot-shifts") for c in calls) == 2 and calls[-1].startswith("plot-shifts")
+    # a lane trains in-process: half the cores each, not all of them twice over
+    cores = len(os.sched_getaffinity(0))  # what nproc counts
+    half = cores // 2 if cores > 2 else 1
+    assert all(calls[i].startswith(f"omp={half} ") for i in [lane_a] + lane_b)
+    assert all(calls[i].startswith("omp=unset ") for i in summaries)
+    assert sum(" plot-shifts " in c for c in calls) == 2 and " plot-shifts " in calls[-1]
 
 
 def test_one_job_has_no_lanes(tmp_path):

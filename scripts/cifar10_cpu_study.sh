@@ -39,6 +39,19 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
   done
 }
 
+# Each step's grid: ablate VARIANTS JOBS CSV, rate RATES JOBS CSV [ARGS], table2 BLOCKS JOBS CSV.
+ablate() {
+  asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant "$1" --seeds $SEEDS --jobs "$2" --root $R/ablate --csv "$3"
+}
+rate() {
+  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
+    --axis "optim.shift_lr_mult=$1" --seeds $SEEDS --jobs "$2" "${KEYS[@]}" --root $R/rate --csv "$3" "${@:4}"
+}
+table2() {
+  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis "model.args.spatial=$1" --seeds $SEEDS --jobs "$2" "${KEYS[@]}" \
+    --root $R/table2 --csv "$3"
+}
+
 # Training, with JOBS = 2, in two lanes of one run at a time, each with half the cores as threads
 # (the cells do not depend on one another, so neither lane waits for a step's last run): lane A
 # trains GS, SI, SR and TR (12 runs), lane B TN, the authors'-rate TR and the two depthwise cells
@@ -46,51 +59,36 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
 # figure; with another JOBS those passes train, JOBS runs at a time.
 LANES=$R/lanes
 lane_a() {
-  if step ablate; then
-    asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR --seeds $SEEDS --jobs "$1" \
-      --root $R/ablate --csv $LANES/ablate_a.csv
-  fi
+  if step ablate; then ablate GS,SI,SR,TR 1 $LANES/ablate_a.csv; fi
 }
 lane_b() {
-  if step ablate; then
-    asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant TN --seeds $SEEDS --jobs "$1" \
-      --root $R/ablate --csv $LANES/ablate_b.csv
-  fi
-  if step rate; then
-    asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
-      --axis optim.shift_lr_mult=0.01 --seeds $SEEDS --jobs "$1" "${KEYS[@]}" --root $R/rate --csv $LANES/rate_b.csv
-  fi
-  if step table2; then
-    asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=dw3_bn,dw3 --seeds $SEEDS --jobs "$1" \
-      "${KEYS[@]}" --root $R/table2 --csv $LANES/table2_b.csv
-  fi
+  if step ablate; then ablate TN 1 $LANES/ablate_b.csv; fi
+  if step rate; then rate 0.01 1 $LANES/rate_b.csv; fi
+  if step table2; then table2 dw3_bn,dw3 1 $LANES/table2_b.csv; fi
 }
 if (( J == 2 )) && [[ $STEPS == *" ablate "* || $STEPS == *" rate "* || $STEPS == *" table2 "* ]]; then
   mkdir -p $LANES
   echo "lane B (TN, the authors' rate, the depthwise cells) runs beside this one; its progress: $LANES/b.log"
   T=${OMP_NUM_THREADS:-$(( $(nproc) > 2 ? $(nproc) / 2 : 1 ))}  # a one-job asl trains in-process, on all cores unless told
-  OMP_NUM_THREADS=$T lane_b 1 > $LANES/b.log 2>&1 &
+  OMP_NUM_THREADS=$T lane_b > $LANES/b.log 2>&1 &
   B=$!
   trap 'pkill -P $B 2> /dev/null; kill $B 2> /dev/null' EXIT  # lane B's training stops with this script
-  OMP_NUM_THREADS=$T lane_a 1
+  OMP_NUM_THREADS=$T lane_a
   wait $B || { echo "lane B failed: see $LANES/b.log" >&2; exit 1; }
   trap - EXIT
 fi
 
 if step ablate; then
-  asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant GS,SI,SR,TR,TN --seeds $SEEDS --jobs "$J" \
-    --root $R/ablate --csv results/ablate_cifar10_cpu.csv
+  ablate GS,SI,SR,TR,TN "$J" results/ablate_cifar10_cpu.csv
 fi
 if step rate; then
   reuse_tr "$RULE" $R/rate
-  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
-    --axis "optim.shift_lr_mult=$RULE,0.01" --seeds $SEEDS --jobs "$J" "${KEYS[@]}" --baseline "$RULE" \
-    --root $R/rate --csv results/tr_rate_cifar10_cpu.csv --title "TR: the square-root rule's shift rate vs the authors' (cifar10_cpu)"
+  rate "$RULE,0.01" "$J" results/tr_rate_cifar10_cpu.csv --baseline "$RULE" \
+    --title "TR: the square-root rule's shift rate vs the authors' (cifar10_cpu)"
 fi
 if step table2; then
   reuse_tr asl $R/table2
-  asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis model.args.spatial=asl,dw3_bn,dw3 --seeds $SEEDS --jobs "$J" "${KEYS[@]}" \
-    --root $R/table2 --csv results/table2_cifar10_cpu.csv
+  table2 asl,dw3_bn,dw3 "$J" results/table2_cifar10_cpu.csv
 fi
 if step figures; then
   TR0=$R/ablate/TR-seed0

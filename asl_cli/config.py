@@ -400,5 +400,60 @@ def describe(cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Keys that say where things are or how a run is executed, not what is trained: two configs that
+# differ only in these train the same network the same way, so a run made with one may be reused or
+# resumed for the other. (Device, compile and memory-format knobs change speed, not the recipe.)
+EXECUTION_KEYS = ("name", "description", "data.root", "data.path", "data.cache", "data.download", "data.workers",
+                  "data.on_device", "train.log_every", "train.ckpt_every", "train.eval_batch_size", "train.device",
+                  "train.compile", "train.channels_last", "train.fuse_bn_relu", "train.malloc_pad_mib", "train.cuda_graph")
+EXECUTION_PREFIXES = ("output.", "cluster.")
+
+
+def _model_args(cfg: dict) -> dict:
+    """model.args with the model's own defaults filled in, so that an argument left at its default
+    and the same value given explicitly compare equal."""
+    import inspect
+
+    from .zoo import get_entry
+
+    args = dict(cfg["model"].get("args") or {})
+    try:
+        entry = get_entry(cfg["model"]["name"])
+    except KeyError:
+        return args
+    params = inspect.signature(entry.factory).parameters
+    full = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty and k != "num_classes"}
+    return {**full, **entry.fixed, **args}
+
+
+def training_differences(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, wanted value) for every key that changes what is trained; keys of
+    EXECUTION_KEYS and under output./cluster. are left out."""
+    def flat(cfg: dict) -> dict:
+        f = _flatten({k: v for k, v in cfg.items() if not k.startswith("_")})
+        f.pop("model.args", None)
+        f.update({f"model.args.{k}": v for k, v in _model_args(cfg).items()})
+        return {k: v for k, v in f.items() if k not in EXECUTION_KEYS and not k.startswith(EXECUTION_PREFIXES)}
+
+    a, b = flat(saved), flat(wanted)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            out.append((key, None if va is missing else va, None if vb is missing else vb))
+    return out
+
+
+def format_differences(diffs: list[tuple[str, object, object]], limit: int = 6) -> str:
+    """'key: saved -> wanted' for the first `limit` differences, joined with '; '."""
+    text = "; ".join(f"{k}: {dump_scalar(a)} -> {dump_scalar(b)}" for k, a, b in diffs[:limit])
+    return text + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def dump_scalar(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
 def dump(cfg: dict) -> str:
     return yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")}, sort_keys=False)

@@ -45,7 +45,8 @@ def config(
 def train(
     args: Optional[List[str]] = typer.Argument(None, metavar="[RECIPE] [KEY=VALUE]...",
                                                help="A recipe name in recipes/ or a YAML path (default: quick), then dotted overrides such as optim.lr=0.05 data.root=/data."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint, "
+                                          "with its own config.yaml (overrides may change only paths and logging, e.g. data.path=...)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this checkpoint or run folder (fine-tuning)."),
 ) -> None:
     """Train a zoo model from a YAML recipe; writes a run folder (config, metrics.csv, checkpoints, shifts)."""
@@ -58,11 +59,7 @@ def train(
     recipe, overrides = split_recipe(args)
     try:
         if resume is not None:
-            if recipe or overrides:
-                fail("--resume continues the run's own recipe (its config.yaml); give no recipe or overrides", code=2)
-            if not (resume / "config.yaml").exists():
-                fail(f"{resume} is not a run folder (no config.yaml)", code=2)
-            cfg = load_config(str(resume / "config.yaml"))
+            cfg = _resume_config(resume, recipe, overrides)
         else:
             cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
     except ConfigError as e:
@@ -84,15 +81,42 @@ def train(
         _render_summary(summary)
 
 
+def _resume_config(run_dir: Path, recipe: str | None, overrides: list[str]) -> dict:
+    """The config a resumed run continues with: its own config.yaml, with a recipe or overrides
+    given beside --resume allowed only where they change no training setting (a moved data folder,
+    another log interval)."""
+    from asl_cli.config import ConfigError, format_differences, load_config, training_differences
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        fail(f"{run_dir} is not a run folder (no config.yaml)", code=2)
+    saved = load_config(str(saved_path))
+    if not recipe and not overrides:
+        return saved
+    wanted = load_config(recipe or str(saved_path), overrides)
+    wanted["output"]["dir"] = saved["output"]["dir"]
+    diffs = training_differences(saved, wanted)
+    if diffs:
+        raise ConfigError(f"the run in {run_dir} was trained with other settings than these (saved -> asked): "
+                          f"{format_differences(diffs)}. A resumed run keeps its own; start a new run instead "
+                          f"(another output.dir, optionally --init-from {run_dir} to start from its weights), or drop "
+                          f"those overrides to continue it as it was")
+    return wanted
+
+
 def train_with_progress(run_training, cfg, resume, init_from, show: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
 
     from asl_cli.train import Callbacks
 
     if not show:
         return run_training(cfg, resume=resume, init_from=init_from)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    # In a narrow terminal the statistics are cut short, never the step count or the times.
+    progress = Progress(TextColumn("[bold]train"), BarColumn(bar_width=12),
+                        MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=2 * len(str(cfg["train"]["iterations"] or 0)) + 1)),
+                        TextColumn("{task.fields[stats]}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, expand=False)
     task = {}
 
     def on_start(info):

@@ -47,10 +47,15 @@ TIME_OPT = typer.Option(None, "--time", min=1, metavar="MINUTES", help="Each job
 GPUS_OPT = typer.Option(None, "--gpus-per-node", min=0, help="GPUs per job, one process each with DistributedDataParallel.")
 CPUS_OPT = typer.Option(None, "--cpus-per-task", min=1, help="CPUs per process of a job.")
 NODES_OPT = typer.Option(None, "--nodes", min=1, help="Nodes per job.")
+RERUN_OPT = typer.Option(False, "--rerun", help="Runs already in the folder that were trained with other settings "
+                         "(keys that change training) are moved aside to <run>.replaced-<time> and trained anew; "
+                         "without it such runs stop the command, and only runs trained as asked are reused or resumed.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace the summary CSV and figure even where the CSV is a "
+                             "result committed to git (by default the new summary is then written beside it).")
 
 
-def _grid(executor, wait, status, partition, time_min, gpus, cpus, nodes) -> dict:
-    return {"executor": executor.value, "wait": wait, "status": status,
+def _grid(executor, wait, status, partition, time_min, gpus, cpus, nodes, rerun=False) -> dict:
+    return {"executor": executor.value, "wait": wait, "status": status, "rerun": rerun,
             "resources": dict(partition=partition, timeout_min=time_min, gpus_per_node=gpus, cpus_per_task=cpus, nodes=nodes)}
 
 
@@ -84,13 +89,14 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
     summary then waits for a later call)."""
     from asl_cli.train import train as run_training
     from asl_cli.experiments import cluster
-    from asl_cli.experiments.sweep import execute
+    from asl_cli.experiments.sweep import check_reuse, execute
 
     status = lambda m: console.print(f"[bold]{m}[/]", highlight=False)  # noqa: E731
     if grid["status"]:
         cluster.refresh(runs)
         show(_live_view(runs))
         return None
+    check_reuse(runs, grid["rerun"], status, busy=cluster.job_alive if grid["executor"] != "pool" else lambda r: False)
     if grid["executor"] != "pool":
         cluster.refresh(runs)
         res = cluster.Resources.from_config(runs[0].cfg, **grid["resources"])
@@ -134,38 +140,63 @@ def _guarded(work):
         fail(str(e))
 
 
-def _write_summary(summary, csv: Path, title: str, paper_label: str) -> None:
+def _write_summary(summary, csv: Path, title: str, paper_label: str, overwrite: bool) -> None:
+    from asl_cli.experiments.outputs import writable
     from asl_cli.experiments.sweep import plot_summary
 
+    target = writable(csv, overwrite)
+    csv = target.path
     csv.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(csv, index=False)
     paths = plot_summary(summary.rename(columns={"variant": "cell"}) if "cell" not in summary else summary,
-                         csv.with_suffix(""), title, paper_label) if summary["top1_mean"].notna().any() else []
-    console.print(f"wrote {csv}" + "".join(f", {p}" for p in paths))
+                         csv.with_name(csv.stem), title, paper_label) if "top1_mean" in summary and summary["top1_mean"].notna().any() else []
+    if target.note:
+        console.print(f"[yellow]note:[/] {target.note}", highlight=False)
+    console.print(f"wrote {csv}" + "".join(f", {p}" for p in paths), highlight=False)
+
+
+def _nan(v) -> bool:
+    return v is None or v != v
+
+
+def _num(v) -> str:
+    """A statistic, or n/a where one seed gives none."""
+    return "n/a" if _nan(v) else f"{v:.2f}"
+
+
+def _versus(r, first_col: str) -> str:
+    if r.get("baseline") == r[first_col]:
+        return "baseline"
+    if _nan(r.get("diff_vs_baseline")):
+        return ""
+    p = r.get("p_welch")
+    return f"{r['diff_vs_baseline']:+.2f} (p={'n/a' if _nan(p) else f'{p:.3g}'})"
 
 
 def _summary_table(summary, title: str, first_col: str) -> Table:
-    t = Table(title=title)
-    for c in (first_col, "seeds", "top-1 mean ± std", "95% CI", "top-5", "vs baseline (p)", "params", "paper"):
-        t.add_column(c)
+    """The summary in a terminal (80 columns suffice; top-5 and the rest are in the CSV)."""
+    from rich import box
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, padding=(0, 1))
+    for c in (first_col, "seeds", "top-1 ± std", "95% CI", "vs baseline (p)", "params", "paper"):
+        t.add_column(c, no_wrap=True)
     for _, r in summary.iterrows():
         if r["seeds"] == 0:
-            t.add_row(str(r[first_col]), "0", "", "", "", "", "", "")
+            t.add_row(str(r[first_col]), "0", "", "", "", "", "")
             continue
-        vs = f"{r['diff_vs_baseline']:+.2f} (p={r['p_welch']:.3g})" if "diff_vs_baseline" in r and r["diff_vs_baseline"] == r["diff_vs_baseline"] else ""
         paper = r.get("paper_top1")
-        t.add_row(str(r[first_col]), str(r["seeds"]), f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}",
-                  f"[{r['top1_ci95_low']:.2f}, {r['top1_ci95_high']:.2f}]", f"{r['top5_mean']:.2f}", vs, str(r["params"]),
-                  "" if paper is None or paper != paper else f"{paper}")
+        t.add_row(str(r[first_col]), str(r["seeds"]), f"{r['top1_mean']:.2f} ± {_num(r['top1_std'])}",
+                  "n/a" if _nan(r["top1_ci95_low"]) else f"{r['top1_ci95_low']:.2f}-{r['top1_ci95_high']:.2f}",
+                  _versus(r, first_col), str(r["params"]), "" if paper is None or _nan(paper) else f"{paper}")
     return t
 
 
-def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, first_col: str) -> None:
+def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, first_col: str, overwrite: bool) -> None:
     from asl_cli.experiments.sweep import add_provenance
 
     add_provenance(summary, failed)
     show(_summary_table(summary, title, first_col))
-    _write_summary(summary, csv, title, paper_label)
+    _write_summary(summary, csv, title, paper_label, overwrite)
     if failed:
         fail(f"{len(failed)} run(s) failed (see above); the summary holds the finished ones. Run the same command again to retry them.")
 
@@ -185,6 +216,7 @@ def sweep(
     executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
     partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
     cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
+    rerun: bool = RERUN_OPT, overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Train a recipe over override axes x seeds and summarise each cell (mean, std, 95% CI,
     Welch t-test against a baseline cell), with a figure. Finished runs are reused, interrupted
@@ -214,13 +246,13 @@ def sweep(
             return None, runs
         return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
 
-    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes)
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)
     paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
     label = "paper Table 2 (ASNet-20 b88, CIFAR-10, full schedule)" if paper else ""
     summary, failed = _guarded(work)
     if summary is not None:
         _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
-                      title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell")
+                      title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell", overwrite)
 
 
 @app.command()
@@ -238,6 +270,7 @@ def ablate(
     executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
     partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
     cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
+    rerun: bool = RERUN_OPT, overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
     runs are reused (the shift-variant preset of `asl sweep`).
@@ -264,8 +297,8 @@ def ablate(
             return None, runs
         return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
 
-    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes)
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)
     summary, failed = _guarded(work)
     if summary is not None:
         _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
-                      f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant")
+                      f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant", overwrite)

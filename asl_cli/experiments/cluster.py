@@ -129,6 +129,11 @@ def read_job(run: Run) -> dict:
         return {}
 
 
+def job_alive(run: Run) -> bool:
+    """Whether a job recorded for the run is still queued or running."""
+    return _job_alive(read_job(run))
+
+
 def _job_alive(info: dict) -> bool:
     """Whether the job recorded in job.json is still queued or running."""
     if not info:

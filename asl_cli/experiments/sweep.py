@@ -97,6 +97,71 @@ def finished(run_dir: Path) -> dict | None:
     return None
 
 
+def saved_config(run_dir: Path) -> dict | None:
+    """The resolved config of the run in `run_dir` when there is one to reuse or resume (it has a
+    checkpoint), else None."""
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        return None
+    path = run_dir / "config.yaml"
+    if path.exists():
+        try:
+            return load_config(str(path))
+        except ConfigError as e:
+            raise ConfigError(f"{path} cannot be read ({e}), so it is unknown what the run in {run_dir} was trained "
+                              f"with; move that folder away or rerun with --rerun") from None
+    try:  # a damaged checkpoint raises its own CheckpointError
+        return load_config(ckpt_io.load(run_dir / "checkpoints" / "last.pt")["config"])
+    except (KeyError, ConfigError) as e:
+        raise ConfigError(f"{run_dir} holds a checkpoint but no readable config.yaml ({e}); move that folder away "
+                          f"or rerun with --rerun") from None
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Renames a run folder to <name>.replaced-<time> beside it (kept, not deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, i = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}"), 2
+    while dest.exists():
+        dest, i = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{i}"), i + 1
+    run_dir.rename(dest)
+    return dest
+
+
+def check_reuse(runs: list[Run], rerun: bool, on_status: Callable[[str], None] = lambda s: None,
+                busy: Callable[[Run], bool] = lambda r: False) -> None:
+    """Before any run is reused or resumed: a run folder whose run was trained with other
+    settings than this command asks for (keys that change training; not paths or the executor)
+    stops the command with the differing keys, or with `rerun` is moved aside and trained anew.
+    A folder a live job is still training is never moved."""
+    from ..config import format_differences, training_differences
+
+    conflicts = []
+    for r in runs:
+        saved = saved_config(r.run_dir)
+        if saved is None:
+            continue
+        diffs = training_differences(saved, r.cfg)
+        if diffs:
+            conflicts.append((r, diffs))
+    if not conflicts:
+        return
+    if not rerun:
+        lines = [f"{r.run_dir}: {format_differences(d)}" for r, d in conflicts[:5]]
+        more = f"\n  ... and {len(conflicts) - 5} more run(s)" if len(conflicts) > 5 else ""
+        raise ConfigError(
+            f"{len(conflicts)} existing run(s) were trained with other settings than this command asks for "
+            f"(saved -> asked):\n  " + "\n  ".join(lines) + more +
+            "\nEither give the runs another folder (--root DIR), or pass --rerun to move the old runs aside "
+            "(renamed to <run>.replaced-<time>) and train them anew.")
+    live = [r for r, _ in conflicts if busy(r)]
+    if live:
+        raise ConfigError(f"{live[0].run_dir} is still being trained by a job with its old settings; wait for it or cancel "
+                          f"it before --rerun moves it aside")
+    for r, diffs in conflicts:
+        dest = move_aside(r.run_dir)
+        on_status(f"{r.cell} seed {r.seed}: trained with other settings ({format_differences(diffs, 3)}); "
+                  f"moved aside to {dest}, training anew")
+
+
 def prepare(run: Run) -> Path | None:
     """The folder to resume from, or None for a fresh start (leftover logs of a run that never
     checkpointed are removed so they cannot mix with the new one)."""
@@ -234,9 +299,11 @@ def summary_table(runs: list[Run], df: pd.DataFrame, baseline: str | None, recip
                        top1_ci95_high=round(s1.ci_high, 3), top5_mean=round(s5.mean, 3), top5_std=round(s5.std, 3),
                        params=int(d["params"].iloc[0]),
                        top1_runs=";".join(f"{v:.2f}" for v in d.sort_values("seed")["top1"]))
-            if baseline is not None and base:
+            if baseline is not None and base and c != baseline:  # no test of the baseline against itself
                 diff, p = welch(d["top1"].tolist(), base)
                 row.update(baseline=baseline, diff_vs_baseline=round(diff, 3), p_welch=round(p, 4) if p == p else p)
+            elif baseline is not None:
+                row.update(baseline=baseline)
         if paper is not None:
             row["paper_top1"] = paper.get(c)
             row["paper_source"] = paper_label
@@ -265,38 +332,39 @@ def add_provenance(summary: pd.DataFrame, failed: list[Run]) -> None:
 def plot_summary(summary: pd.DataFrame, path_stem: Path, title: str, paper_label: str = "") -> list[Path]:
     """Bars of the mean top-1 per cell with 95% confidence intervals; the paper's figures as
     hatched bars beside them where it has them. PNG and SVG."""
-    import matplotlib
+    from . import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.plt()
     s = summary.dropna(subset=["top1_mean"]).reset_index(drop=True)
+    # one seed gives no interval: the bar alone, without an error bar
+    lo, hi = s["top1_ci95_low"].fillna(s["top1_mean"]), s["top1_ci95_high"].fillna(s["top1_mean"])
     has_paper = "paper_top1" in s and s["paper_top1"].notna().any()
     w = 0.38 if has_paper else 0.6
-    fig, ax = plt.subplots(figsize=(1.3 * len(s) + 2.5, 3.6))
+    fig, ax = plt.subplots(figsize=(1.3 * len(s) + 2.5, 4.0))
     x = list(range(len(s)))
-    err = [s["top1_mean"] - s["top1_ci95_low"], s["top1_ci95_high"] - s["top1_mean"]]
+    err = [s["top1_mean"] - lo, hi - s["top1_mean"]]
     dx = -w / 2 if has_paper else 0
+    seeds = int(s["seeds"].max()) if "seeds" in s and len(s) else 0
+    what = "mean, 95% CI over seeds" if seeds > 1 else "one seed, no interval"
     ax.bar([i + dx for i in x], s["top1_mean"], w, yerr=err, capsize=4, color="#4477aa",
-           label=f"ours: mean, 95% CI over seeds ({s['dataset'].iloc[0] if len(s) else ''})")
-    for i, r in s.iterrows():
-        ax.text(i + dx, r["top1_ci95_high"], f"{r['top1_mean']:.1f}", ha="center", va="bottom", fontsize=8)
-    lows = list(s["top1_ci95_low"])
+           label=f"ours: {what} ({s['dataset'].iloc[0] if len(s) else ''})")
+    for i, r in s.iterrows():  # above the error bar's cap, not on it
+        ax.annotate(f"{r['top1_mean']:.1f}", (i + dx, hi[i]), xytext=(0, 5), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
+    lows, highs = list(lo), list(hi)
     if has_paper:
         pv = s["paper_top1"].astype(float)
         ax.bar([i + w / 2 for i in x], pv.fillna(0), w, color="white", edgecolor="#aa3377", hatch="//", label=paper_label or "paper")
         lows += [v for v in pv if v == v]
+        highs += [v for v in pv if v == v]
     ax.set_xticks(x, s["cell"])
     ax.set_ylabel("test top-1 (%)")
-    ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(list(s["top1_ci95_high"]) + ([pv.max()] if has_paper else [])) + 4))
+    ax.set_ylim(max(0.0, min(lows) - 5), min(104.0, max(highs) + 4))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the axes, where no bar can be under it
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
-    paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return figures.save(fig, path_stem)
 
 
 # ---------------------------------------------------------------------------------------------

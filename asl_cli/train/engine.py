@@ -119,7 +119,10 @@ class _Run:
         d = self.d
         if resume is not None:
             self.run_dir = Path(resume)
-            return run_folder.resume_folder(self.run_dir, lock if d.main else None)
+            state = run_folder.resume_folder(self.run_dir, lock if d.main else None)
+            if d.main:  # paths or logging given anew (the caller checked that training is unchanged)
+                run_folder.update_config(self.run_dir, self.cfg)
+            return state
         run_dir = run_folder.new_run_dir(self.cfg)
         if d.world > 1:
             obj = [str(run_dir)]

@@ -160,6 +160,21 @@ def resume_folder(run_dir: Path, lock: RunLock | None) -> dict:
     return state
 
 
+def update_config(run_dir: Path, cfg: dict) -> None:
+    """Rewrites a resumed run's config.yaml when the config it continues with reads differently
+    (call with the folder's lock held), so that the next resume uses the same."""
+    path = run_dir / "config.yaml"
+    text = dump(cfg)
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save(run_dir: Path, obj: dict, is_best: bool) -> None:
     ckpt_io.save_atomic(obj, run_dir / "checkpoints" / "last.pt")
     if is_best:

@@ -27,21 +27,34 @@ class RunLock:
             return self
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunFolderBusy(f"{self.path.parent} is in use by another training process"
+                                    f"{f' (pid {holder})' if holder else ''}; wait for it, stop it, or choose another output.dir") from None
+            try:  # the holder we waited for removes the file on release: lock the file that is there now
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunFolderBusy(f"{self.path.parent} is in use by another training process"
-                                f"{f' (pid {holder})' if holder else ''}; wait for it, stop it, or choose another output.dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
 
     def release(self) -> None:
+        """Removes the lock file (while still holding it, so no one else can have locked that file)
+        and drops the lock: a finished or stopped run leaves no .lock behind."""
         if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
             os.close(self.fd)  # closing drops the flock
             self.fd = None
 

@@ -16,7 +16,7 @@ def plt():
 def save(fig, stem: Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    paths = [stem.with_name(stem.name + ext) for ext in (".png", ".svg")]  # a stem may hold dots (x.local)
     for p in paths:
         fig.savefig(p, dpi=130, bbox_inches="tight")
     plt().close(fig)

@@ -61,8 +61,8 @@ def t_ppf(q: float, df: float) -> float:
 class Summary:
     n: int
     mean: float
-    std: float  # sample standard deviation (ddof 1); 0 for one value
-    ci_low: float  # 95% Student-t interval of the mean; equal to the mean for one value
+    std: float  # sample standard deviation (ddof 1); NaN for one value (not available)
+    ci_low: float  # 95% Student-t interval of the mean; NaN for one value
     ci_high: float
 
 
@@ -71,8 +71,8 @@ def summarize(values: list[float], level: float = 0.95) -> Summary:
     if n == 0:
         raise ValueError("no values to summarise")
     mean = sum(values) / n
-    if n == 1:
-        return Summary(1, mean, 0.0, mean, mean)
+    if n == 1:  # no spread can be estimated from one value
+        return Summary(1, mean, math.nan, math.nan, math.nan)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
     return Summary(n, mean, std, mean - half, mean + half)

@@ -15,10 +15,12 @@ from .app import app, console, err, fail, fmt, show
 def plot_shifts(
     targets: Optional[List[Path]] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]...",
                                                    help="A run folder (last checkpoint and shifts.csv) or a checkpoint "
-                                                        "(default: the newest run under ./runs with a checkpoint); several "
+                                                        "(default: the newest run under ./runs with learned shifts); several "
                                                         "run folders: compare how far their shifts travelled."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>, or "
                                        "results/shift_travel for several runs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into the output folder even where it holds results "
+                                   "committed to git (by default the files then go to <folder>.local beside it)."),
 ) -> None:
     """Scatter every ASL layer's shifts (paper Fig. 3), their movement in training and how far they
     travelled (shift_travel.csv: per layer and step, the mean distance from the start, the spread
@@ -27,11 +29,15 @@ def plot_shifts(
     learning rates) and against the random-walk length (the square root of their squares' sum)."""
     from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
+    from asl_cli.experiments.outputs import writable_dir
     from asl_cli.experiments.plot_shifts import compare, newest_run, run
 
     if targets and len(targets) > 1:
+        where = writable_dir(out or results_dir() / "shift_travel", overwrite)
+        if where.note:
+            console.print(f"[yellow]note:[/] {where.note}", highlight=False)
         try:
-            res = compare(list(targets), out or results_dir() / "shift_travel")
+            res = compare(list(targets), where.path)
         except ckpt_io.CheckpointError as e:
             fail(str(e))
         last = res["table"].groupby("run", sort=False).tail(1)
@@ -49,14 +55,16 @@ def plot_shifts(
     target = targets[0] if targets else None
     try:
         if target is None:
-            target = newest_run(Path("runs"))
-            console.print(f"plotting the newest run: [bold]{target}[/]")
-        out = out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name)
-        res = run(target, out)
+            target, why = newest_run(Path("runs"))
+            console.print(why, highlight=False)
+        where = writable_dir(out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name), overwrite)
+        res = run(target, where.path)
     except ckpt_io.CheckpointError as e:
         fail(str(e))
     for note in res["notes"]:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
+    if where.note:
+        console.print(f"[yellow]note:[/] {where.note}", highlight=False)
     st = res["stats"]
     t = Table(title=f"shift statistics ({len(st)} layers)")
     for c in ("layer", "channels", "mean |shift|", "max |shift|", "beyond 1 px"):

@@ -183,6 +183,10 @@ def run(target: str | Path, out_dir: Path) -> dict:
     if not shifts:
         raise ckpt_io.CheckpointError(f"{ckpt['_path']} holds no active shift layers (model {ckpt['model_name']})")
     label = f"{ckpt['model_name']}, " + ("imported from " + Path(ckpt["source"]["file"]).name if ckpt.get("source") else f"step {ckpt.get('step')}")
+    mode = shift_mode_of(ckpt["config"]) if ckpt.get("config") else None
+    fixed = not learned(mode)
+    if fixed:
+        label += f", fixed {mode} shifts (not learned)"
     out_dir = Path(out_dir)
     files = scatter_figure(shifts, f"Shifts of every ASL layer: {label}", out_dir / "shifts")
     stats = layer_stats(shifts)
@@ -198,18 +202,54 @@ def run(target: str | Path, out_dir: Path) -> dict:
         if problem:
             notes.append(f"{problem}: no shift movement figure")
         elif hist["step"].nunique() > 1:
-            files += movement_figure(hist, f"Shift movement during training: {ckpt['model_name']}", out_dir / "shift_movement")
+            title = f"Shift movement during training: {ckpt['model_name']}"
+            if fixed:
+                title += f" (fixed {mode} shifts: they are not learned, so they do not move)"
+                notes.append(f"the run's {mode} shifts are fixed, so the movement figure shows no movement")
+            files += movement_figure(hist, title, out_dir / "shift_movement")
             travel_path = out_dir / "shift_travel.csv"
             travel_table(hist).to_csv(travel_path, index=False)
             files.append(travel_path)
     return {"files": [str(f) for f in files], "stats": stats, "notes": notes}
 
 
-def newest_run(root: Path) -> Path:
+def shift_mode_of(cfg: dict) -> str | None:
+    """The shift variant a run's config trains (TR, SR, ...), None when unknown."""
+    from ..config import _model_args
+
+    mode = _model_args(cfg).get("shift_mode")
+    return str(mode).upper() if mode is not None else None
+
+
+def learned(mode: str | None) -> bool:
+    from ..nn import SHIFT_MODES
+
+    return mode is None or SHIFT_MODES.get(mode, (None, None, True))[2]
+
+
+def newest_run(root: Path) -> tuple[Path, str]:
     """The run folder under `root` (sweeps' and ablations' included) whose last checkpoint was
-    written most recently."""
+    written most recently among those whose shifts are learned (else the newest of all), and a
+    line saying which was chosen and why."""
+    from ..config import ConfigError, load_config
+
     found = sorted(root.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not found:
         raise ckpt_io.CheckpointError(f"no run with a checkpoint under {root}/; train one with `asl train`, "
                                       f"or name a run folder or checkpoint: asl plot-shifts RUN_DIR|CHECKPOINT")
-    return found[-1].parent.parent
+    runs = [p.parent.parent for p in reversed(found)]
+
+    def mode(run: Path) -> str | None:
+        try:
+            return shift_mode_of(load_config(str(run / "config.yaml")))
+        except (ConfigError, OSError):
+            return None
+
+    newest = runs[0]
+    for run in runs:
+        if learned(mode(run)):
+            if run == newest:
+                return run, f"plotting the newest run: {run}"
+            return run, (f"plotting the newest run with learned shifts: {run} (the newest run, {newest}, holds fixed "
+                         f"{mode(newest)} shifts)")
+    return newest, f"plotting the newest run: {newest} (no run under {root}/ learns its shifts; its {mode(newest)} shifts are fixed)"

@@ -28,10 +28,22 @@ BUILD_STAMP="$VENV/.asl-build"
 HAVE_NVCC=$(command -v nvcc >/dev/null 2>&1 && echo yes || echo no)
 KEY=$( (cat setup.py pyproject.toml; find ext -type f | sort | xargs cat; python -c "import torch; print(torch.__version__)"; echo "nvcc=$HAVE_NVCC ${FORCE_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$KEY" ] || ! ls asl_cli/_C*.so >/dev/null 2>&1; then
-  echo "[setup] building the extension (CUDA kernels too: $HAVE_NVCC)"
+  if [ "$HAVE_NVCC" = yes ] && [ "${ASL_NO_CUDA:-}" != 1 ]; then
+    echo "[setup] building the extension: C++ CPU kernels, and the CUDA kernels with nvcc (they run where a GPU is visible)"
+  else
+    echo "[setup] building the extension: C++ CPU kernels"
+  fi
   python -m pip install -v --no-build-isolation --no-deps -e . > "$VENV/build.log" 2>&1 || {
     tail -n 60 "$VENV/build.log"; echo "[setup] build failed; full log in $VENV/build.log"; exit 1; }
-  grep "asl build:" "$VENV/build.log" | sed 's/^ */[setup] /' || true
+  # setup.py runs more than once in a build: each of its lines once
+  grep "asl build:" "$VENV/build.log" | sed 's/^ */[setup] /' | awk '!seen[$0]++' || true
   echo "$KEY" > "$BUILD_STAMP"
 fi
-python -c "import asl_cli; print('[setup] backends:', asl_cli.backends())"
+python -c "
+import asl_cli, torch
+b = asl_cli.backends()
+gpu = 'a GPU is visible' if torch.cuda.is_available() else 'no GPU visible here'
+print(f\"[setup] ready: CPU tensors use the {b['cpu']} kernels; CUDA tensors the {b['cuda']} ones ({gpu})\")
+if 'extension_error' in b:
+    print('[setup] extension error:', b['extension_error'])
+"

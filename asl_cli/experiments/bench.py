@@ -10,14 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import logging
-
 import torch
-
-# torch.utils.benchmark imports cpp_extension, which logs a warning on machines without a CUDA
-# toolkit runtime; it is irrelevant to timing.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-import torch.utils.benchmark as tbench  # noqa: E402
+import torch.utils.benchmark as tbench  # its cpp_extension warning is silenced in asl_cli/__init__
 
 REPO = Path(__file__).resolve().parents[2]  # the source checkout, for the commit id only
 

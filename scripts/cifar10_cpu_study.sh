@@ -41,15 +41,15 @@ reuse_tr() {  # TR's finished runs serve as another grid's cell of the same conf
 
 # Each step's grid: ablate VARIANTS JOBS CSV, rate RATES JOBS CSV [ARGS], table2 BLOCKS JOBS CSV.
 ablate() {
-  asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant "$1" --seeds $SEEDS --jobs "$2" --root $R/ablate --csv "$3"
+  asl ablate cifar10_cpu data.path="$DIR" "${OV[@]}" --variant "$1" --seeds $SEEDS --jobs "$2" --root $R/ablate --csv "$3" --overwrite
 }
 rate() {
   asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" model.args.shift_mode=TR optim.shift_lr_reference_iterations=null \
-    --axis "optim.shift_lr_mult=$1" --seeds $SEEDS --jobs "$2" "${KEYS[@]}" --root $R/rate --csv "$3" "${@:4}"
+    --axis "optim.shift_lr_mult=$1" --seeds $SEEDS --jobs "$2" "${KEYS[@]}" --root $R/rate --csv "$3" --overwrite "${@:4}"
 }
 table2() {
   asl sweep cifar10_cpu data.path="$DIR" "${OV[@]}" --axis "model.args.spatial=$1" --seeds $SEEDS --jobs "$2" "${KEYS[@]}" \
-    --root $R/table2 --csv "$3"
+    --root $R/table2 --csv "$3" --overwrite
 }
 
 # Training, with JOBS = 2, in two lanes of one run at a time, each with half the cores as threads
@@ -93,6 +93,6 @@ fi
 if step figures; then
   TR0=$R/ablate/TR-seed0
   [ -d "$TR0" ] || TR0=$R/rate/$RULE-seed0  # the same configuration, trained by the rate step
-  asl plot-shifts "$TR0" --out results/shifts/cifar10_cpu-TR-seed0
-  asl plot-shifts "$TR0" "$R/rate/0.01-seed0" --out results/shift_travel_cifar10_cpu
+  asl plot-shifts "$TR0" --out results/shifts/cifar10_cpu-TR-seed0 --overwrite
+  asl plot-shifts "$TR0" "$R/rate/0.01-seed0" --out results/shift_travel_cifar10_cpu --overwrite
 fi

@@ -75,14 +75,20 @@ def test_profile_models_and_pairs(tmp_path):
 def test_profile_op_cpu(tmp_path):
     csv = tmp_path / "op.csv"
     csv.write_text("commit,op\n12363e220724,old\n")  # an earlier row whose hash looks like a number
-    out = invoke("profile", "op", "--min-run-time", "0.05", "--out", csv)
-    assert "forward / ReLU" in out and "grid_sample" in out
+    out = invoke("profile", "op", "--min-run-time", "0.05", "--shape", "4x16x8x8", "--shape", "1x8x12x10", "--out", csv)
+    flat = " ".join(out.split())
+    assert "active shift against a copy" in flat and "forward <= 1.5x a copy" in flat
     df = pd.read_csv(csv, dtype={"commit": str})
     assert df["commit"].iloc[0] == "12363e220724"
     df = df.iloc[1:]
-    assert set(df["op"]) == {"copy", "relu", "dw3", "grid_sample_asl", "asl", "shift_conv1x1"}
-    for col in ["fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", "fused_vs_conv1x1", "fused_vs_shift_then_conv", *PROV]:
+    assert set(df["op"]) == {"copy", "clone", "relu", "dw3", "grid_sample_asl", "asl", "shift_conv1x1"}
+    ops = df[df["op"] == "asl"]  # two shapes x two memory formats x two strides x (fwd, fwd+bwd)
+    assert len(ops) == 16 and set(ops["memory_format"]) == {"nchw", "channels_last"} and set(ops["stride"].astype(int)) == {1, 2}
+    for col in ["fwd_vs_copy", "fwdbwd_vs_copy", "fwd_vs_relu", "fwdbwd_vs_dw3", "grid_sample_speedup_fwd", "fused_vs_conv1x1",
+                "fused_vs_shift_then_conv", *PROV]:
         assert col in df.columns
+    bad = runner.invoke(app, ["profile", "op", "--shape", "4x16"])
+    assert bad.exit_code == 2 and "--shape must look like" in bad.output
     fused = df[df["op"] == "shift_conv1x1"]
     assert len(fused) == 9 and (fused["fused_vs_conv1x1"].astype(float) > 0).all() and "target: fused within" in out
 

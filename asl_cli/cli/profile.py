@@ -13,12 +13,36 @@ from ..allocator import DEFAULT_PAD_MIB, MAX_PAD_MIB
 from .app import app, console, err, fail, fmt, show
 
 
+def _op_summary(by_case: dict[str, list[dict]], targets: dict) -> Table:
+    """One line per case: the ratios the CPU targets are stated in."""
+    r0 = next(iter(by_case.values()))[0]
+    t = Table(title=f"active shift against a copy of its input ({r0['device_name']}, {r0['threads']} thread(s))")
+    for c in ("case", "copy ms", "fwd ms", "fwd / copy", "fwd+bwd ms", "fwd+bwd / copy", "fwd+bwd / dw3"):
+        t.add_column(c, justify="left" if c == "case" else "right")
+
+    def mark(value: float, key: str) -> str:
+        target = targets.get(key)
+        return f"{value:.2f}x" if target is None else ("[green]" if value <= target else "[red]") + f"{value:.2f}x[/]"
+
+    for case, rs in by_case.items():
+        ms = {(r["op"], r["pass"]): r["ms"] for r in rs}
+        r = rs[0]
+        t.add_row(case, f"{ms[('copy', 'fwd')]:.4g}", f"{ms[('asl', 'fwd')]:.4g}", mark(r["fwd_vs_copy"], "fwd_vs_copy"),
+                  f"{ms[('asl', 'fwd+bwd')]:.4g}", mark(r["fwdbwd_vs_copy"], "fwdbwd_vs_copy"), f"{r['fwdbwd_vs_dw3']:.2f}x")
+    return t
+
+
 def _render_op_rows(rows: list[dict], device: str) -> None:
     from asl_cli.experiments.profile_op import CPU_TARGETS, CUDA_TARGETS
 
     by_case: dict[str, list[dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
+    if device == "cpu" and len(by_case) > 1:  # many cases: their ratios in one table
+        show(_op_summary(by_case, CPU_TARGETS))
+        console.print(f"targets: forward <= {CPU_TARGETS['fwd_vs_copy']}x a copy, forward + backward <= "
+                      f"{CPU_TARGETS['fwdbwd_vs_copy']}x (copy: y.copy_(x) into an existing tensor; every row is in the CSV)")
+        return
     for case, rs in by_case.items():
         t = Table(title=f"{case} on {rs[0]['device_name']} ({rs[0]['threads']} thread(s))" if device == "cpu" else f"{case} on {rs[0]['device_name']}")
         t.add_column("op")
@@ -140,19 +164,41 @@ def _profile_device(device: Device, threads: int) -> str:
     return device.value
 
 
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        fail(f"--shape must look like 1x64x224x224 (four positive sizes), got {text!r}", code=2)
+    return dims
+
+
 @profile_app.command("op")
 def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT,
-               out: Optional[Path] = OUT_OPT) -> None:
-    """The operator against copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and
-    forward+backward; then the fused shift + 1x1 convolution against the 1x1 convolution alone at
-    AS-ResNet's shapes."""
+               out: Optional[Path] = OUT_OPT,
+               shapes: Optional[List[str]] = typer.Option(None, "--shape", metavar="NxCxHxW",
+                                                          help="Time these shapes only (repeatable; CPU: each in both "
+                                                               "memory formats at strides 1 and 2). Default: the CPU's "
+                                                               "five shapes, or the GPU's cases."),
+               malloc_pad: int = MALLOC_PAD_OPT) -> None:
+    """The operator against a copy, ReLU, 3x3 depthwise conv and a grid_sample ASL, forward and
+    forward+backward, in ratios to the copy measured in the same run; then the fused shift + 1x1
+    convolution against the 1x1 convolution alone at AS-ResNet's shapes."""
+    import torch
     from rich.progress import Progress
 
     from asl_cli.experiments.bench import append_csv, results_dir
-    from asl_cli.experiments.profile_op import default_cases, run
+    from asl_cli.experiments.profile_op import Case, default_cases, run
+
+    from asl_cli.allocator import pad_malloc
 
     dev = _profile_device(device, threads)
+    malloc = pad_malloc(malloc_pad) if dev == "cpu" else "default"
     cases = default_cases(dev)
+    if shapes:
+        dims = [_parse_shape(s) for s in shapes]
+        cases = [Case(d, torch.float32, cl, stride) for d in dims for cl in (False, True) for stride in (1, 2)]
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("timing", total=len(cases))
         try:
@@ -175,6 +221,8 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
     show(t)
     console.print(f"target: fused within {FUSED_TARGET}x of the 1x1 convolution alone")
     rows = rows + fused
+    for r in rows:
+        r["malloc"] = malloc
     path = out or results_dir() / f"profile_op_{dev}.csv"
     append_csv(rows, path)
     console.print(f"appended {len(rows)} rows to {path}")

@@ -1,268 +1,120 @@
-// CPU kernels of the active shift operator. Work is split over (n, c) planes; within a plane the
-// shift is constant, so every output row blends two input rows with fixed weights in a
-// branch-free loop the compiler vectorizes (AVX2: 512-bit loads at the one-element offset split
-// every cache line and measured slower). Each plane is first copied (NCHW) or transposed
-// (channels_last) into a scratch plane with zero borders, so that rows need no edge cases (see
-// Padded). The backward kernel computes both gradients in one pass.
+// CPU kernels of the active shift operator: argument handling, the instruction-set dispatch and
+// the parallel loops. The kernels themselves are in active_shift_simd.h, compiled here once for
+// AVX-512, once for AVX2 and once for one lane; the best the CPU runs is picked at load time
+// (ASL_CPU_SIMD=avx512|avx2|scalar picks another, for tests). Work is split over (n, c) planes
+// (NCHW) or over blocks of rows of each image (channels_last); the shift gradient is summed per
+// plane or block and then over them in a fixed order, so it does not depend on the thread count.
 #include "plane_sampling.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define ASL_X86_SIMD 1
+#endif
 
 namespace asl {
+namespace shift_cpu {
+
+// One channel's taps: tap (a, b) of output (i, j) reads input (i * sh + offr + a, j * sw + offc + b)
+// with weight w[2a + b]; fr, fc are the shift's fractional parts (beta, alpha).
+template <typename T>
+struct ChanTaps {
+  int64_t offr, offc;
+  T w[4];
+  double fr, fc;
+  bool finite;
+};
+
+// The geometry of one plane's sampling: out (Ho x Wo, rows of Wo) from src (H x W, rows of W), tap
+// (0, 0) of output (i, j) at source (i * sr + offr, j * sc + offc).
+struct PlaneMap {
+  int64_t H, W, Ho, Wo, sr, sc, offr, offc;
+  // Planes no wider than a vector are taken several rows per vector (stride 1, one size, W | N).
+  template <int N>
+  bool multi_row() const {
+    return sr == 1 && sc == 1 && H == Ho && W == Wo && W <= N && N % W == 0;
+  }
+  bool vectorized() const { return sc == 1 || sc == 2; }
+};
+
+}  // namespace shift_cpu
+}  // namespace asl
+
+#ifdef ASL_X86_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace asl {
+namespace shift_cpu {
+namespace avx512 {
+#define ASL_SIMD 2
+#include "active_shift_simd.h"
+#undef ASL_SIMD
+}  // namespace avx512
+}  // namespace shift_cpu
+}  // namespace asl
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace asl {
+namespace shift_cpu {
+namespace avx2 {
+#define ASL_SIMD 1
+#include "active_shift_simd.h"
+#undef ASL_SIMD
+}  // namespace avx2
+}  // namespace shift_cpu
+}  // namespace asl
+#pragma GCC pop_options
+#endif
+
+namespace asl {
+namespace shift_cpu {
+namespace scalar {
+#define ASL_SIMD 0
+#include "active_shift_simd.h"
+#undef ASL_SIMD
+}  // namespace scalar
+
 namespace {
 
-// Input gradient for any stride, as a gather (each input pixel collects the output pixels whose
-// taps touch it), so no two threads ever write the same element.
-template <typename T, typename acc_t>
-void grad_input_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s,
-                      at::IntArrayRef stride, at::IntArrayRef padding) {
-  struct Taps {
-    int64_t idx[2];
-    acc_t w[2];
-  };
-  auto taps = [](int64_t x, int64_t st, int64_t pad, int64_t d, acc_t f, int64_t n) {
-    Taps t;
-    for (int k = 0; k < 2; ++k) {
-      const int64_t num = x + pad - d - k;
-      const bool ok = num >= 0 && num % st == 0 && num / st < n;
-      t.idx[k] = ok ? num / st : -1;
-      t.w[k] = ok ? (k == 0 ? acc_t(1) - f : f) : acc_t(0);
-    }
-    return t;
-  };
-  thread_local std::vector<Taps> cols;  // reused: no allocation per plane (CIFAR's planes are 64 pixels)
-  cols.resize(static_cast<size_t>(gx.W));
-  for (int64_t c = 0; c < gx.W; ++c) cols[c] = taps(c, stride[1], padding[1], s.dc, s.fc, g.W);
-  for (int64_t r = 0; r < gx.H; ++r) {
-    const Taps rt = taps(r, stride[0], padding[0], s.dr, s.fr, g.H);
-    T* o = gx.p + r * gx.sH;
-    for (int64_t c = 0; c < gx.W; ++c) {
-      const Taps& ct = cols[c];
-      acc_t v = acc_t(0);
-      for (int k = 0; k < 2; ++k) {
-        if (rt.idx[k] < 0) continue;
-        const T* grow = g.p + rt.idx[k] * g.sH;
-        acc_t h = acc_t(0);
-        for (int l = 0; l < 2; ++l) {
-          if (ct.idx[l] >= 0) h += ct.w[l] * static_cast<acc_t>(grow[ct.idx[l] * g.sW]);
-        }
-        v += rt.w[k] * h;
-      }
-      o[c * gx.sW] = static_cast<T>(v);
-    }
+enum class Simd { scalar = 0, avx2 = 1, avx512 = 2 };
+
+Simd detect_simd() {
+  Simd best = Simd::scalar;
+#ifdef ASL_X86_SIMD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Simd::avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = Simd::avx512;
+#endif
+  const char* want = std::getenv("ASL_CPU_SIMD");
+  if (want != nullptr) {
+    const std::string w(want);
+    const Simd asked = w == "avx512" ? Simd::avx512 : w == "avx2" ? Simd::avx2 : Simd::scalar;
+    if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;  // never more than the CPU has
   }
+  return best;
 }
 
-// Row sums of grad_output * d(out)/d(alpha) and d(out)/d(beta) where all four taps are inside.
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void shift_grad_unit(const T* __restrict__ g, const T* __restrict__ a,
-                                      const T* __restrict__ b, int64_t n, acc_t fr, acc_t fc,
-                                      acc_t* ra, acc_t* rb) {
-  acc_t sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
-    const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    sa += gv * d_alpha(v00, v01, v10, v11, fr);
-    sb += gv * d_beta(v00, v01, v10, v11, fc);
-  }
-  *ra += sa;
-  *rb += sb;
+Simd simd() {
+  static const Simd s = detect_simd();
+  return s;
 }
-
-// The same at a column stride sw > 1 (taps a[i * sw] and a[i * sw + 1]).
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void shift_grad_strided(const T* __restrict__ g, const T* __restrict__ a, const T* __restrict__ b,
-                                         int64_t n, int64_t sw, acc_t fr, acc_t fc, acc_t* ra, acc_t* rb) {
-  acc_t sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v00 = static_cast<acc_t>(a[i * sw]), v01 = static_cast<acc_t>(a[i * sw + 1]);
-    const acc_t v10 = static_cast<acc_t>(b[i * sw]), v11 = static_cast<acc_t>(b[i * sw + 1]);
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    sa += gv * d_alpha(v00, v01, v10, v11, fr);
-    sb += gv * d_beta(v00, v01, v10, v11, fc);
-  }
-  *ra += sa;
-  *rb += sb;
-}
-
-// Sum over one plane of grad_output times d(output)/d(alpha) and d(output)/d(beta).
-template <typename T, typename acc_t>
-void grad_shift_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc_t>& s,
-                      at::IntArrayRef stride, at::IntArrayRef padding, double* out2) {
-  const acc_t fr = s.fr, fc = s.fc;
-  const int64_t sw = stride[1], off_c = s.dc - padding[1];
-  const Range cols = both_taps_inside(off_c, sw, x.W, g.W);
-  const int64_t q_lo = cols.lo, q_hi = cols.hi;
-  const bool unit = sw == 1 && x.sW == 1 && g.sW == 1;
-  double da = 0, db = 0;
-  // Stride 1 over whole contiguous planes of one width: the rows whose taps are all inside are
-  // summed as one flat run (long vector loops rather than one short loop per row), from the first
-  // row's first inside column to the last row's last; the columns in between whose taps wrapped
-  // into a neighbouring row are then taken out again, and every row's edge columns are added below.
-  const Range rows = both_taps_inside(s.dr - padding[0], 1, x.H, g.H);
-  const bool flat = unit && stride[0] == 1 && g.W == x.W && g.sH == g.W && x.sH == x.W && rows.hi > rows.lo &&
-                    q_hi > q_lo;
-  if (flat) {
-    const int64_t W = g.W, xoff = (s.dr - padding[0]) * W + off_c;  // x's flat index of g's element e: e + xoff
-    const int64_t first = rows.lo * W + q_lo, last = (rows.hi - 1) * W + q_hi;
-    for (int64_t e = first; e < last; e += 256) {  // chunks summed in double
-      acc_t ra = 0, rb = 0;
-      const T* a = x.p + e + xoff;
-      shift_grad_unit<T, acc_t>(g.p + e, a, a + W, std::min<int64_t>(256, last - e), fr, fc, &ra, &rb);
-      da += ra;
-      db += rb;
-    }
-    auto wrapped = [&](int64_t e) {  // the flat run's term at element e (taps read across a row end)
-      const T* a = x.p + e + xoff;
-      const acc_t gv = static_cast<acc_t>(g.p[e]);
-      const acc_t v00 = static_cast<acc_t>(a[0]), v01 = static_cast<acc_t>(a[1]);
-      const acc_t v10 = static_cast<acc_t>(a[W]), v11 = static_cast<acc_t>(a[W + 1]);
-      da -= static_cast<double>(gv * d_alpha(v00, v01, v10, v11, fr));
-      db -= static_cast<double>(gv * d_beta(v00, v01, v10, v11, fc));
-    };
-    for (int64_t p = rows.lo; p < rows.hi; ++p) {
-      if (p + 1 < rows.hi)
-        for (int64_t q = q_hi; q < W; ++q) wrapped(p * W + q);
-      if (p > rows.lo)
-        for (int64_t q = 0; q < q_lo; ++q) wrapped(p * W + q);
-    }
-  }
-  for (int64_t p = 0; p < g.H; ++p) {
-    const int64_t r = p * stride[0] - padding[0] + s.dr;
-    const T* a = x.row(r);
-    const T* b = x.row(r + 1);
-    if (!a && !b) continue;
-    const T* grow = g.p + p * g.sH;
-    const bool in_flat = flat && p >= rows.lo && p < rows.hi;
-    acc_t ra = 0, rb = 0;  // row sums in opmath, plane sums in double
-    auto generic = [&](int64_t q) {
-      const int64_t c = q * sw + off_c;
-      const acc_t v00 = tap<T, acc_t>(a, c, x.W, x.sW), v01 = tap<T, acc_t>(a, c + 1, x.W, x.sW);
-      const acc_t v10 = tap<T, acc_t>(b, c, x.W, x.sW), v11 = tap<T, acc_t>(b, c + 1, x.W, x.sW);
-      const acc_t gv = static_cast<acc_t>(grow[q * g.sW]);
-      ra += gv * d_alpha(v00, v01, v10, v11, fr);
-      rb += gv * d_beta(v00, v01, v10, v11, fc);
-    };
-    for (int64_t q = 0; q < q_lo; ++q) generic(q);
-    if (in_flat) {
-      // the inside columns are in the flat run
-    } else if (unit && a && b && q_hi > q_lo) {
-      const int64_t c0 = q_lo + off_c;
-      shift_grad_unit<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, fr, fc, &ra, &rb);
-    } else if (x.sW == 1 && g.sW == 1 && a && b && q_hi > q_lo) {
-      const int64_t c0 = q_lo * sw + off_c;
-      shift_grad_strided<T, acc_t>(grow + q_lo, a + c0, b + c0, q_hi - q_lo, sw, fr, fc, &ra, &rb);
-    } else {
-      for (int64_t q = q_lo; q < q_hi; ++q) generic(q);
-    }
-    for (int64_t q = q_hi; q < g.W; ++q) generic(q);
-    da += ra;
-    db += rb;
-  }
-  out2[0] = da;
-  out2[1] = db;
-}
-
-// One output plane of the forward pass.
-template <typename T, typename acc_t>
-void forward_plane(Plane<const T> x, Plane<T> y, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
-                   at::IntArrayRef padding) {
-  if (!s.finite) return fill_nan(y);
-  sample_plane<T, acc_t>(x, y, stride[0], stride[1], s.dr - padding[0], s.dc - padding[1], acc_t(1) - s.fr, s.fr,
-                         acc_t(1) - s.fc, s.fc);
-}
-
-// o[2i] = w0 g[i], o[2i + 1] = w1 g[i]: a row of the input gradient at column stride 2.
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void interleave_unit(T* __restrict o, const T* __restrict g, int64_t n, acc_t w0, acc_t w1) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(g[i]);
-    o[2 * i] = static_cast<T>(w0 * v);
-    o[2 * i + 1] = static_cast<T>(w1 * v);
-  }
-}
-
-// Input gradient when both strides are >= 2: the taps of different outputs never share an input
-// element (rows p*s + off and p*s + off + 1 are distinct for distinct p), so every input element
-// takes at most one term, from output p = floor((r - off) / s) when r - off - p*s is 0 or 1. Each
-// element is written once; at column stride 2 the interior of a row is one vectorized loop.
-template <typename T, typename acc_t>
-void strided_input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
-                              at::IntArrayRef padding) {
-  const int64_t off_r = s.dr - padding[0], off_c = s.dc - padding[1], sr = stride[0], sc = stride[1];
-  const acc_t wr[2] = {acc_t(1) - s.fr, s.fr}, wc[2] = {acc_t(1) - s.fc, s.fc};
-  const Range cols = both_taps_inside(off_c, sc, gx.W, g.W);
-  const bool interleave = sc == 2 && gx.sW == 1 && g.sW == 1 && cols.hi > cols.lo;
-  const int64_t c_lo = interleave ? cols.lo * 2 + off_c : gx.W, c_hi = interleave ? cols.hi * 2 + off_c : gx.W;
-  for (int64_t r = 0; r < gx.H; ++r) {
-    T* o = gx.p + r * gx.sH;
-    const int64_t p = floor_div(r - off_r, sr), k = r - off_r - p * sr;
-    if (k > 1 || p < 0 || p >= g.H) {
-      for (int64_t c = 0; c < gx.W; ++c) o[c * gx.sW] = T(0);
-      continue;
-    }
-    const T* grow = g.p + p * g.sH;
-    auto one = [&](int64_t c) {
-      const int64_t q = floor_div(c - off_c, sc), l = c - off_c - q * sc;
-      const bool in = l <= 1 && q >= 0 && q < g.W;
-      o[c * gx.sW] = in ? static_cast<T>(wr[k] * wc[l] * static_cast<acc_t>(grow[q * g.sW])) : T(0);
-    };
-    for (int64_t c = 0; c < c_lo; ++c) one(c);
-    if (interleave) interleave_unit<T, acc_t>(o + c_lo, grow + cols.lo, cols.hi - cols.lo, wr[k] * wc[0], wr[k] * wc[1]);
-    for (int64_t c = c_hi; c < gx.W; ++c) one(c);
-  }
-}
-
-// One plane of the input gradient.
-template <typename T, typename acc_t>
-void input_grad_plane(Plane<const T> g, Plane<T> gx, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
-                      at::IntArrayRef padding) {
-  if (!s.finite) return fill_nan(gx);
-  if (stride[0] >= 2 && stride[1] >= 2) return strided_input_grad_plane<T, acc_t>(g, gx, s, stride, padding);
-  if (stride[0] == 1 && stride[1] == 1) {
-    // Transposed sampling at stride 1 is sampling at the mirrored shift.
-    sample_plane<T, acc_t>(g, gx, 1, 1, padding[0] - s.dr - 1, padding[1] - s.dc - 1, s.fr, acc_t(1) - s.fr, s.fc,
-                           acc_t(1) - s.fc);
-  } else {
-    grad_input_plane<T, acc_t>(g, gx, s, stride, padding);
-  }
-}
-
-// One plane's share of the shift gradient (NaN for a channel with a non-finite shift).
-template <typename T, typename acc_t>
-void shift_grad_plane(Plane<const T> g, Plane<const T> x, const ChannelShift<acc_t>& s, at::IntArrayRef stride,
-                      at::IntArrayRef padding, double* out2) {
-  if (!s.finite) {
-    out2[0] = out2[1] = std::numeric_limits<double>::quiet_NaN();
-    return;
-  }
-  grad_shift_plane<T, acc_t>(g, x, s, stride, padding, out2);
-}
-
-// channels_last images go through the plane kernels too: each image is transposed to (C, H, W)
-// planes in a per-thread buffer (tens of KiB for CIFAR-sized layers, so it stays in cache), the
-// planes are processed as for NCHW, and results are transposed back. In a profile of asnet20_16x1's
-// training step this took the shift's forward and backward from 31 and 89 ms a step (per-channel
-// gathers at per-channel offsets, the alternative) to 21 and 56 ms. Zero-bordered scratch planes
-// (and the shift gradient's flat runs) then took them from 20 and 41 to 13 and 28 ms a step (one
-// thread; each op timed inside the step, in a faster phase of the same machine).
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // dst[j * ld + i] = src[i * ls + j] for an 8 x 8 block of floats, in AVX registers.
@@ -311,198 +163,119 @@ void transpose(const T* __restrict src, int64_t rows, int64_t cols, int64_t lds,
   }
 }
 
-// The distance between planes in a buffer of P-pixel planes: P plus 16 elements, so that the
-// rows of an 8 x 8 block are not a multiple of 4 KiB apart (4 KiB aliasing: loads that look like
-// they depend on earlier stores to an address 4 KiB away wait for them).
-inline int64_t ld(int64_t P) { return P + 16; }
 
-// Plane c of a buffer of planes of H x W.
+// The distance between planes in a scratch buffer of P-element planes: P plus 16 elements, so that
+// the rows of a transposed 8 x 8 block are not a multiple of 4 KiB apart (4 KiB aliasing).
+inline int64_t plane_pitch(int64_t P) { return P + 16; }
+
+// The call's channels as taps (a non-finite shift is sampled as 0 and its channel filled with NaN
+// afterwards).
 template <typename T>
-Plane<T> buffer_plane(T* base, int64_t c, int64_t H, int64_t W) {
-  return Plane<T>{base + c * ld(H * W), H, W, W, 1};
+std::vector<ChanTaps<T>> channel_taps(const at::Tensor& shift, const Geometry& g) {
+  const auto shifts = channel_shifts<T>(shift, g.limit);
+  std::vector<ChanTaps<T>> out(shifts.size());
+  for (size_t c = 0; c < shifts.size(); ++c) {
+    const auto& s = shifts[c];
+    const T wr0 = T(1) - s.fr, wr1 = s.fr, wc0 = T(1) - s.fc, wc1 = s.fc;
+    out[c] = {s.dr - g.ph, s.dc - g.pw, {wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1},
+              static_cast<double>(s.fr), static_cast<double>(s.fc), s.finite};
+  }
+  return out;
 }
 
-// Zero-bordered planes. Each plane is copied (NCHW) or transposed (channels_last) into a scratch
-// plane whose borders are zeros wide enough for every tap of every channel whose shift reaches at
-// most kMaxReach pixels outside; those channels are then blended by branch-free loops over whole
-// rows with no edge cases (one call per plane: on CIFAR's 8 x 8 and 16 x 16 planes the per-plane
-// and per-edge work of the bounds-checked kernels cost more than the blending). Channels that
-// reach further (or are not finite) take the bounds-checked kernels on the same scratch plane,
-// so both memory formats give the same result bit for bit.
-constexpr int64_t kMaxReach = 8;
-
-// How far the taps i * stride + off + {0, 1}, i in [0, out_len), fall below 0 and beyond src_len.
-inline std::pair<int64_t, int64_t> reach(int64_t off, int64_t stride, int64_t src_len, int64_t out_len) {
-  return {std::max<int64_t>(0, -off), std::max<int64_t>(0, (out_len - 1) * stride + off + 2 - src_len)};
+template <typename T>
+bool any_non_finite(const std::vector<ChanTaps<T>>& ch) {
+  return std::any_of(ch.begin(), ch.end(), [](const ChanTaps<T>& c) { return !c.finite; });
 }
 
-// Scratch planes of H x W with borders, one every `ld` elements, and the channels they serve.
-struct Padded {
-  int64_t H = 0, W = 0, top = 0, left = 0, rows = 0, Wp = 0, ld = 0;  // rows, Wp: with the borders
-  std::vector<char> ok;  // per channel: every tap lies inside the borders
-  // Widens the right border to a row pitch of Wp (never narrower) and sets the plane distance.
-  void set_pitch(int64_t pitch) {
-    Wp = std::max(Wp, pitch);
-    ld = rows * Wp + 16;  // + 16: see ld()
-    if (ld % 1024 == 0) ld += 16;
-  }
-  int64_t origin(int64_t c) const { return c * ld + top * Wp + left; }  // plane c's element (0, 0)
-  template <typename T>
-  Plane<const T> view(const T* origin) const {
-    return Plane<const T>{origin, H, W, Wp, 1};
-  }
-};
-
-// Borders for sampling source planes of H x W at stride (s_r, s_c) into outputs of Ho x Wo, with
-// channel c's taps starting at offset(c) = {row, column}; plan=false: no borders, no channel served.
-template <typename acc_t, typename OffsetFn>
-Padded plan_padding(const std::vector<ChannelShift<acc_t>>& shifts, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                    int64_t s_r, int64_t s_c, const OffsetFn& offset, bool plan = true) {
-  Padded L;
-  L.H = H;
-  L.W = W;
-  L.ok.assign(shifts.size(), 0);
-  int64_t bottom = 0, right = 0;
-  for (size_t c = 0; plan && c < shifts.size(); ++c) {
-    if (!shifts[c].finite) continue;
-    const auto [off_r, off_c] = offset(shifts[c]);
-    const auto [t, b] = reach(off_r, s_r, H, Ho);
-    const auto [l, r] = reach(off_c, s_c, W, Wo);
-    if (std::max({t, b, l, r}) > kMaxReach) continue;
-    L.ok[c] = 1;
-    L.top = std::max(L.top, t);
-    bottom = std::max(bottom, b);
-    L.left = std::max(L.left, l);
-    right = std::max(right, r);
-  }
-  L.rows = L.top + H + bottom;
-  L.set_pitch(L.left + W + right);
-  return L;
+// Fills channel c of an (N, C, H, W) tensor (either format) with NaN.
+template <typename T>
+void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t e = 0; e < H * W; ++e) p[g.channels_last ? (n * H * W + e) * g.C + c : (n * g.C + c) * H * W + e] = nan;
 }
 
-// out[p, q] = wr0 (wc0 a[q s_c] + wc1 a[q s_c + 1]) + wr1 (wc0 b[q s_c] + wc1 b[q s_c + 1]) with
-// a = src + p s_r sH and b = a + sH, for a source whose taps are all in memory (zero borders).
-// At stride 1 each source row is blended horizontally once (h holds the previous row's blend).
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void blend_padded(const T* __restrict src, int64_t sH, T* __restrict out, int64_t oH, int64_t Ho,
-                                   int64_t Wo, int64_t s_r, int64_t s_c, acc_t wr0, acc_t wr1, acc_t wc0, acc_t wc1,
-                                   acc_t* __restrict h) {
-  if (s_r == 1 && s_c == 1) {
-    for (int64_t q = 0; q < Wo; ++q) h[q] = wc0 * static_cast<acc_t>(src[q]) + wc1 * static_cast<acc_t>(src[q + 1]);
-    for (int64_t p = 0; p < Ho; ++p) {
-      const T* b = src + (p + 1) * sH;
-      T* o = out + p * oH;
-      for (int64_t q = 0; q < Wo; ++q) {
-        const acc_t hb = wc0 * static_cast<acc_t>(b[q]) + wc1 * static_cast<acc_t>(b[q + 1]);
-        o[q] = static_cast<T>(wr0 * h[q] + wr1 * hb);
-        h[q] = hb;
-      }
-    }
-    return;
-  }
-  auto row = [&](const T* a, const T* b, T* o, auto sc) __attribute__((always_inline)) {
-    for (int64_t q = 0; q < Wo; ++q) {
-      const int64_t i = q * sc;
-      o[q] = static_cast<T>(wr0 * (wc0 * static_cast<acc_t>(a[i]) + wc1 * static_cast<acc_t>(a[i + 1])) +
-                            wr1 * (wc0 * static_cast<acc_t>(b[i]) + wc1 * static_cast<acc_t>(b[i + 1])));
-    }
+// The kernels of one instruction set, behind one interface.
+#define ASL_KERNELS(NS)                                                                                      \
+  template <typename T>                                                                                      \
+  struct Kernels_##NS {                                                                                      \
+    using Plan = NS::PlanePlan<T>;                                                                           \
+    using Stencil = NS::Stencil<T>;                                                                          \
+    using Lists = std::vector<std::vector<NS::RowTap<T>>>;                                                   \
+    static Plan plan(const PlaneMap& m, const T* w) { return Plan(m, w); }                                   \
+    static Plan grad_plan(const PlaneMap& m, const T* w) { return NS::input_grad_plan<T>(m, w); }            \
+    static void forward_plane(const T* x, T* y, const Plan& fw) { NS::forward_plane<T>(x, y, fw); }          \
+    static void input_grad_plane(const T* g, T* gx, const Plan& fw, const Plan& gr) {                        \
+      NS::input_grad_plane<T>(g, gx, fw, gr);                                                                \
+    }                                                                                                        \
+    static void correlations_plane(const T* g, const T* x, const Plan& fw, double* corr) {                   \
+      NS::correlations_plane<T>(g, x, fw, corr);                                                             \
+    }                                                                                                        \
+    static Stencil make_stencil(const std::vector<ChanTaps<T>>& ch, const Geometry& g) {                    \
+      return NS::make_stencil<T>(ch, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw);                                      \
+    }                                                                                                        \
+    static Lists forward_lists(const Stencil& st, const Geometry& g) { return NS::forward_lists<T>(st, g.W, g.C); } \
+    static Lists input_grad_lists(const Stencil& st, const Geometry& g) {                                    \
+      return NS::input_grad_lists<T>(st, g.Wo, g.C, g.sh, g.sw);                                             \
+    }                                                                                                        \
+    static void forward_rows(const T* x, T* y, const Stencil& st, const Lists& l, const Geometry& g, int64_t i0, \
+                             int64_t i1) {                                                                   \
+      NS::stencil_forward_rows<T>(x, y, st, l, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1);                     \
+    }                                                                                                        \
+    static void input_grad_rows(const T* go, T* gx, const Stencil& st, const Lists& l, const Geometry& g,     \
+                                int64_t r0, int64_t r1) {                                                    \
+      NS::stencil_input_grad_rows<T>(go, gx, st, l, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, r0, r1);               \
+    }                                                                                                        \
+    static void correlate_rows(const T* go, const T* x, const Stencil& st, const Lists& l, const Geometry& g,  \
+                               int64_t i0, int64_t i1, double* corr) {                                       \
+      NS::stencil_correlate_rows<T>(go, x, st, l, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, corr);            \
+    }                                                                                                        \
   };
-  for (int64_t p = 0; p < Ho; ++p) {
-    const T* a = src + p * s_r * sH;
-    if (s_c == 1) row(a, a + sH, out + p * oH, std::integral_constant<int64_t, 1>());
-    else if (s_c == 2) row(a, a + sH, out + p * oH, std::integral_constant<int64_t, 2>());
-    else row(a, a + sH, out + p * oH, s_c);
+
+ASL_KERNELS(scalar)
+#ifdef ASL_X86_SIMD
+ASL_KERNELS(avx2)
+ASL_KERNELS(avx512)
+#endif
+#undef ASL_KERNELS
+
+// Runs fn.template operator()<Kernels>() with the kernels of the CPU's instruction set.
+template <typename T, typename Fn>
+auto with_kernels(const Fn& fn) {
+#ifdef ASL_X86_SIMD
+  switch (simd()) {
+    case Simd::avx512:
+      return fn(Kernels_avx512<T>{});
+    case Simd::avx2:
+      return fn(Kernels_avx2<T>{});
+    default:
+      break;
   }
+#endif
+  return fn(Kernels_scalar<T>{});
 }
 
-// grad_shift_plane for a source whose taps are all in memory: x points at the taps of output
-// (0, 0). Row sums in opmath, the plane's sum in double.
-template <typename T, typename acc_t>
-ASL_MULTIVERSION void shift_grad_padded(const T* __restrict g, int64_t gH, int64_t Ho, int64_t Wo,
-                                        const T* __restrict x, int64_t sH, int64_t s_r, int64_t s_c, acc_t fr,
-                                        acc_t fc, double* out2) {
-  double da = 0, db = 0;
-  if (s_r == 1 && s_c == 1 && gH == sH) {
-    // One flat run over the rows at their common pitch (long vector loops instead of one short
-    // loop per row): grad_output's border columns are zeros, so the terms between rows vanish.
-    const int64_t n = (Ho - 1) * sH + Wo;
-    for (int64_t e0 = 0; e0 < n; e0 += 256) {  // chunks summed in opmath, then in double
-      const int64_t m = std::min<int64_t>(256, n - e0);
-      acc_t sa = 0, sb = 0;
-      shift_grad_unit(g + e0, x + e0, x + e0 + sH, m, fr, fc, &sa, &sb);
-      da += sa;
-      db += sb;
-    }
-    out2[0] = da;
-    out2[1] = db;
-    return;
-  }
-  auto row = [&](const T* gr, const T* a, const T* b, auto sc) __attribute__((always_inline)) {
-    acc_t sa = 0, sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-    for (int64_t q = 0; q < Wo; ++q) {
-      const int64_t i = q * sc;
-      const acc_t v00 = static_cast<acc_t>(a[i]), v01 = static_cast<acc_t>(a[i + 1]);
-      const acc_t v10 = static_cast<acc_t>(b[i]), v11 = static_cast<acc_t>(b[i + 1]);
-      const acc_t gv = static_cast<acc_t>(gr[q]);
-      sa += gv * d_alpha(v00, v01, v10, v11, fr);
-      sb += gv * d_beta(v00, v01, v10, v11, fc);
-    }
-    da += sa;
-    db += sb;
-  };
-  for (int64_t p = 0; p < Ho; ++p) {
-    const T* a = x + p * s_r * sH;
-    if (s_c == 1) row(g + p * gH, a, a + sH, std::integral_constant<int64_t, 1>());
-    else if (s_c == 2) row(g + p * gH, a, a + sH, std::integral_constant<int64_t, 2>());
-    else row(g + p * gH, a, a + sH, s_c);
-  }
-  out2[0] = da;
-  out2[1] = db;
-}
-
-// Fills the interiors of scratch planes: one NCHW plane (rows of W), or one channels_last image
-// (H x W pixels of C channels) transposed row by row into its C planes.
 template <typename T>
-void copy_into(const T* src, T* origin, const Padded& L) {
-  for (int64_t r = 0; r < L.H; ++r) std::copy(src + r * L.W, src + (r + 1) * L.W, origin + r * L.Wp);
+PlaneMap make_map(const Geometry& g, const ChanTaps<T>& c) {
+  return PlaneMap{g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, c.offr, c.offc};
 }
+
+// The shift gradient from the sums of grad_output times each tap, C[2a + b]:
+// d/d alpha = (1 - fr)(C01 - C00) + fr (C11 - C10), d/d beta = (1 - fc)(C10 - C00) + fc (C11 - C01).
 template <typename T>
-void transpose_into(const T* src, int64_t C, T* base, const Padded& L) {
-  for (int64_t r = 0; r < L.H; ++r) transpose<T>(src + r * L.W * C, L.W, C, C, base + L.origin(0) + r * L.Wp, L.ld);
+void shift_grad_from_correlations(const double* cc, const ChanTaps<T>& c, double* out2) {
+  out2[0] += (1 - c.fr) * (cc[1] - cc[0]) + c.fr * (cc[3] - cc[2]);
+  out2[1] += (1 - c.fc) * (cc[2] - cc[0]) + c.fc * (cc[3] - cc[1]);
 }
 
-// Calls fn(n, buffers) for every image n, in parallel over images; `buffers` holds one zeroed
-// scratch array per entry of `sizes`, kept for the task's images (borders stay zero: only the
-// interiors are ever written).
-template <typename T, size_t K, typename Fn>
-void for_each_image(int64_t N, const std::array<int64_t, K>& sizes, const Fn& fn) {
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::array<std::vector<T>, K> store;
-    std::array<T*, K> buffers;
-    for (size_t k = 0; k < K; ++k) {
-      store[k].resize(static_cast<size_t>(sizes[k]));
-      buffers[k] = store[k].data();
-    }
-    for (int64_t n = begin; n < end; ++n) fn(n, buffers);
-  });
-}
+// channels_last images use the stencil while no channel vector needs more taps than this.
+constexpr int kStencilTaps = 16;
 
-// The same for every (n, c) plane, in tasks of about 32k output elements.
-template <typename T, size_t K, typename Fn>
-void for_each_plane_buffered(int64_t N, int64_t C, int64_t plane_elems, const std::array<int64_t, K>& sizes,
-                             const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_elems));
-  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-    std::array<std::vector<T>, K> store;
-    std::array<T*, K> buffers;
-    for (size_t k = 0; k < K; ++k) {
-      store[k].resize(static_cast<size_t>(sizes[k]));
-      buffers[k] = store[k].data();
-    }
-    for (int64_t i = begin; i < end; ++i) fn(i / C, i % C, buffers);
-  });
-}
+// Rows per parallel unit of a channels_last image.
+constexpr int64_t kRowBlock = 8;
+
+int64_t row_blocks(int64_t rows) { return (rows + kRowBlock - 1) / kRowBlock; }
 
 at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
                             at::IntArrayRef padding) {
@@ -514,42 +287,53 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_cpu", [&] {
     using T = scalar_t;
-    using acc_t = at::opmath_type<T>;
-    static_assert(std::is_same_v<T, acc_t>, "scratch rows are held in T buffers");
-    const auto shifts = channel_shifts<acc_t>(shift, g.limit);
-    const Padded X = plan_padding(shifts, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, [&](const ChannelShift<acc_t>& s) {
-      return std::pair<int64_t, int64_t>{s.dr - g.ph, s.dc - g.pw};
-    });
+    const auto ch = channel_taps<T>(shift, g);
     const T* xp = input.const_data_ptr<T>();
     T* yp = out.data_ptr<T>();
-    // Channel c of one image, from its scratch plane (element (0, 0) at xo) into y.
-    auto channel = [&](int64_t c, const T* xo, Plane<T> y, acc_t* h) {
-      const ChannelShift<acc_t>& s = shifts[c];
-      if (!X.ok[c]) return forward_plane<T, acc_t>(X.view(xo), y, s, stride, padding);
-      blend_padded<T, acc_t>(xo + (s.dr - g.ph) * X.Wp + (s.dc - g.pw), X.Wp, y.p, y.sH, g.Ho, g.Wo, g.sh, g.sw,
-                             acc_t(1) - s.fr, s.fr, acc_t(1) - s.fc, s.fc, h);
-    };
-    if (!g.channels_last) {
-      for_each_plane_buffered<T>(N, C, Po, std::array<int64_t, 2>{X.ld, g.Wo}, [&](int64_t n, int64_t c, const auto& buf) {
-        T* xo = buf[0] + X.origin(0);
-        copy_into(xp + (n * C + c) * P, xo, X);
-        channel(c, xo, plane(yp, out, n, c), buf[1]);
+    with_kernels<T>([&](auto k) {
+      using K = decltype(k);
+      const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+      if (g.channels_last && st.most <= kStencilTaps) {
+        const auto lists = K::forward_lists(st, g);
+        const int64_t blocks = row_blocks(g.Ho);
+        at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+          for (int64_t u = b; u < e; ++u) {
+            const int64_t n = u / blocks, i0 = (u % blocks) * kRowBlock;
+            K::forward_rows(xp + n * P * C, yp + n * Po * C, st, lists, g, i0, std::min(g.Ho, i0 + kRowBlock));
+          }
+        });
+        return;
+      }
+      std::vector<typename K::Plan> fw(C);
+      for (int64_t c = 0; c < C; ++c) fw[c] = K::plan(make_map<T>(g, ch[c]), ch[c].w);
+      if (!g.channels_last) {
+        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po));
+        at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) K::forward_plane(xp + i * P, yp + i * Po, fw[i % C]);
+        });
+        return;
+      }
+      // channels_last with many distinct offsets: each image through planes
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> xs(static_cast<size_t>(C * plane_pitch(P))), ys(static_cast<size_t>(C * plane_pitch(Po)));
+        for (int64_t n = b; n < e; ++n) {
+          transpose<T>(xp + n * P * C, P, C, C, xs.data(), plane_pitch(P));
+          for (int64_t c = 0; c < C; ++c) K::forward_plane(xs.data() + c * plane_pitch(P), ys.data() + c * plane_pitch(Po), fw[c]);
+          transpose<T>(ys.data(), C, Po, plane_pitch(Po), yp + n * Po * C, C);
+        }
       });
-      return;
-    }
-    for_each_image<T>(N, std::array<int64_t, 3>{C * X.ld, C * ld(Po), g.Wo}, [&](int64_t n, const auto& buf) {
-      transpose_into(xp + n * C * P, C, buf[0], X);
-      for (int64_t c = 0; c < C; ++c) channel(c, buf[0] + X.origin(c), buffer_plane(buf[1], c, g.Ho, g.Wo), buf[2]);
-      transpose<T>(buf[1], C, Po, ld(Po), yp + n * C * Po, C);
     });
+    if (any_non_finite(ch))
+      for (int64_t c = 0; c < C; ++c)
+        if (!ch[c].finite) fill_channel_nan<T>(yp, g, g.Ho, g.Wo, c);
   });
   return out;
 }
 
-// Both gradients, or one of them (the other comes back undefined), in one pass over grad_output
-// and input: each plane's input gradient and shift-gradient sums are computed while the plane is
-// in cache. The shift gradient is summed per (image, channel) and then over images in a fixed
-// order, so it does not depend on the number of threads or on the memory format.
+// Both gradients, or one of them (the other comes back undefined). NCHW: each plane's input
+// gradient and shift-gradient correlations while the plane is in cache; channels_last: the same
+// per block of rows of an image. The shift gradient is summed per plane or block, then in a fixed
+// order, so it does not depend on the number of threads.
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const at::Tensor& input_,
                                                 const at::Tensor& shift, at::IntArrayRef stride,
                                                 at::IntArrayRef padding, bool want_input, bool want_shift,
@@ -561,71 +345,100 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
   const int64_t N = g.N, C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
   at::Tensor gx;
   if (want_input) gx = at::empty(input.sizes(), input.options().memory_format(g.format()));
-  std::vector<double> partial(want_shift ? static_cast<size_t>(N * C * 2) : 0, 0.0);
+  std::vector<double> partial(want_shift ? static_cast<size_t>(N * C * 2) : 0, 0.0);  // (n, c) -> (alpha, beta)
   if (grad.numel() > 0 && input.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "active_shift_backward_cpu", [&] {
       using T = scalar_t;
-      using acc_t = at::opmath_type<T>;
-      static_assert(std::is_same_v<T, acc_t>, "scratch rows are held in T buffers");
-      const auto shifts = channel_shifts<acc_t>(shift, g.limit);
-      // input's planes, for the shift gradient: sampled as in the forward pass
-      Padded X = plan_padding(shifts, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, [&](const ChannelShift<acc_t>& s) {
-        return std::pair<int64_t, int64_t>{s.dr - g.ph, s.dc - g.pw};
-      }, want_shift);
-      // grad_output's planes: at stride 1 the input gradient samples them at the mirrored shift.
-      // Planned for the shift gradient alone too: its flat runs' sums depend on the row pitch, and
-      // the same pitch gives active_shift_grad_shift the bits of active_shift_backward.
-      const bool unit = g.sh == 1 && g.sw == 1;
-      Padded G = plan_padding(shifts, g.Ho, g.Wo, g.H, g.W, 1, 1, [&](const ChannelShift<acc_t>& s) {
-        return std::pair<int64_t, int64_t>{g.ph - s.dr - 1, g.pw - s.dc - 1};
-      }, unit);
-      if (want_shift && unit) {  // one row pitch for both: the shift gradient's flat runs
-        G.set_pitch(X.Wp);
-        X.set_pitch(G.Wp);
-      }
+      const auto ch = channel_taps<T>(shift, g);
       const T* gp = grad.const_data_ptr<T>();
       const T* xp = input.const_data_ptr<T>();
       T* op_ = want_input ? gx.data_ptr<T>() : nullptr;
-      // Channel c of image n, from the scratch planes of grad_output (go) and input (xo).
-      auto channel = [&](int64_t n, int64_t c, const T* go, const T* xo, Plane<T> gxc, acc_t* h) {
-        const ChannelShift<acc_t>& s = shifts[c];
-        if (want_input && G.ok[c]) {
-          blend_padded<T, acc_t>(go + (g.ph - s.dr - 1) * G.Wp + (g.pw - s.dc - 1), G.Wp, gxc.p, gxc.sH, g.H, g.W, 1,
-                                 1, s.fr, acc_t(1) - s.fr, s.fc, acc_t(1) - s.fc, h);
-        } else if (want_input) {
-          input_grad_plane<T, acc_t>(G.view(go), gxc, s, stride, padding);
+      with_kernels<T>([&](auto k) {
+        using K = decltype(k);
+        const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+        std::vector<typename K::Plan> fw, gr;
+        if (!g.channels_last || st.most > kStencilTaps) {
+          fw.resize(C);
+          gr.resize(C);
+          for (int64_t c = 0; c < C; ++c) {
+            fw[c] = K::plan(make_map<T>(g, ch[c]), ch[c].w);
+            if (want_input) gr[c] = K::grad_plan(make_map<T>(g, ch[c]), ch[c].w);
+          }
         }
-        if (!want_shift) return;
-        double* out2 = &partial[2 * (n * C + c)];
-        if (X.ok[c]) {
-          shift_grad_padded<T, acc_t>(go, G.Wp, g.Ho, g.Wo, xo + (s.dr - g.ph) * X.Wp + (s.dc - g.pw), X.Wp, g.sh,
-                                      g.sw, s.fr, s.fc, out2);
-        } else {
-          shift_grad_plane<T, acc_t>(G.view(go), X.view(xo), s, stride, padding, out2);
+        if (!g.channels_last) {
+          const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po + P));
+          at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              const int64_t c = i % C;
+              if (want_input) K::input_grad_plane(gp + i * Po, op_ + i * P, fw[c], gr[c]);
+              if (want_shift) {
+                double corr[4];
+                K::correlations_plane(gp + i * Po, xp + i * P, fw[c], corr);
+                shift_grad_from_correlations(corr, ch[c], &partial[2 * i]);
+              }
+            }
+          });
+          return;
         }
-      };
-      const int64_t hsize = std::max(g.W, g.Wo);
-      if (!g.channels_last) {
-        const std::array<int64_t, 3> sizes{G.ld, want_shift ? X.ld : 0, hsize};
-        for_each_plane_buffered<T>(N, C, Po, sizes, [&](int64_t n, int64_t c, const auto& buf) {
-          T* go = buf[0] + G.origin(0);
-          copy_into(gp + (n * C + c) * Po, go, G);
-          T* xo = want_shift ? buf[1] + X.origin(0) : nullptr;
-          if (want_shift) copy_into(xp + (n * C + c) * P, xo, X);
-          channel(n, c, go, xo, want_input ? plane(op_, gx, n, c) : Plane<T>{}, buf[2]);
+        if (st.most <= kStencilTaps) {
+          // Blocks of output rows [i0, i1): their correlations, and the input-gradient rows
+          // [i0 * sh, i1 * sh) (the last block to the end of the image).
+          const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
+          const auto flists = want_shift ? K::forward_lists(st, g) : typename K::Lists();
+          const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
+          std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * T_ * C) : 0, 0.0);
+          at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+            for (int64_t u = b; u < e; ++u) {
+              const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
+              if (want_input) {
+                const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = blk + 1 == blocks ? g.H : std::min(g.H, i1 * g.sh);
+                K::input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, lists, g, r0, r1);
+              }
+              if (want_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
+            }
+          });
+          if (want_shift) {
+            // each channel's four taps among the stencil's, then its correlations summed over blocks
+            for (int64_t c = 0; c < C; ++c) {
+              int64_t idx[4];
+              for (int t4 = 0; t4 < 4; ++t4) idx[t4] = st.tap_index(ch[c].offr + (t4 >> 1), ch[c].offc + (t4 & 1));
+              for (int64_t n = 0; n < N; ++n) {
+                double cc[4] = {0, 0, 0, 0};
+                for (int64_t blk = 0; blk < blocks; ++blk)
+                  for (int t4 = 0; t4 < 4; ++t4)
+                    if (idx[t4] >= 0) cc[t4] += corr[((n * blocks + blk) * T_ + idx[t4]) * C + c];
+                shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
+              }
+            }
+          }
+          return;
+        }
+        // many distinct offsets: each image through planes
+        at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+          std::vector<T> gs_(static_cast<size_t>(C * plane_pitch(Po))), xs(want_shift ? static_cast<size_t>(C * plane_pitch(P)) : 0),
+              gxs(want_input ? static_cast<size_t>(C * plane_pitch(P)) : 0);
+          for (int64_t n = b; n < e; ++n) {
+            transpose<T>(gp + n * Po * C, Po, C, C, gs_.data(), plane_pitch(Po));
+            if (want_shift) transpose<T>(xp + n * P * C, P, C, C, xs.data(), plane_pitch(P));
+            for (int64_t c = 0; c < C; ++c) {
+              const T* gc = gs_.data() + c * plane_pitch(Po);
+              if (want_input) K::input_grad_plane(gc, gxs.data() + c * plane_pitch(P), fw[c], gr[c]);
+              if (want_shift) {
+                double corr[4];
+                K::correlations_plane(gc, xs.data() + c * plane_pitch(P), fw[c], corr);
+                shift_grad_from_correlations(corr, ch[c], &partial[2 * (n * C + c)]);
+              }
+            }
+            if (want_input) transpose<T>(gxs.data(), C, P, plane_pitch(P), op_ + n * P * C, C);
+          }
         });
-        return;
-      }
-      const std::array<int64_t, 4> sizes{C * G.ld, want_shift ? C * X.ld : 0, want_input ? C * ld(P) : 0, hsize};
-      for_each_image<T>(N, sizes, [&](int64_t n, const auto& buf) {
-        transpose_into(gp + n * C * Po, C, buf[0], G);
-        if (want_shift) transpose_into(xp + n * C * P, C, buf[1], X);
-        for (int64_t c = 0; c < C; ++c) {
-          channel(n, c, buf[0] + G.origin(c), want_shift ? buf[1] + X.origin(c) : nullptr,
-                  want_input ? buffer_plane(buf[2], c, g.H, g.W) : Plane<T>{}, buf[3]);
-        }
-        if (want_input) transpose<T>(buf[2], C, P, ld(P), op_ + n * C * P, C);
       });
+      for (int64_t c = 0; c < C; ++c) {
+        if (ch[c].finite) continue;
+        if (want_input) fill_channel_nan<T>(op_, g, g.H, g.W, c);
+        if (want_shift)
+          for (int64_t n = 0; n < N; ++n) partial[2 * (n * C + c)] = partial[2 * (n * C + c) + 1] = std::numeric_limits<double>::quiet_NaN();
+      }
     });
   } else if (want_input) {
     gx.zero_();
@@ -666,4 +479,5 @@ TORCH_LIBRARY_IMPL(asl, CPU, m) {
   m.impl("active_shift_backward", &active_shift_backward_cpu);
 }
 
+}  // namespace shift_cpu
 }  // namespace asl

@@ -1,0 +1,823 @@
+// The CPU kernels of the active shift, written once over a vector type Vec<T> and compiled once
+// per instruction set: active_shift_kernel.cpp includes this file in a namespace of its own under
+// `#pragma GCC target` for AVX-512 (ASL_SIMD 2) and AVX2 (1), and plainly for one lane (0).
+//
+// Every output is a sum of four taps, W00 x00 + W01 x01 + W10 x10 + W11 x11, evaluated in that
+// order (a product, then three fused multiply-adds); the input gradient sums its taps in the
+// reverse order. Both memory formats follow these orders exactly, so their results agree bit for
+// bit. Taps outside the image are never read: vector loads at the borders are masked.
+//
+// NCHW: each (n, c) plane is blended row by row straight from the input (planes narrower than a
+// vector are taken several rows per vector); the shift gradient sums grad_output times each tap
+// (four correlations) while the plane is in cache. channels_last: each output pixel's C channels
+// are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
+// depthwise stencil, weights zero for channels that do not use an offset), so no transpose is
+// needed; when the channels' offsets are too many for that to pay, images are transposed to
+// planes and the NCHW kernels run on them.
+#ifndef ASL_SIMD
+#error "include active_shift_simd.h from active_shift_kernel.cpp with ASL_SIMD set"
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Vec<T>: N lanes of T; masks are the low N bits of a uint32_t
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Vec;
+
+#if ASL_SIMD == 2
+template <>
+struct Vec<float> {
+  static constexpr int N = 16;
+  using reg = __m512;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float v) { return _mm512_set1_ps(v); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg loadz(uint32_t m, const float* p) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    even = _mm512_permutex2var_ps(lo, ie, hi);
+    odd = _mm512_permutex2var_ps(lo, io, hi);
+  }
+  static reg dup_halfz(uint32_t m, const float* p) {  // [p0 p0 p1 p1 ...] from N / 2 values
+    const __m256 h = _mm256_maskz_loadu_ps(static_cast<__mmask8>(m), p);
+    const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    return _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(h));
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int N = 8;
+  using reg = __m512d;
+  static reg zero() { return _mm512_setzero_pd(); }
+  static reg set1(double v) { return _mm512_set1_pd(v); }
+  static reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static reg loadz(uint32_t m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
+  static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+  static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
+  static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
+    odd = _mm512_permutex2var_pd(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi);
+  }
+  static reg dup_halfz(uint32_t m, const double* p) {
+    const __m256d h = _mm256_maskz_loadu_pd(static_cast<__mmask8>(m), p);
+    return _mm512_permutexvar_pd(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), _mm512_castpd256_pd512(h));
+  }
+};
+#elif ASL_SIMD == 1
+inline __m256i lanes32(uint32_t m) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bit), bit);
+}
+inline __m256i lanes64(uint32_t m) {
+  const __m256i bit = _mm256_setr_epi64x(1, 2, 4, 8);
+  return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(m), bit), bit);
+}
+template <>
+struct Vec<float> {
+  static constexpr int N = 8;
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float v) { return _mm256_set1_ps(v); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg loadz(uint32_t m, const float* p) { return _mm256_maskload_ps(p, lanes32(m)); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
+  }
+  static reg dup_halfz(uint32_t m, const float* p) {
+    const __m128 h = _mm_maskload_ps(p, _mm256_castsi256_si128(lanes32(m)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(h), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int N = 4;
+  using reg = __m256d;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg set1(double v) { return _mm256_set1_pd(v); }
+  static reg load(const double* p) { return _mm256_loadu_pd(p); }
+  static reg loadz(uint32_t m, const double* p) { return _mm256_maskload_pd(p, lanes64(m)); }
+  static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
+  static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
+  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
+    even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), 0xD8);
+    odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(lo, hi), 0xD8);
+  }
+  static reg dup_halfz(uint32_t m, const double* p) {
+    const __m128d h = _mm_maskload_pd(p, _mm256_castsi256_si128(lanes64(m)));
+    return _mm256_permute4x64_pd(_mm256_castpd128_pd256(h), 0x50);
+  }
+};
+#else
+template <typename T>
+struct Vec {  // one lane: the kernels' scalar form
+  static constexpr int N = 1;
+  using reg = T;
+  static reg zero() { return T(0); }
+  static reg set1(T v) { return v; }
+  static reg load(const T* p) { return *p; }
+  static reg loadz(uint32_t m, const T* p) { return (m & 1u) ? *p : T(0); }
+  static void store(T* p, reg v) { *p = v; }
+  static void store(uint32_t m, T* p, reg v) {
+    if (m & 1u) *p = v;
+  }
+  static reg mul(reg a, reg b) { return a * b; }
+  static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
+  static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
+    even = lo;
+    odd = hi;
+  }
+};
+#endif
+
+// Lanes [lo, hi) of N, as a mask.
+template <int N>
+inline uint32_t lane_range(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, N);
+  if (hi <= lo) return 0u;
+  return static_cast<uint32_t>(((uint64_t{1} << (hi - lo)) - 1) << lo);
+}
+template <int N>
+constexpr uint32_t all_lanes() {
+  return static_cast<uint32_t>((uint64_t{1} << N) - 1);
+}
+
+// Sum of a vector's lanes in lane order, in double.
+template <typename T>
+inline double lane_sum(typename Vec<T>::reg v) {
+  constexpr int N = Vec<T>::N;
+  alignas(64) T tmp[N];
+  Vec<T>::store(tmp, v);
+  double s = 0;
+  for (int l = 0; l < N; ++l) s += static_cast<double>(tmp[l]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCHW planes
+// ---------------------------------------------------------------------------------------------
+// How one channel's planes load their taps, worked out once per call: per output vector, the
+// masks of its four loads (lanes outside the source or beyond the output are masked off).
+//  - rows: vector k of every output row covers columns k N ...; column stride 1: the taps c and
+//    c + 1 are two loads from c0[k] and c0[k] + 1 (masks m[2k], m[2k + 1]); stride 2: both are in
+//    the 2N values from c0[k] (even and odd elements), loaded as two halves. The row taps' rows
+//    are checked per row.
+//  - multi (planes no wider than a vector, see PlaneMap::multi_row): several whole rows per
+//    vector; vector k (flat outputs k N ...) loads from k N + offr W + offc (+1, +W, +W+1) with
+//    masks m[4k .. 4k + 3].
+template <typename T>
+struct PlanePlan {
+  static constexpr int N = Vec<T>::N;
+  PlaneMap map;
+  T w[4];
+  bool multi = false;
+  std::vector<int64_t> c0;
+  std::vector<uint32_t> m, out;
+
+  PlanePlan() = default;
+  PlanePlan(const PlaneMap& pm, const T* wts) : map(pm) {
+    std::copy(wts, wts + 4, w);
+    multi = pm.multi_row<N>();
+    if (multi) {
+      const int64_t W = pm.W, P = pm.H * W, nvec = (P + N - 1) / N;
+      const uint32_t row0 = lane_range<N>(-pm.offc, W - pm.offc) & lane_range<N>(0, W);
+      const uint32_t row1 = lane_range<N>(-pm.offc - 1, W - pm.offc - 1) & lane_range<N>(0, W);
+      m.resize(4 * nvec);
+      out.resize(nvec);
+      for (int64_t k = 0; k < nvec; ++k) {
+        uint32_t rm0 = 0, rm1 = 0, c0m = 0, c1m = 0;
+        for (int64_t rr = 0; rr < N / W && k * (N / W) + rr < pm.H; ++rr) {
+          const int64_t i = k * (N / W) + rr, r = i + pm.offr;
+          const uint32_t bits = lane_range<N>(rr * W, (rr + 1) * W);
+          if (r >= 0 && r < pm.H) rm0 |= bits;
+          if (r + 1 >= 0 && r + 1 < pm.H) rm1 |= bits;
+          c0m |= row0 << (rr * W);
+          c1m |= row1 << (rr * W);
+        }
+        m[4 * k] = rm0 & c0m;
+        m[4 * k + 1] = rm0 & c1m;
+        m[4 * k + 2] = rm1 & c0m;
+        m[4 * k + 3] = rm1 & c1m;
+        out[k] = lane_range<N>(0, P - k * N);
+      }
+      return;
+    }
+    const int64_t nvec = (pm.Wo + N - 1) / N;
+    c0.resize(nvec);
+    m.resize(2 * nvec);
+    out.resize(nvec);
+    for (int64_t k = 0; k < nvec; ++k) {
+      const int64_t q0 = k * N;
+      out[k] = lane_range<N>(0, pm.Wo - q0);
+      if (pm.sc == 1) {
+        c0[k] = q0 + pm.offc;
+        m[2 * k] = lane_range<N>(-c0[k], pm.W - c0[k]) & out[k];
+        m[2 * k + 1] = lane_range<N>(-c0[k] - 1, pm.W - c0[k] - 1) & out[k];
+      } else {
+        c0[k] = 2 * q0 + pm.offc;
+        m[2 * k] = lane_range<N>(-c0[k], pm.W - c0[k]);
+        m[2 * k + 1] = lane_range<N>(-c0[k] - N, pm.W - c0[k] - N);
+      }
+    }
+  }
+  int64_t vectors() const { return static_cast<int64_t>(out.size()); }
+};
+
+// The two column taps of row vector k from one source row (column stride SC).
+template <typename T, int SC>
+inline void column_taps(const T* row, const PlanePlan<T>& p, int64_t k, typename Vec<T>::reg& t0,
+                        typename Vec<T>::reg& t1) {
+  using V = Vec<T>;
+  if constexpr (SC == 1) {
+    t0 = V::loadz(p.m[2 * k], row + p.c0[k]);
+    t1 = V::loadz(p.m[2 * k + 1], row + p.c0[k] + 1);
+  } else {
+    V::deinterleave(V::loadz(p.m[2 * k], row + p.c0[k]), V::loadz(p.m[2 * k + 1], row + p.c0[k] + V::N), t0, t1);
+  }
+}
+
+// Calls fn(e, om, x) for every output vector of a plane: e its first output element, om its
+// lanes, x its four taps.
+template <typename T, int SC, typename Fn>
+inline void for_each_vector_rows(const T* src, const PlanePlan<T>& p, const Fn& fn) {
+  using V = Vec<T>;
+  const PlaneMap& m = p.map;
+  const int64_t nvec = p.vectors();
+  for (int64_t i = 0; i < m.Ho; ++i) {
+    const int64_t r = i * m.sr + m.offr;
+    const bool in0 = r >= 0 && r < m.H, in1 = r + 1 >= 0 && r + 1 < m.H;
+    const T* a = src + r * m.W;
+    typename V::reg x[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    for (int64_t k = 0; k < nvec; ++k) {
+      if (in0) column_taps<T, SC>(a, p, k, x[0], x[1]);
+      if (in1) column_taps<T, SC>(a + m.W, p, k, x[2], x[3]);
+      fn(i * m.Wo + k * V::N, p.out[k], x);
+    }
+  }
+}
+
+template <typename T, typename Fn>
+inline void for_each_vector(const T* src, const PlanePlan<T>& p, const Fn& fn) {
+  using V = Vec<T>;
+  constexpr int N = V::N;
+  if (p.multi) {
+    const int64_t W = p.map.W, shift = p.map.offr * W + p.map.offc;
+    for (int64_t k = 0; k < p.vectors(); ++k) {
+      const T* base = src + k * N + shift;
+      const uint32_t* mk = &p.m[4 * k];
+      const typename V::reg x[4] = {V::loadz(mk[0], base), V::loadz(mk[1], base + 1), V::loadz(mk[2], base + W),
+                                    V::loadz(mk[3], base + W + 1)};
+      fn(k * N, p.out[k], x);
+    }
+    return;
+  }
+  if (p.map.sc == 1) for_each_vector_rows<T, 1>(src, p, fn);
+  else for_each_vector_rows<T, 2>(src, p, fn);
+}
+
+template <typename T>
+inline typename Vec<T>::reg blend4(const typename Vec<T>::reg* w, const typename Vec<T>::reg* x) {
+  using V = Vec<T>;
+  typename V::reg acc = V::mul(w[0], x[0]);
+  acc = V::fma(w[1], x[1], acc);
+  acc = V::fma(w[2], x[2], acc);
+  return V::fma(w[3], x[3], acc);
+}
+
+template <typename T>
+inline void store_vector(T* p, uint32_t m, typename Vec<T>::reg v) {
+  if (m == all_lanes<Vec<T>::N>()) Vec<T>::store(p, v);
+  else Vec<T>::store(m, p, v);
+}
+
+// out[i, j] = w0 s[r, c] + w1 s[r, c + 1] + w2 s[r + 1, c] + w3 s[r + 1, c + 1] with
+// (r, c) = (i * sr + offr, j * sc + offc), zeros outside src. The forward pass, and at stride 1
+// the input gradient (grad_output sampled at the mirrored offsets with the weights reversed).
+template <typename T>
+void sample_plane(const T* src, T* out, const PlanePlan<T>& p) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  const reg w[4] = {V::set1(p.w[0]), V::set1(p.w[1]), V::set1(p.w[2]), V::set1(p.w[3])};
+  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const reg* x) { store_vector<T>(out + e, om, blend4<T>(w, x)); });
+}
+
+// The four correlations sum over (i, j) of g[i, j] * s[tap (a, b) of (i, j)] of one plane, for
+// the shift gradient. Vector sums go to double every 512 outputs or so, in a fixed order.
+template <typename T>
+void correlate_plane(const T* g, const T* src, const PlanePlan<T>& p, double* corr) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  constexpr int N = V::N;
+  reg acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  int64_t since = 0;
+  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const reg* x) {
+    const reg gv = om == all_lanes<N>() ? V::load(g + e) : V::loadz(om, g + e);
+    for (int k = 0; k < 4; ++k) acc[k] = V::fma(gv, x[k], acc[k]);
+    if (++since * N >= 512) {
+      for (int k = 0; k < 4; ++k) {
+        corr[k] += lane_sum<T>(acc[k]);
+        acc[k] = V::zero();
+      }
+      since = 0;
+    }
+  });
+  for (int k = 0; k < 4; ++k) corr[k] += lane_sum<T>(acc[k]);
+}
+
+// Input gradient at strides (2, 2): every input element takes at most one term, from the output
+// whose tap it is: gx[r, q] = W[a][b] g[(r - offr - a) / 2, (q - offc - b) / 2] with a, b the
+// parities of r - offr and q - offc. Rows alternate between W[a][0] and W[a][1] per element.
+template <typename T>
+void upsample2_plane(const T* g, T* gx, const PlaneMap& m, const T* wts) {
+  using V = Vec<T>;
+  constexpr int N = V::N;
+  // m maps the forward pass: H x W is the input (gx), Ho x Wo the output (g)
+  for (int64_t r = 0; r < m.H; ++r) {
+    T* o = gx + r * m.W;
+    const int64_t t = r - m.offr, a = t & 1, i = (t - a) / 2;
+    if (i < 0 || i >= m.Ho) {
+      std::fill(o, o + m.W, T(0));
+      continue;
+    }
+    const T* grow = g + i * m.Wo;
+    const T wa0 = wts[2 * a], wa1 = wts[2 * a + 1];
+    const int64_t qs = m.offc & 1;  // first column whose q - offc is even
+    if (qs == 1 && m.W > 0) {
+      const int64_t j = (-m.offc - 1) / 2;  // q = 0, b = 1 (exact: -offc - 1 is even)
+      o[0] = (j >= 0 && j < m.Wo) ? wa1 * grow[j] : T(0);
+    }
+    if constexpr (N >= 2) {
+      alignas(64) T pat[N];
+      for (int l = 0; l < N; ++l) pat[l] = (l & 1) ? wa1 : wa0;
+      const typename V::reg wp = V::load(pat);
+      for (int64_t q0 = qs; q0 < m.W; q0 += N) {
+        const int64_t j0 = (q0 - m.offc) / 2;
+        const typename V::reg d = V::dup_halfz(lane_range<N / 2>(-j0, m.Wo - j0), grow + j0);
+        if (q0 + N <= m.W) V::store(o + q0, V::mul(wp, d));
+        else V::store(lane_range<N>(0, m.W - q0), o + q0, V::mul(wp, d));
+      }
+    } else {
+      for (int64_t q = qs; q < m.W; ++q) {
+        const int64_t u = q - m.offc, b = u & 1, j = (u - b) / 2;
+        o[q] = (j >= 0 && j < m.Wo) ? (b ? wa1 : wa0) * grow[j] : T(0);
+      }
+    }
+  }
+}
+
+// Input gradient at any strides, element by element (taps in reverse order, as everywhere).
+template <typename T>
+void transposed_plane_scalar(const T* g, T* gx, const PlaneMap& m, const T* wts) {
+  for (int64_t r = 0; r < m.H; ++r) {
+    for (int64_t q = 0; q < m.W; ++q) {
+      T acc = T(0);
+      bool first = true;
+      for (int k = 3; k >= 0; --k) {
+        const int64_t a = k >> 1, b = k & 1;
+        const int64_t u = r - m.offr - a, v = q - m.offc - b;
+        if (u < 0 || v < 0 || u % m.sr || v % m.sc) continue;
+        const int64_t i = u / m.sr, j = v / m.sc;
+        if (i >= m.Ho || j >= m.Wo) continue;
+        acc = first ? wts[k] * g[i * m.Wo + j] : std::fma(wts[k], g[i * m.Wo + j], acc);
+        first = false;
+      }
+      gx[r * m.W + q] = acc;
+    }
+  }
+}
+
+// The forward pass at column strides other than 1 and 2, element by element.
+template <typename T>
+void sample_plane_scalar(const T* src, T* out, const PlaneMap& m, const T* wts) {
+  for (int64_t i = 0; i < m.Ho; ++i) {
+    for (int64_t j = 0; j < m.Wo; ++j) {
+      T x[4];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t r = i * m.sr + m.offr + (k >> 1), c = j * m.sc + m.offc + (k & 1);
+        x[k] = (r >= 0 && r < m.H && c >= 0 && c < m.W) ? src[r * m.W + c] : T(0);
+      }
+      T acc = wts[0] * x[0];
+      for (int k = 1; k < 4; ++k) acc = std::fma(wts[k], x[k], acc);
+      out[i * m.Wo + j] = acc;
+    }
+  }
+}
+
+template <typename T>
+void correlate_plane_scalar(const T* g, const T* src, const PlaneMap& m, double* corr) {
+  for (int64_t i = 0; i < m.Ho; ++i) {
+    for (int64_t j = 0; j < m.Wo; ++j) {
+      const double gv = static_cast<double>(g[i * m.Wo + j]);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t r = i * m.sr + m.offr + (k >> 1), c = j * m.sc + m.offc + (k & 1);
+        if (r >= 0 && r < m.H && c >= 0 && c < m.W) corr[k] += gv * static_cast<double>(src[r * m.W + c]);
+      }
+    }
+  }
+}
+
+// One channel's forward plane, input-gradient plane and shift-gradient correlations, with the
+// plans of the forward sampling (fw) and, at stride 1, of the input gradient's (gr).
+template <typename T>
+void forward_plane(const T* x, T* y, const PlanePlan<T>& fw) {
+  if (fw.map.vectorized()) sample_plane<T>(x, y, fw);
+  else sample_plane_scalar<T>(x, y, fw.map, fw.w);
+}
+
+// The input gradient's plan: at stride 1 the forward sampling of grad_output at the mirrored
+// offsets with the weights reversed (taps in reverse order).
+template <typename T>
+PlanePlan<T> input_grad_plan(const PlaneMap& m, const T* w) {
+  if (m.sr != 1 || m.sc != 1) return PlanePlan<T>();
+  const T rev[4] = {w[3], w[2], w[1], w[0]};
+  return PlanePlan<T>(PlaneMap{m.Ho, m.Wo, m.H, m.W, 1, 1, -m.offr - 1, -m.offc - 1}, rev);
+}
+
+template <typename T>
+void input_grad_plane(const T* g, T* gx, const PlanePlan<T>& fw, const PlanePlan<T>& gr) {
+  const PlaneMap& m = fw.map;
+  if (m.sr == 1 && m.sc == 1) return sample_plane<T>(g, gx, gr);
+  if (m.sr == 2 && m.sc == 2 && Vec<T>::N >= 2) return upsample2_plane<T>(g, gx, m, fw.w);
+  transposed_plane_scalar<T>(g, gx, m, fw.w);
+}
+
+template <typename T>
+void correlations_plane(const T* g, const T* x, const PlanePlan<T>& fw, double* corr) {
+  corr[0] = corr[1] = corr[2] = corr[3] = 0;
+  if (fw.map.vectorized()) correlate_plane<T>(g, x, fw, corr);
+  else correlate_plane_scalar<T>(g, x, fw.map, corr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// channels_last: the sparse stencil over the channels' distinct tap offsets
+// ---------------------------------------------------------------------------------------------
+// One tap offset (ra, cb) that some channels use, and per channel vector v its weights (zero for
+// the channels that do not use it) and the mask of those that do.
+template <typename T>
+struct Stencil {
+  static constexpr int N = Vec<T>::N;
+  struct Tap {
+    int64_t ra, cb;
+  };
+  std::vector<Tap> taps;  // ascending (ra, cb)
+  int64_t nv = 0;         // channel vectors
+  std::vector<T> w;       // [tap][nv * N]
+  std::vector<uint32_t> m;  // [tap][nv]
+  std::vector<int> per_vector;  // taps used by each channel vector
+  int most = 0;  // the most taps any channel vector uses
+
+  const T* weights(size_t t, int64_t v) const { return w.data() + (t * nv + v) * N; }
+  uint32_t mask(size_t t, int64_t v) const { return m[t * nv + v]; }
+  // The index of tap (ra, cb), or -1 when no output reaches it.
+  int64_t tap_index(int64_t ra, int64_t cb) const {
+    const auto it = std::lower_bound(taps.begin(), taps.end(), Tap{ra, cb}, [](const Tap& a, const Tap& b) {
+      return a.ra < b.ra || (a.ra == b.ra && a.cb < b.cb);
+    });
+    return it != taps.end() && it->ra == ra && it->cb == cb ? static_cast<int64_t>(it - taps.begin()) : -1;
+  }
+};
+
+// Taps of channel c at (offr + a, offc + b) with weight W[2a + b]; taps no output can reach are
+// left out (a channel whose taps are all out reads nothing and gives zeros).
+template <typename T>
+Stencil<T> make_stencil(const std::vector<ChanTaps<T>>& ch, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t sh,
+                        int64_t sw) {
+  constexpr int N = Vec<T>::N;
+  Stencil<T> st;
+  const int64_t C = static_cast<int64_t>(ch.size());
+  st.nv = (C + N - 1) / N;
+  auto reachable = [&](int64_t ra, int64_t cb) {
+    return ra + (Ho - 1) * sh >= 0 && ra < H && cb + (Wo - 1) * sw >= 0 && cb < W;
+  };
+  std::vector<std::pair<int64_t, int64_t>> offs;
+  for (const auto& c : ch)
+    for (int k = 0; k < 4; ++k) {
+      const int64_t ra = c.offr + (k >> 1), cb = c.offc + (k & 1);
+      if (reachable(ra, cb)) offs.emplace_back(ra, cb);
+    }
+  std::sort(offs.begin(), offs.end());
+  offs.erase(std::unique(offs.begin(), offs.end()), offs.end());
+  st.taps.reserve(offs.size());
+  for (const auto& o : offs) st.taps.push_back({o.first, o.second});
+  st.w.assign(st.taps.size() * st.nv * N, T(0));
+  st.m.assign(st.taps.size() * st.nv, 0u);
+  for (int64_t c = 0; c < C; ++c)
+    for (int k = 0; k < 4; ++k) {
+      const std::pair<int64_t, int64_t> o{ch[c].offr + (k >> 1), ch[c].offc + (k & 1)};
+      const auto it = std::lower_bound(offs.begin(), offs.end(), o);
+      if (it == offs.end() || *it != o) continue;
+      const size_t t = static_cast<size_t>(it - offs.begin());
+      st.w[(t * st.nv + c / N) * N + c % N] = ch[c].w[k];
+      st.m[t * st.nv + c / N] |= 1u << (c % N);
+    }
+  st.per_vector.assign(st.nv, 0);
+  for (size_t t = 0; t < st.taps.size(); ++t)
+    for (int64_t v = 0; v < st.nv; ++v)
+      if (st.m[t * st.nv + v]) ++st.per_vector[v];
+  for (int n : st.per_vector) st.most = std::max(st.most, n);
+  return st;
+}
+
+// One tap of a row for one channel vector: the element offset it reads at (relative to the row's
+// base, for output column 0), its column offset (for the bounds checks of the side columns), its
+// row offset, weights and mask.
+template <typename T>
+struct RowTap {
+  int64_t base, col, row;
+  const T* w;
+  uint32_t m;
+};
+
+constexpr int kMaxStencilTaps = 16;  // channels_last uses the stencil up to this many taps per vector
+
+// Per channel vector v, its taps in order, for the forward pass: tap (ra, cb) of output (i, j)
+// reads pixel (i sh + ra, j sw + cb), i.e. base (ra W + cb) C + v N from row i sh's start.
+template <typename T>
+std::vector<std::vector<RowTap<T>>> forward_lists(const Stencil<T>& st, int64_t W, int64_t C) {
+  constexpr int N = Vec<T>::N;
+  std::vector<std::vector<RowTap<T>>> out(st.nv);
+  for (int64_t v = 0; v < st.nv; ++v)
+    for (size_t t = 0; t < st.taps.size(); ++t)
+      if (st.mask(t, v))
+        out[v].push_back({(st.taps[t].ra * W + st.taps[t].cb) * C + v * N, st.taps[t].cb, st.taps[t].ra,
+                          st.weights(t, v), st.mask(t, v)});
+  return out;
+}
+
+// y pixels [j_lo, j_hi) of one output row and one channel vector, every tap inside: K taps
+// (a compile-time count, so the weights stay in registers). MASKED: each load reads only the
+// lanes of the channels that use its tap. Unmasked, the other lanes are read too and multiplied
+// by their zero weight, which adds exactly nothing unless a value read is inf or NaN; chk then
+// turns NaN, and the caller does the pixels again masked.
+template <typename T, int K, bool MASKED>
+inline void stencil_run(const T* x, T* y, const RowTap<T>* rt, int64_t j_lo, int64_t j_hi, int64_t xstep,
+                        int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  using V = Vec<T>;
+  typename V::reg w[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) w[k] = V::load(rt[k].w);
+  const bool full = store_mask == all_lanes<V::N>();
+  const typename V::reg zero = V::zero();
+  for (int64_t j = j_lo; j < j_hi; ++j) {
+    typename V::reg acc = V::zero();
+    for (int k = 0; k < K; ++k) {
+      const T* p = x + rt[k].base + j * xstep;
+      acc = V::fma(w[k], MASKED ? V::loadz(rt[k].m, p) : V::load(p), acc);
+    }
+    if (!MASKED) chk = V::fma(acc, zero, chk);
+    if (full) V::store(y + j * ystep, acc);
+    else V::store(store_mask, y + j * ystep, acc);
+  }
+}
+
+template <typename T, bool MASKED>
+inline void stencil_run_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
+                          int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  switch (K) {
+#define ASL_RUN(k) \
+  case k:          \
+    return stencil_run<T, k, MASKED>(x, y, rt, j_lo, j_hi, xstep, ystep, store_mask, chk);
+    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
+    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
+#undef ASL_RUN
+    default:
+      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
+  }
+}
+
+template <typename T>
+inline void stencil_run_any(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
+                            int64_t ystep, uint32_t store_mask) {
+  typename Vec<T>::reg chk = Vec<T>::zero();
+  if (store_mask != all_lanes<Vec<T>::N>()) {  // a channel tail: lanes past the tensor's last channel
+    stencil_run_k<T, true>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+    return;
+  }
+  stencil_run_k<T, false>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+  const double c = lane_sum<T>(chk);
+  if (c != c) stencil_run_k<T, true>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+}
+
+// One pixel near the sides: taps whose column col + j falls outside [0, cols) are skipped.
+template <typename T>
+inline void stencil_pixel(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j, int64_t xstep, int64_t colstep,
+                          int64_t cols, uint32_t store_mask) {
+  using V = Vec<T>;
+  typename V::reg acc = V::zero();
+  for (int k = 0; k < K; ++k) {
+    const int64_t col = j * colstep + rt[k].col;
+    if (col < 0 || col >= cols) continue;
+    acc = V::fma(V::load(rt[k].w), V::loadz(rt[k].m, x + rt[k].base + j * xstep), acc);
+  }
+  V::store(store_mask, y, acc);
+}
+
+// Forward, channels_last: output rows [i0, i1) of image x (H x W x C) into y (Ho x Wo x C).
+template <typename T>
+void stencil_forward_rows(const T* x, T* y, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                          int64_t H, int64_t W, int64_t C, int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1) {
+  constexpr int N = Vec<T>::N;
+  RowTap<T> rt[kMaxStencilTaps];
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* xrow = x + i * sh * W * C;
+    for (int64_t v = 0; v < st.nv; ++v) {
+      int K = 0;
+      int64_t cb_min = 0, cb_max = 0;
+      for (const RowTap<T>& t : lists[v]) {
+        const int64_t r = i * sh + t.row;
+        if (r < 0 || r >= H) continue;
+        cb_min = K == 0 ? t.col : std::min(cb_min, t.col);
+        cb_max = K == 0 ? t.col : std::max(cb_max, t.col);
+        rt[K++] = t;
+      }
+      // the output columns j whose taps j sw + cb all lie in [0, W)
+      int64_t j_lo = 0, j_hi = Wo;
+      if (K) {
+        j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, floor_div(-cb_min + sw - 1, sw)));
+        j_hi = std::max(j_lo, std::min<int64_t>(Wo, floor_div(W - 1 - cb_max, sw) + 1));
+      }
+      const uint32_t sm = lane_range<N>(0, C - v * N);
+      T* yrow = y + i * Wo * C + v * N;
+      for (int64_t j = 0; j < j_lo; ++j) stencil_pixel<T>(xrow, yrow + j * C, rt, K, j, sw * C, sw, W, sm);
+      stencil_run_any<T>(xrow, yrow, rt, K, j_lo, j_hi, sw * C, C, sm);
+      for (int64_t j = j_hi; j < Wo; ++j) stencil_pixel<T>(xrow, yrow + j * C, rt, K, j, sw * C, sw, W, sm);
+    }
+  }
+}
+
+// The input gradient's taps, per (row class r mod sh, column class q mod sw, channel vector v),
+// in reverse order. Tap (ra, cb) of output (i, j) reads input (i sh + ra, j sw + cb), so input
+// (r, q) of row class rc takes it when ra = rc (mod sh), from output row (r - rc) / sh + row with
+// row = -(ra - rc) / sh; and column q = cls + k sw of class cls when cb = cls (mod sw), from
+// output column k + col with col = (cls - cb) / sw: base (row Wo + col) C + v N from output row
+// (r - rc) / sh's start, + k C.
+template <typename T>
+std::vector<std::vector<RowTap<T>>> input_grad_lists(const Stencil<T>& st, int64_t Wo, int64_t C, int64_t sh,
+                                                     int64_t sw) {
+  constexpr int N = Vec<T>::N;
+  std::vector<std::vector<RowTap<T>>> out(sh * sw * st.nv);
+  for (int64_t rc = 0; rc < sh; ++rc)
+    for (int64_t cls = 0; cls < sw; ++cls)
+      for (int64_t v = 0; v < st.nv; ++v)
+        for (size_t t = st.taps.size(); t-- > 0;) {
+          const int64_t ra = st.taps[t].ra, cb = st.taps[t].cb;
+          if (!st.mask(t, v) || floor_div(ra - rc, sh) * sh != ra - rc || floor_div(cls - cb, sw) * sw != cls - cb) continue;
+          const int64_t row = -floor_div(ra - rc, sh), col = floor_div(cls - cb, sw);
+          out[(rc * sw + cls) * st.nv + v].push_back({(row * Wo + col) * C + v * N, col, row, st.weights(t, v), st.mask(t, v)});
+        }
+  return out;
+}
+
+// Input gradient, channels_last: input rows [r0, r1) of gx (H x W x C) from g (Ho x Wo x C).
+template <typename T>
+void stencil_input_grad_rows(const T* g, T* gx, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                             int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, int64_t r0, int64_t r1) {
+  using V = Vec<T>;
+  constexpr int N = V::N;
+  RowTap<T> rt[kMaxStencilTaps];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t rc = ((r % sh) + sh) % sh, ibase = (r - rc) / sh;
+    const T* grow = g + ibase * Wo * C;
+    for (int64_t v = 0; v < st.nv; ++v) {
+      const uint32_t sm = lane_range<N>(0, C - v * N);
+      for (int64_t cls = 0; cls < sw; ++cls) {
+        T* ocls = gx + (r * W + cls) * C + v * N;
+        const int64_t nk = cls < W ? (W - cls + sw - 1) / sw : 0;  // columns of this class
+        int K = 0;
+        int64_t col_min = 0, col_max = 0;
+        for (const RowTap<T>& t : lists[(rc * sw + cls) * st.nv + v]) {
+          const int64_t i = ibase + t.row;
+          if (i < 0 || i >= Ho) continue;
+          col_min = K == 0 ? t.col : std::min(col_min, t.col);
+          col_max = K == 0 ? t.col : std::max(col_max, t.col);
+          rt[K++] = t;
+        }
+        if (K == 0) {
+          for (int64_t k = 0; k < nk; ++k) V::store(sm, ocls + k * sw * C, V::zero());
+          continue;
+        }
+        // class columns k whose taps' output columns k + col all lie in [0, Wo)
+        const int64_t k_lo = std::min(nk, std::max<int64_t>(0, -col_min));
+        const int64_t k_hi = std::max(k_lo, std::min(nk, Wo - col_max));
+        for (int64_t k = 0; k < k_lo; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
+        stencil_run_any<T>(grow, ocls, rt, K, k_lo, k_hi, C, sw * C, sm);
+        for (int64_t k = k_hi; k < nk; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
+      }
+    }
+  }
+}
+
+// Shift-gradient correlations of pixels [j_lo, j_hi) of one output row and one channel vector:
+// acc[k] += g[j] * x[tap k of j], K taps at once (a compile-time count: accumulators in registers).
+template <typename T, int K>
+inline void correlate_run(const T* g, const T* x, const RowTap<T>* rt, int64_t j_lo, int64_t j_hi, int64_t xstep,
+                          int64_t C, typename Vec<T>::reg* acc) {
+  using V = Vec<T>;
+  typename V::reg a[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) a[k] = acc[k];
+  for (int64_t j = j_lo; j < j_hi; ++j) {
+    const typename V::reg gv = V::load(g + j * C);
+    for (int k = 0; k < K; ++k) a[k] = V::fma(gv, V::load(x + rt[k].base + j * xstep), a[k]);
+  }
+  for (int k = 0; k < K; ++k) acc[k] = a[k];
+}
+
+template <typename T>
+inline void correlate_run_any(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi,
+                              int64_t xstep, int64_t C, typename Vec<T>::reg* acc) {
+  switch (K) {
+#define ASL_RUN(k) \
+  case k:          \
+    return correlate_run<T, k>(g, x, rt, j_lo, j_hi, xstep, C, acc);
+    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
+    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
+#undef ASL_RUN
+    default:
+      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
+  }
+}
+
+// Shift-gradient correlations, channels_last: for output rows [i0, i1) and every tap t,
+// corr[t * C + c] += sum over the rows' pixels of g[., c] * x[tap t of the pixel, c] (lanes of
+// channels that do not use a tap hold sums nobody reads; no load of a lane a channel does not
+// use is masked, as nothing reads those sums). Per channel vector, one pass over the pixels with
+// every tap's sum in a register; the sums go to double every 256 or so pixels, in a fixed order.
+template <typename T>
+void stencil_correlate_rows(const T* g, const T* x, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                            int64_t H, int64_t W, int64_t C, int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1,
+                            double* corr) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  constexpr int N = V::N;
+  alignas(64) T tmp[N];
+  RowTap<T> rt[kMaxStencilTaps];
+  int tap_of[kMaxStencilTaps];
+  const int64_t rows_per_flush = std::max<int64_t>(1, 256 / std::max<int64_t>(1, Wo));
+  for (int64_t v = 0; v < st.nv; ++v) {
+    const uint32_t lm = lane_range<N>(0, C - v * N);
+    const auto& list = lists[v];
+    // this vector's tap k is stencil tap index[k]
+    std::vector<int64_t> index(list.size());
+    for (size_t k = 0; k < list.size(); ++k) index[k] = st.tap_index(list[k].row, list[k].col);
+    reg acc[kMaxStencilTaps];  // (a std::vector of vector registers would not be aligned for them)
+    for (size_t k = 0; k < list.size(); ++k) acc[k] = V::zero();
+    auto flush = [&] {
+      for (size_t k = 0; k < list.size(); ++k) {
+        V::store(tmp, acc[k]);
+        double* out = corr + index[k] * C + v * N;
+        for (int l = 0; l < N && v * N + l < C; ++l) out[l] += static_cast<double>(tmp[l]);
+        acc[k] = V::zero();
+      }
+    };
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* xrow = x + i * sh * W * C;
+      const T* grow = g + i * Wo * C + v * N;
+      int K = 0;
+      int64_t cb_min = 0, cb_max = 0;
+      for (size_t k = 0; k < list.size(); ++k) {
+        const RowTap<T>& t = list[k];
+        const int64_t r = i * sh + t.row;
+        if (r < 0 || r >= H) continue;
+        cb_min = K == 0 ? t.col : std::min(cb_min, t.col);
+        cb_max = K == 0 ? t.col : std::max(cb_max, t.col);
+        tap_of[K] = static_cast<int>(k);
+        rt[K++] = t;
+      }
+      if (K) {
+        const int64_t j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, floor_div(-cb_min + sw - 1, sw)));
+        const int64_t j_hi = std::max(j_lo, std::min<int64_t>(Wo, floor_div(W - 1 - cb_max, sw) + 1));
+        reg a[kMaxStencilTaps];
+        for (int k = 0; k < K; ++k) a[k] = acc[tap_of[k]];
+        auto edge = [&](int64_t j) {
+          const reg gv = V::loadz(lm, grow + j * C);
+          for (int k = 0; k < K; ++k) {
+            const int64_t col = j * sw + rt[k].col;
+            if (col >= 0 && col < W) a[k] = V::fma(gv, V::loadz(lm, xrow + rt[k].base + j * sw * C), a[k]);
+          }
+        };
+        for (int64_t j = 0; j < j_lo; ++j) edge(j);
+        if (lm == all_lanes<N>()) {
+          correlate_run_any<T>(grow, xrow, rt, K, j_lo, j_hi, sw * C, C, a);
+        } else {
+          for (int64_t j = j_lo; j < j_hi; ++j) edge(j);
+        }
+        for (int64_t j = j_hi; j < Wo; ++j) edge(j);
+        for (int k = 0; k < K; ++k) acc[tap_of[k]] = a[k];
+      }
+      if ((i - i0 + 1) % rows_per_flush == 0 || i + 1 == i1) flush();
+    }
+  }
+}

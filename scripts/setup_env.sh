@@ -14,7 +14,7 @@ fi
 source "$VENV/bin/activate"
 
 DEPS_STAMP="$VENV/.asl-deps"
-DEPS="torch==2.14.1 torchvision==0.29.1 typer rich pandas pyyaml matplotlib pytest scikit-image submitit ninja setuptools wheel"
+DEPS="torch==2.14.1 torchvision==0.29.1 typer rich pandas pyyaml matplotlib pytest scikit-image submitit onnx onnxruntime onnxscript ninja setuptools wheel"
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS" ]; then
   echo "[setup] installing dependencies (torch 2.14.1, torchvision 0.29.1, ...)"
   # shellcheck disable=SC2086

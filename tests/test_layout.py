@@ -10,7 +10,7 @@ LAYERS = [
     ("ops",),
     ("nn", "bn_relu"),
     ("zoo",),
-    ("config", "inference"),
+    ("config", "inference", "export"),
     ("data",),
     ("train",),
     ("experiments",),

@@ -112,3 +112,49 @@ def predict(
         for i, c in enumerate(r["top"], 1):
             t.add_row(str(i), c["class"], f"{c['probability']:.3f}")
         show(t)
+
+
+@app.command(name="export")
+def export_model(
+    model: str = typer.Argument(..., metavar="MODEL|CHECKPOINT", help="A zoo model (see asl zoo), a checkpoint file or a run folder."),
+    fmt_: str = typer.Option("onnx", "--format", help="The file format; onnx is the one there is."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The file to write (default exports/<model>.onnx under this folder)."),
+    shift_form: str = typer.Option("conv", "--shift-form", help="How the active shift is written in standard ONNX: conv (one "
+                                   "depthwise convolution spanning the shifts' offsets) or slice (pad once, a slice per "
+                                   "group of channels sharing an offset, a 2x2 depthwise blend); see docs/export.md."),
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="Input height and width (default: the model's, e.g. 32 or 224)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the file in ONNX Runtime and compare with PyTorch."),
+) -> None:
+    """Write a model as a standard ONNX file (evaluation mode, BatchNorm folded into the convolutions
+    before it, the shifts as standard operators: any runtime loads it with no plugin).
+
+    Examples: asl export asnet20_16x1; asl export runs/RUN --out model.onnx; asl export checkpoints/w32.pt
+    """
+    from asl_cli.export import SHIFT_FORMS, ExportError
+    from asl_cli.experiments.deploy import MissingRuntime, export
+
+    if fmt_ != "onnx":
+        fail(f"--format must be onnx, got {fmt_!r}", code=2)
+    if shift_form not in SHIFT_FORMS:
+        fail(f"--shift-form must be one of {', '.join(SHIFT_FORMS)}, got {shift_form!r}", code=2)
+    from asl_cli.train import checkpoint as ckpt_io
+
+    target = out or Path("exports") / f"{Path(model.rstrip('/')).stem}.onnx"
+    try:
+        with console.status(f"exporting {model} to ONNX"):
+            info = export(model, target, shift_form, size, check)
+    except MissingRuntime as e:
+        fail(str(e), code=2)
+    except KeyError as e:
+        fail(e.args[0], code=2)
+    except (ExportError, ckpt_io.CheckpointError) as e:
+        fail(str(e))
+    console.print(f"wrote {info['path']}: {info['arch']}, input 1x3x{info['input_size']}x{info['input_size']} (batch "
+                  f"dynamic), opset {info['opset']}, {info['nodes']} nodes, shift form {shift_form}")
+    console.print(f"operators: {', '.join(info['ops'])}")
+    if check:
+        ok = info["max_rel_diff"] <= 1e-4
+        console.print(f"ONNX Runtime against PyTorch on random inputs: largest difference {info['max_rel_diff']:.2e} of the "
+                      f"logits' scale ({'within' if ok else 'beyond'} 1e-4)")
+        if not ok:
+            raise typer.Exit(1)

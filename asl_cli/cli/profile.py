@@ -240,6 +240,11 @@ def profile_layers(
     _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
 
 
+class Runtime(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
 class Form(str, Enum):  # asl_cli.inference.FORMS (a test keeps them equal)
     eager = "eager"
     inference = "inference"
@@ -255,12 +260,27 @@ def profile_models(
                                               "frozen-inference). inference: BatchNorm folded, shift fused into the 1x1 conv; "
                                               "frozen: torch.jit trace + freeze + optimize_for_inference."),
     malloc_pad: int = MALLOC_PAD_OPT,
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help="torch: the forms above in PyTorch; onnxruntime: each model "
+                                    "exported to standard ONNX (both shift forms for shift networks) and timed in ONNX "
+                                    "Runtime's CPU provider; an exported .onnx file is taken as it is."),
+    batch: int = typer.Option(8, "--batch", min=1, help="With --runtime onnxruntime: the batch timed beside batch 1."),
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
-    pairs with each model in its fastest form (Table 5, Fig. 4)."""
+    pairs with each model in its fastest form (Table 5, Fig. 4).
+
+    Examples: asl profile models as_resnet_w32 mobilenet_v2_x0.5; asl profile models as_resnet_w32
+    mobilenet_v2_x0.5 --runtime onnxruntime --threads 2
+    """
     from asl_cli.allocator import pad_malloc
 
+    if runtime == Runtime.onnxruntime:
+        if device != Device.cpu:
+            fail("--runtime onnxruntime times ONNX Runtime's CPU provider; leave --device as cpu", code=2)
+        if form:
+            fail("--form picks PyTorch forms; with --runtime onnxruntime both shift forms are timed", code=2)
+        _profile_models_onnx(models, threads, batch, min_run_time, out)
+        return
     dev = _profile_device(device, threads)
     forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
     _profile_models(models, dev, threads, min_run_time, out, forms, pad_malloc(malloc_pad))
@@ -425,6 +445,37 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
             line += f"; / {c['peer']} eager ({c['eager_mode']}): {c['vs_eager']:.2f}x"
         console.print(line)
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
+
+
+def _profile_models_onnx(specs, threads, batch, min_run_time, out) -> None:
+    from asl_cli.export import ExportError
+    from asl_cli.experiments.bench import results_dir
+    from asl_cli.experiments.deploy import MissingRuntime, profile
+    from asl_cli.experiments.profile_models import figure, ratios
+    from asl_cli.train import checkpoint as ckpt_io
+
+    with console.status(f"exporting and timing {', '.join(specs)} in ONNX Runtime"):
+        try:
+            rows = profile(list(specs), threads, batch, min_run_time)
+        except MissingRuntime as e:
+            fail(str(e), code=2)
+        except KeyError as e:
+            fail(e.args[0], code=2)
+        except (ExportError, ckpt_io.CheckpointError) as e:
+            fail(str(e))
+    t = Table(title=f"models in {rows[0]['runtime']} (CPU provider), {rows[0]['device_name']}, {threads} thread(s)")
+    for c in ("model", "shift form", "params (M)", "MACs (M)", "ms, batch 1", f"ms, batch {batch}", "GMAC/s", "top-1"):
+        t.add_column(c, justify="left" if c in ("model", "shift form") else "right")
+    for r in rows:
+        t.add_row(r["model"], r["shift_form"] + (" *" if r["fastest"] else ""), f"{r['params'] / 1e6:.3f}", f"{r['macs'] / 1e6:.1f}",
+                  f"{r['cpu_ms_batch1']:.2f}", f"{r[f'cpu_ms_batch{batch}']:.2f}", f"{r['cpu_gmacs_per_s']:.1f}", fmt(r["top1"]))
+    show(t)
+    console.print("* the model's fastest form")
+    for rr in ratios(rows):
+        if rr["kind"] == "fastest":
+            console.print(f"latency {rr['pair']}, batch 1: [bold]{rr['ratio']:.3f}x[/] (MACs {rr['macs_ratio']:.2f}x; "
+                          f"paper, Caffe: {rr['paper_ratio']:.3f}x)")
+    _append_with_figure(rows, out or results_dir() / "profile_models_onnxruntime.csv", figure, "_accuracy_vs_latency")
 
 
 def _append_with_figure(rows: list[dict], path: Path, figure, suffix: str) -> None:

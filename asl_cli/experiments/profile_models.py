@@ -136,7 +136,8 @@ def figure(rows: list[dict], stem: Path) -> list[Path]:
     r0 = rows[0]
     ax.set_xlabel(f"CPU latency, batch 1, {r0['threads']} thread(s), fastest form (ms)")
     ax.set_ylabel("ImageNet top-1 (%)")
-    ax.set_title(f"Accuracy vs latency ({r0['device_name']})", fontsize=9)
+    ax.set_title(f"Accuracy vs latency ({r0['device_name']}, {r0.get('runtime', 'PyTorch')})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return figures.save(fig, stem)

@@ -169,3 +169,14 @@ def test_the_authors_w32_in_onnx_runtime_still_sees_the_cat(tmp_path, photos):  
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
     p = torch.softmax(got, 1)[0]
     assert p.argmax().item() == 285 and round(p.max().item(), 3) == 0.680  # Egyptian cat
+    import json
+
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "w32.onnx"), str(photos["chelsea"]), "--runtime", "onnxruntime", "--json"])
+    assert res.exit_code == 0, res.output
+    top = json.loads(res.output)[0]["top"][0]
+    assert top["class"] == "Egyptian cat" and round(top["probability"], 3) == 0.680
+
+
+def test_an_onnx_file_needs_the_onnx_runtime(tmp_path):
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path / "cat.png")])
+    assert res.exit_code == 2 and "--runtime onnxruntime" in res.output

@@ -2,6 +2,7 @@
 written as standard ONNX, checked against PyTorch, and timed in ONNX Runtime's CPU provider."""
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,20 +33,23 @@ def require_deploy() -> None:
         raise MissingRuntime(f"ONNX export and ONNX Runtime need the deploy extra ({e.name} is missing): {INSTALL}") from e
 
 
-def load(spec: str) -> tuple[str, str, torch.nn.Module, int]:
-    """(label, zoo name, model, input size) for a zoo name or a checkpoint (file or run folder)."""
+def load(spec: str, with_checkpoint: bool = False):
+    """(label, zoo name, model, input size) for a zoo name or a checkpoint (file or run folder),
+    and the checkpoint itself (None for a zoo name) with `with_checkpoint`."""
     if spec in list_models():
         torch.manual_seed(0)
         from ..zoo import create_model
 
-        return spec, spec, create_model(spec).eval(), get_entry(spec).input_size
+        out = spec, spec, create_model(spec).eval(), get_entry(spec).input_size
+        return (*out, None) if with_checkpoint else out
     p = Path(spec)
     if p.exists():
         ck = ckpt_io.load(p, prefer="best")
         name = ck["model_name"]
         prep = ck.get("preprocessing") or {}
         size = int(prep.get("crop") or prep.get("input_size") or get_entry(name).input_size)
-        return str(p), name, ckpt_io.build_model(ck).eval(), size
+        out = str(p), name, ckpt_io.build_model(ck).eval(), size
+        return (*out, ck) if with_checkpoint else out
     get_entry(spec)  # raises KeyError with suggestions
     raise KeyError(spec)
 
@@ -56,11 +60,17 @@ def export(spec: str, out: Path, shift_form: str = "conv", size: int | None = No
     require_deploy()
     import onnx
 
-    label, name, model, s = load(spec)
+    label, name, model, s, ck = load(spec, with_checkpoint=True)
     s = size or s
     info = export_onnx(model, out, (1, 3, s, s), shift_form)
     proto = onnx.load(str(out))
-    for k, v in {"asl.model": name, "asl.source": label, "asl.input_size": str(s), "asl.shift_form": shift_form}.items():
+    meta = {"asl.model": name, "asl.source": label, "asl.input_size": str(s), "asl.shift_form": shift_form}
+    if ck is not None:  # what `asl predict` needs to read images for the file alone
+        from .predict import class_names
+
+        meta["asl.preprocessing"] = json.dumps(ck.get("preprocessing") or {})
+        meta["asl.classes"] = json.dumps(class_names(ck, int(model(torch.zeros(1, 3, s, s)).shape[1])))
+    for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(proto, str(out))
@@ -155,3 +165,33 @@ def profile(specs: list[str], threads: int = 1, batch: int = 8, min_run_time: fl
                 r["fastest"] = r is best
             rows += mine
     return rows
+
+
+def predict(path: str | Path, images: list[str | Path], topk: int = 5) -> list[dict]:
+    """`asl predict --runtime onnxruntime`: top-k classes of images with an exported file, or with
+    a checkpoint exported on the fly, read with the preprocessing recorded at export."""
+    require_deploy()
+    from ..data.preprocess import load_image, to_input
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if str(path).endswith(".onnx"):
+            onnx_path = Path(path)
+            if not onnx_path.is_file():
+                raise ckpt_io.CheckpointError(f"no such file: {onnx_path}")
+        else:
+            onnx_path = Path(tmp) / "model.onnx"
+            export(str(path), onnx_path, check=False)
+        meta = onnx_metadata(onnx_path)
+        if "asl.preprocessing" not in meta:
+            raise ExportError(f"{path} holds no preprocessing (export a checkpoint, not a zoo model, to predict with it)")
+        prep, names = json.loads(meta["asl.preprocessing"]), json.loads(meta["asl.classes"])
+        sess = session(onnx_path)
+        out = []
+        for img in images:
+            x = to_input(load_image(img), prep).numpy()
+            logits = torch.from_numpy(sess.run(None, {"input": x})[0])
+            prob = torch.softmax(logits.float(), dim=1)[0]
+            p, idx = prob.topk(min(topk, prob.numel()))
+            out.append({"image": str(img), "top": [{"class": names[i], "index": int(i), "probability": float(q)}
+                                                  for q, i in zip(p.tolist(), idx.tolist())]})
+        return out

@@ -1,5 +1,7 @@
 """asl ablate, asl profile and asl plot-shifts: files written, documented columns, sane numbers."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -135,6 +137,24 @@ def test_plot_shifts_from_run(tmp_path):
     st = pd.read_csv(out_dir / "shift_stats.csv")
     assert list(st.columns) == ["model", "step", "layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
     assert len(st) == 9 and (st["share_beyond_1px"].between(0, 1)).all()
+
+
+def test_plot_shifts_draws_a_run_beside_earlier_runs_from_their_csv(tmp_path):
+    run = tmp_path / "run"
+    invoke("train", "quick", *TINY, f"output.dir={run}")
+    earlier = Path(__file__).resolve().parents[1] / "results" / "shift_travel_cifar10" / "shift_travel.csv"
+    invoke("plot-shifts", run, "--beside", earlier, "--out", tmp_path / "cmp")
+    table = pd.read_csv(tmp_path / "cmp" / "shift_travel.csv", dtype={"commit": str})
+    old = pd.read_csv(earlier, dtype={"commit": str})
+    assert table["run"].iloc[-1] == "run" and set(old["run"]) < set(table["run"])
+    pd.testing.assert_frame_equal(table.iloc[: len(old)][old.columns].reset_index(drop=True), old)  # kept as they were
+    assert (tmp_path / "cmp" / "shift_travel.png").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    res = runner.invoke(app, ["plot-shifts", str(run), "--beside", str(bad), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "not a shift_travel.csv" in res.output
+    res = runner.invoke(app, ["plot-shifts", "--beside", str(earlier)])
+    assert res.exit_code == 2
 
 
 def test_plot_shifts_needs_asl_layers(tmp_path):

@@ -19,6 +19,9 @@ def plot_shifts(
                                                         "run folders: compare how far their shifts travelled."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default results/shifts/<name>, or "
                                        "results/shift_travel for several runs)."),
+    beside: Optional[List[Path]] = typer.Option(None, "--beside", metavar="CSV", help="A shift_travel.csv of an earlier "
+                                                "comparison (repeatable): its runs are drawn and listed beside these, e.g. "
+                                                "runs whose folders are gone."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into the output folder even where it holds results "
                                    "committed to git (by default the files then go to <folder>.local beside it)."),
 ) -> None:
@@ -26,18 +29,23 @@ def plot_shifts(
     travelled (shift_travel.csv: per layer and step, the mean distance from the start, the spread
     and the share beyond 1 px), and per-layer statistics. Given several run folders, one table and
     figure of their travel against steps, against the shift budget (the sum of per-step shift
-    learning rates) and against the random-walk length (the square root of their squares' sum)."""
+    learning rates) and against the random-walk length (the square root of their squares' sum).
+
+    Examples: asl plot-shifts; asl plot-shifts runs/A runs/B; asl plot-shifts runs/A --beside
+    results/shift_travel_cifar10/shift_travel.csv --out results/shift_travel_64k"""
     from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.outputs import writable_dir
     from asl_cli.experiments.plot_shifts import compare, newest_run, run
 
-    if targets and len(targets) > 1:
+    if beside and not targets:
+        fail("--beside draws earlier runs beside a run folder: give the run folder too", code=2)
+    if targets and (len(targets) > 1 or beside):
         where = writable_dir(out or results_dir() / "shift_travel", overwrite)
         if where.note:
             console.print(f"[yellow]note:[/] {where.note}", highlight=False)
         try:
-            res = compare(list(targets), where.path)
+            res = compare(list(targets), where.path, list(beside or []))
         except ckpt_io.CheckpointError as e:
             fail(str(e))
         last = res["table"].groupby("run", sort=False).tail(1)

@@ -126,10 +126,11 @@ def shift_budget(cfg: dict, steps) -> tuple[list[float], list[float]]:
     return [float(f"{cum[k]:.6g}") for k in steps], [float(f"{sq[k] ** 0.5:.6g}") for k in steps]
 
 
-def compare(targets: list[Path], out_dir: Path) -> dict:
+def compare(targets: list[Path], out_dir: Path, beside: list[Path] = ()) -> dict:
     """Shift travel of several runs side by side (one row per run and recorded step, with the
     run's data set, schedule and shift learning rate) and a figure of travel against steps and
-    against the shift budget."""
+    against the shift budget. `beside`: shift_travel.csv files of earlier comparisons, whose runs
+    are drawn and listed too (with their own provenance) where their folders are gone."""
     from ..train.builders import shift_lr_mult
     from ..config import load_config
     from .bench import provenance
@@ -155,6 +156,17 @@ def compare(targets: list[Path], out_dir: Path) -> dict:
     for k, v in provenance("cpu", None).items():
         if k not in ("threads",):
             table[k] = v
+    earlier = []
+    for csv in beside:
+        try:
+            earlier.append(pd.read_csv(csv, dtype={"commit": str}))
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ckpt_io.CheckpointError(f"cannot read {csv}: {e}") from e
+        missing = {"run", "step", "mean_travel", "shift_budget_px", "shift_walk_px"} - set(earlier[-1].columns)
+        if missing:
+            raise ckpt_io.CheckpointError(f"{csv} is not a shift_travel.csv of asl plot-shifts (no {', '.join(sorted(missing))})")
+    if earlier:
+        table = pd.concat([*earlier, table], ignore_index=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "shift_travel.csv"

@@ -194,3 +194,25 @@ def test_encode_folder_script(tmp_path):
     assert out.returncode == 0, out.stderr
     d = imf.image_folder(str(tmp_path / "jpg"), cache="none")
     assert d.x_train.shape == (4, 3, 8, 8) and d.encoding == "JPEG files" and d.y_test.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("command, jobs", [("sweep", "1"), ("sweep", "2"), ("ablate", "2")])
+def test_a_sweep_whose_every_run_failed_ends_with_one_message(tmp_path, command, jobs):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ([command, "quick"] + (["--axis", "model.args.shift_mode=SR,TR"] if command == "sweep" else ["--variant", "SR,TR"])
+            + [*TINY, "data.dataset=folder", f"data.path={empty}", "--jobs", jobs, "--root", str(tmp_path / "r"),
+               "--csv", str(tmp_path / "s.csv")])
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1, res.output
+    flat = " ".join(res.output.split())
+    assert "no train subfolder" in flat  # why the runs failed
+    if jobs != "1":  # in worker processes every run is tried; in-process the first error ends the sweep
+        assert "every run failed" in flat
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_help_shows_the_cluster_extra():
+    text = runner.invoke(app, ["sweep", "--help"], terminal_width=250).output
+    assert "asl-cli[cluster]" in " ".join(text.split())

@@ -37,7 +37,7 @@ class Executor(str, Enum):
 
 EXECUTOR_OPT = typer.Option(Executor.pool, "--executor", help="pool: worker processes on this machine (--jobs at once). "
                             "slurm: one submitit job per run; local: the same jobs as processes of this machine; debug: in this "
-                            "process; cluster: slurm where Slurm is installed, else local. Needs pip install 'asl-cli[cluster]'.")
+                            "process; cluster: slurm where Slurm is installed, else local. Needs pip install 'asl-cli\\[cluster]'.")
 WAIT_OPT = typer.Option(None, "--wait/--no-wait", help="With a job executor, wait for the jobs with a live table (default: "
                         "return once submitted; run the same command again to collect the summary).")
 STATUS_OPT = typer.Option(False, "--status", help="Show each run's state (done, running, pending, failed, queued) and submit nothing.")
@@ -121,6 +121,15 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
         log = r.run_dir / "sweep.log" if grid["executor"] == "pool" else root / ".jobs"
         err.print(f"[bold red]{r.cell} seed {r.seed} failed[/] (log: {log}): {r.message}", highlight=False)
     return failed
+
+
+def _something_finished(runs, failed) -> None:
+    """A summary needs one finished run; when every run failed the command ends with one message."""
+    from asl_cli.errors import TrainingError
+
+    if failed and len(failed) == len(runs):
+        raise TrainingError(f"every run failed ({len(runs)}; why, above), so there is nothing to summarise; "
+                            "fix the cause and run the same command again")
 
 
 def _guarded(work):
@@ -244,6 +253,7 @@ def sweep(
         failed = _run_sweep(recipe, runs, jobs, grid, root)
         if failed is None:
             return None, runs
+        _something_finished(runs, failed)
         return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
 
     grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)
@@ -295,6 +305,7 @@ def ablate(
         failed = _run_sweep(recipe, runs, jobs, grid, root)
         if failed is None:
             return None, runs
+        _something_finished(runs, failed)
         return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
 
     grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)

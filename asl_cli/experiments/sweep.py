@@ -287,7 +287,7 @@ def summary_table(runs: list[Run], df: pd.DataFrame, baseline: str | None, recip
     if baseline is not None and baseline not in cells:
         raise ConfigError(f"baseline {baseline!r} is not a cell of this sweep ({', '.join(cells)})")
     by_cell = {c: df[df["cell"] == c] if len(df) else df for c in cells}
-    base = by_cell[baseline]["top1"].tolist() if baseline is not None else []
+    base = by_cell[baseline]["top1"].tolist() if baseline is not None and len(by_cell[baseline]) else []
     out = []
     for c in cells:
         d = by_cell[c]

@@ -157,3 +157,30 @@ def test_resources_come_from_the_recipe_then_the_command_line():
     cfg = load_config("quick", ["cluster.partition=gpu", "cluster.gpus_per_node=4", "cluster.timeout_min=60"])
     r = cluster.Resources.from_config(cfg, timeout_min=30, partition=None)
     assert (r.partition, r.gpus_per_node, r.timeout_min, r.nodes) == ("gpu", 4, 30, 1)
+
+
+@pytest.mark.parametrize("listed, rc, stderr, alive", [("RUNNING\n", 0, "", True), ("", 0, "", False),
+                                                         ("", 1, "slurm_load_jobs error: Invalid job id specified", False),
+                                                         ("", 1, "slurm_load_jobs error: Unable to contact slurm controller", True)])
+def test_without_accounting_a_job_is_alive_while_squeue_lists_it(tmp_path, monkeypatch, listed, rc, stderr, alive):
+    """submitit asks sacct, which fails without slurmdbd (state UNKNOWN); squeue then decides, so a
+    dead job is resubmitted by the next call instead of showing as running forever."""
+    import subprocess
+    import types
+
+    from asl_cli.experiments import cluster
+
+    class FakeJob:
+        def __init__(self, folder, job_id):
+            self.state = "UNKNOWN"
+
+    monkeypatch.setattr(cluster, "_submitit", lambda: types.SimpleNamespace(SlurmJob=FakeJob))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, rc, listed, stderr)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert cluster._job_alive({"executor": "slurm", "job_id": "42", "folder": str(tmp_path)}) is alive
+    assert calls and calls[0][:4] == ["squeue", "-h", "-j", "42"]

@@ -143,8 +143,25 @@ def _job_alive(info: dict) -> bool:
     if info["executor"] == "slurm":
         submitit = _submitit()
         state = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"]).state
-        return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN")
+        if state == "UNKNOWN":  # submitit asks sacct, which fails on clusters without accounting
+            return _in_squeue(str(info["job_id"]))
+        return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
     return False
+
+
+def _in_squeue(job_id: str) -> bool:
+    """Whether Slurm's queue still lists the job (pending, running, requeued...). A job that has
+    left the queue is over; when squeue cannot be asked, the job is taken as alive (never
+    submitted twice)."""
+    import subprocess
+
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if res.returncode != 0:  # "Invalid job id specified": the job has left the queue
+        return "invalid job id" not in (res.stderr + res.stdout).lower()
+    return bool(res.stdout.strip())
 
 
 def _local_job_alive(pid: int) -> bool:
@@ -199,7 +216,7 @@ def submit(recipe: str, runs: list[Run], executor: str, res: Resources, folder: 
         (r.run_dir / "progress.json").unlink(missing_ok=True)
         ex = ex or make_executor(kind, folder, res, f"asl-{Path(recipe).stem}")
         job = ex.submit(TrainJob(), recipe, r.overrides, str(r.run_dir))
-        info = {"executor": kind, "job_id": str(job.job_id), "folder": str(folder), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        info = {"executor": kind, "job_id": str(job.job_id), "folder": str(folder.resolve()), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (r.run_dir / JOB_FILE).write_text(json.dumps(info))
         r.state, r.message = "pending", f"job {job.job_id}"
         jobs[str(r.run_dir)] = job

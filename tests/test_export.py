@@ -180,3 +180,24 @@ def test_the_authors_w32_in_onnx_runtime_still_sees_the_cat(tmp_path, photos):  
 def test_an_onnx_file_needs_the_onnx_runtime(tmp_path):
     res = CliRunner().invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path / "cat.png")])
     assert res.exit_code == 2 and "--runtime onnxruntime" in res.output
+
+
+def test_eval_in_onnx_runtime_gives_pytorchs_accuracy(tmp_path):
+    import pandas as pd
+
+    run = tmp_path / "run"
+    tiny = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=8", "train.eval_every=8",
+            "train.ckpt_every=8", "train.compile=false"]
+    res = CliRunner().invoke(app, ["train", "quick", *tiny, f"output.dir={run}"])
+    assert res.exit_code == 0, res.output
+    csv = tmp_path / "eval.csv"
+    for runtime in ("torch", "onnxruntime"):
+        res = CliRunner().invoke(app, ["eval", str(run), "--runtime", runtime, "--csv", str(csv)])
+        assert res.exit_code == 0, res.output
+    torch_row, ort_row = pd.read_csv(csv).to_dict("records")
+    assert ort_row["runtime"].startswith("onnxruntime") and torch_row["runtime"] == "torch"
+    assert abs(ort_row["loss"] - torch_row["loss"]) <= 1e-4 * abs(torch_row["loss"])
+    assert abs(ort_row["top1"] - torch_row["top1"]) <= 100 / 64 + 1e-9  # at most one near-tie image
+    assert ort_row["cpu_ms_batch1"] > 0
+    res = CliRunner().invoke(app, ["eval", str(run), "--runtime", "onnxruntime", "--form", "inference"])
+    assert res.exit_code == 2

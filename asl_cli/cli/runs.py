@@ -174,6 +174,8 @@ def eval_(
     csv: Path = typer.Option(Path("results/eval.csv"), "--csv", help="CSV the result row is appended to."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurements."),
     form: EvalForm = typer.Option(EvalForm.eager, "--form", help="eager, or inference (BatchNorm folded, shift fused into the 1x1 conv)."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnxruntime: the model exported to standard ONNX "
+                                "(asl export) and run in ONNX Runtime's CPU provider, for both accuracy and latency."),
 ) -> None:
     """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row.
     A checkpoint whose outputs are not finite (a diverged run) is an error (exit status 1) and
@@ -184,9 +186,11 @@ def eval_(
     from asl_cli.experiments.bench import append_csv
     from asl_cli.experiments.evaluate import run
 
+    from asl_cli.experiments.deploy import MissingRuntime
+
     try:
-        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value)
-    except ConfigError as e:
+        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value, runtime)
+    except (ConfigError, MissingRuntime) as e:
         fail(str(e), code=2)
     except (ckpt_io.CheckpointError, DataError) as e:
         fail(str(e))

@@ -97,6 +97,21 @@ def session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+class OrtModel(torch.nn.Module):
+    """An ONNX Runtime session behind a module's call, for code that takes a model (evaluation,
+    latency): CPU tensors in, CPU tensors out."""
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        super().__init__()
+        self.sess = session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.sess.run(None, {"input": x.detach().float().cpu().numpy()})[0])
+
+    def __deepcopy__(self, memo):  # a session cannot be copied; timing code copies models
+        return self
+
+
 def onnx_metadata(path: str | Path) -> dict:
     import onnx
 

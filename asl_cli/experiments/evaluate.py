@@ -1,6 +1,7 @@
 """`asl eval`: accuracy, loss, size, MACs and latency of a trained checkpoint, one CSV row."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,13 +15,18 @@ from .bench import model_latency, provenance
 
 
 def run(path: str | Path, split: str = "test", device: str = "auto", with_latency: bool = True,
-        overrides: tuple[str, ...] = (), form: str = "eager") -> dict:
+        overrides: tuple[str, ...] = (), form: str = "eager", runtime: str = "torch") -> dict:
     """`form`: eager, or inference (BatchNorm folded, the shift fused into the 1x1 convolution;
-    asl_cli.inference) for both the accuracy and the latency."""
+    asl_cli.inference) for both the accuracy and the latency. `runtime` onnxruntime: the model
+    exported to standard ONNX (asl_cli.export) and run in ONNX Runtime's CPU provider."""
     ckpt = ckpt_io.load(path, prefer="best")
     model = ckpt_io.build_model(ckpt)
     if form not in ("eager", "inference"):
         raise ConfigError(f"--form must be eager or inference, got {form!r}")
+    if runtime not in ("torch", "onnxruntime"):
+        raise ConfigError(f"--runtime must be torch or onnxruntime, got {runtime!r}")
+    if runtime == "onnxruntime" and (form != "eager" or device not in ("auto", "cpu")):
+        raise ConfigError("--runtime onnxruntime runs the exported model on the CPU: leave --form and --device as they are")
     if form == "inference":
         from ..inference import inference_form
 
@@ -52,17 +58,28 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         data = load_tensor_data(cfg)
         x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
         batches = normalized_batches(x, y, t["eval_batch_size"], *normalizer(data.mean, data.std, dev), dev)
-    model.to(dev)
-    res = evaluate(model, batches, dev)
-    model.cpu()
     entry = get_entry(ckpt["model_name"])
     input_size = ckpt.get("preprocessing", {}).get("input_size") or ckpt.get("preprocessing", {}).get("crop") or entry.input_size
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = model
+        if runtime == "onnxruntime":
+            from ..export import export_onnx
+            from .deploy import OrtModel, require_deploy
+
+            require_deploy()
+            export_onnx(model.eval(), Path(tmp) / "model.onnx", (1, 3, input_size, input_size))
+            runner = OrtModel(Path(tmp) / "model.onnx")
+        runner.to(dev)
+        res = evaluate(runner, batches, dev)
+        runner.cpu()
+        latency = model_latency(runner, input_size, str(dev), copy_model=runtime == "torch") if with_latency else {}
     row = {
         "checkpoint": ckpt["_path"],
         "model": ckpt["model_name"],
         "dataset": d["dataset"],
         "split": split,
         "form": form,
+        "runtime": runtime if runtime == "torch" else f"onnxruntime {_ort_version()}",
         "step": ckpt.get("step"),
         "top1": round(res["test_top1"], 3),
         "top5": round(res["test_top5"], 3),
@@ -72,7 +89,12 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         "macs": count_macs(model, input_size),
         "input_size": input_size,
     }
-    if with_latency:
-        row.update(model_latency(model, input_size, str(dev)))
+    row.update(latency)
     row.update(provenance(str(dev), None))
     return row
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -264,6 +264,8 @@ def profile_models(
                                     "exported to standard ONNX (both shift forms for shift networks) and timed in ONNX "
                                     "Runtime's CPU provider; an exported .onnx file is taken as it is."),
     batch: int = typer.Option(8, "--batch", min=1, help="With --runtime onnxruntime: the batch timed beside batch 1."),
+    shift_form: Optional[List[str]] = typer.Option(None, "--shift-form", help="With --runtime onnxruntime: the shift's ONNX "
+                                                   "forms to time (repeatable; default conv and slice, see asl export)."),
     device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_time: float = MIN_RUN_OPT, out: Optional[Path] = OUT_OPT,
 ) -> None:
     """Parameters, MACs and latency of models in each form, and the latency ratios of the paper's
@@ -279,7 +281,12 @@ def profile_models(
             fail("--runtime onnxruntime times ONNX Runtime's CPU provider; leave --device as cpu", code=2)
         if form:
             fail("--form picks PyTorch forms; with --runtime onnxruntime both shift forms are timed", code=2)
-        _profile_models_onnx(models, threads, batch, min_run_time, out)
+        from asl_cli.export import SHIFT_FORMS
+
+        bad = [f for f in shift_form or [] if f not in SHIFT_FORMS]
+        if bad:
+            fail(f"--shift-form must be one of {', '.join(SHIFT_FORMS)}, got {bad[0]!r}", code=2)
+        _profile_models_onnx(models, threads, batch, min_run_time, out, tuple(shift_form or SHIFT_FORMS))
         return
     dev = _profile_device(device, threads)
     forms = tuple(f.value for f in form) if form else ("eager", "inference", "frozen", "frozen-inference")
@@ -447,7 +454,7 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
     console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
 
 
-def _profile_models_onnx(specs, threads, batch, min_run_time, out) -> None:
+def _profile_models_onnx(specs, threads, batch, min_run_time, out, shift_forms) -> None:
     from asl_cli.export import ExportError
     from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.deploy import MissingRuntime, profile
@@ -456,7 +463,7 @@ def _profile_models_onnx(specs, threads, batch, min_run_time, out) -> None:
 
     with console.status(f"exporting and timing {', '.join(specs)} in ONNX Runtime"):
         try:
-            rows = profile(list(specs), threads, batch, min_run_time)
+            rows = profile(list(specs), threads, batch, min_run_time, shift_forms)
         except MissingRuntime as e:
             fail(str(e), code=2)
         except KeyError as e:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_eval
 
+from .inference import fold_sequential_conv_bn
 from .nn import ActiveShift2d
 from .zoo.blocks import GroupedShift2d, PreActBlock
 from .zoo.shiftresnet import ShiftBlock
@@ -123,21 +124,16 @@ class StandardShift2d(nn.Module):
 
 
 def _fold(module: nn.Module) -> None:
-    """Folds every BatchNorm that directly follows a convolution into it, in place."""
-    for child in module.children():
-        _fold(child)
-    if isinstance(module, PreActBlock):
-        module.conv1 = fuse_conv_bn_eval(module.conv1, module.bn1[0])
-        module.bn1[0] = nn.Identity()
-    elif isinstance(module, ShiftBlock):
-        module.conv1, module.bn1 = fuse_conv_bn_eval(module.conv1, module.bn1), nn.Identity()
-        module.conv2, module.bn2 = fuse_conv_bn_eval(module.conv2, module.bn2), nn.Identity()
-    elif isinstance(module, nn.Sequential):
-        mods = list(module)
-        for i in range(len(mods) - 1):
-            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
-                module[i] = fuse_conv_bn_eval(mods[i], mods[i + 1])
-                module[i + 1] = nn.Identity()
+    """Folds every BatchNorm that directly follows a convolution into it, in place: the blocks'
+    own pairs here, those inside an nn.Sequential as the inference form folds them."""
+    for m in module.modules():
+        if isinstance(m, PreActBlock):
+            m.conv1 = fuse_conv_bn_eval(m.conv1, m.bn1[0])
+            m.bn1[0] = nn.Identity()
+        elif isinstance(m, ShiftBlock):
+            m.conv1, m.bn1 = fuse_conv_bn_eval(m.conv1, m.bn1), nn.Identity()
+            m.conv2, m.bn2 = fuse_conv_bn_eval(m.conv2, m.bn2), nn.Identity()
+    fold_sequential_conv_bn(module)
 
 
 SHIFT_TYPES = (ActiveShift2d, GroupedShift2d)

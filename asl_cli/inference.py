@@ -108,10 +108,10 @@ class InferenceBlock(nn.Module):
         return self.conv2(self.spatial(h)) + skip
 
 
-def _fold_sequential_conv_bn(module: nn.Module) -> None:
+def fold_sequential_conv_bn(module: nn.Module) -> None:
     """Folds every BatchNorm2d that directly follows a Conv2d inside an nn.Sequential."""
     for child in module.children():
-        _fold_sequential_conv_bn(child)
+        fold_sequential_conv_bn(child)
     if isinstance(module, nn.Sequential):
         mods = list(module)
         for i in range(len(mods) - 1):
@@ -140,7 +140,7 @@ def inference_form(model: nn.Module) -> nn.Module:
     """A copy of `model` in its inference form (evaluation mode, no gradients)."""
     m = copy.deepcopy(model).eval()
     _replace(m)
-    _fold_sequential_conv_bn(m)
+    fold_sequential_conv_bn(m)
     for p in m.parameters():
         p.requires_grad_(False)
     return m

@@ -84,3 +84,20 @@ def recipes_epilog() -> str:
     return ("Recipes: " + ", ".join(list_recipes()) + ". Every configuration key, its default and the values it takes: "
             "asl config [RECIPE] [KEY=VALUE]... Examples: asl train; asl train asnet20_16x1 data.dataset=cifar100; "
             "asl train --resume runs/RUN")
+
+
+def deploy_guarded(work):
+    """Runs export or ONNX Runtime work; its errors end the command with one message (exit 2 for
+    a missing extra or an unknown model, 1 for a model or checkpoint that cannot be used)."""
+    from asl_cli.export import ExportError
+    from asl_cli.experiments.deploy import MissingRuntime
+    from asl_cli.train import checkpoint as ckpt_io
+
+    try:
+        return work()
+    except MissingRuntime as e:
+        fail(str(e), code=2)
+    except KeyError as e:
+        fail(e.args[0], code=2)
+    except (ExportError, ckpt_io.CheckpointError) as e:
+        fail(str(e))

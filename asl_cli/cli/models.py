@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, fail, fmt, show
+from .app import app, console, deploy_guarded, fail, fmt, show
 
 
 @app.command()
@@ -150,25 +150,16 @@ def export_model(
 
     Examples: asl export asnet20_16x1; asl export runs/RUN --out model.onnx; asl export checkpoints/w32.pt
     """
-    from asl_cli.export import SHIFT_FORMS, ExportError
-    from asl_cli.experiments.deploy import MissingRuntime, export
+    from asl_cli.export import SHIFT_FORMS
+    from asl_cli.experiments.deploy import export
 
     if fmt_ != "onnx":
         fail(f"--format must be onnx, got {fmt_!r}", code=2)
     if shift_form not in SHIFT_FORMS:
         fail(f"--shift-form must be one of {', '.join(SHIFT_FORMS)}, got {shift_form!r}", code=2)
-    from asl_cli.train import checkpoint as ckpt_io
-
     target = out or Path("exports") / f"{Path(model.rstrip('/')).stem}.onnx"
-    try:
-        with console.status(f"exporting {model} to ONNX"):
-            info = export(model, target, shift_form, size, check)
-    except MissingRuntime as e:
-        fail(str(e), code=2)
-    except KeyError as e:
-        fail(e.args[0], code=2)
-    except (ExportError, ckpt_io.CheckpointError) as e:
-        fail(str(e))
+    with console.status(f"exporting {model} to ONNX"):
+        info = deploy_guarded(lambda: export(model, target, shift_form, size, check))
     console.print(f"wrote {info['path']}: {info['arch']}, input 1x3x{info['input_size']}x{info['input_size']} (batch "
                   f"dynamic), opset {info['opset']}, {info['nodes']} nodes, shift form {shift_form}")
     console.print(f"operators: {', '.join(info['ops'])}")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..allocator import DEFAULT_PAD_MIB, MAX_PAD_MIB
-from .app import app, console, err, fail, fmt, show
+from .app import app, console, deploy_guarded, err, fail, fmt, show
 
 
 def _op_summary(by_case: dict[str, list[dict]], targets: dict) -> Table:
@@ -455,21 +455,12 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
 
 
 def _profile_models_onnx(specs, threads, batch, min_run_time, out, shift_forms) -> None:
-    from asl_cli.export import ExportError
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.deploy import MissingRuntime, profile
+    from asl_cli.experiments.deploy import profile
     from asl_cli.experiments.profile_models import figure, ratios
-    from asl_cli.train import checkpoint as ckpt_io
 
     with console.status(f"exporting and timing {', '.join(specs)} in ONNX Runtime"):
-        try:
-            rows = profile(list(specs), threads, batch, min_run_time, shift_forms)
-        except MissingRuntime as e:
-            fail(str(e), code=2)
-        except KeyError as e:
-            fail(e.args[0], code=2)
-        except (ExportError, ckpt_io.CheckpointError) as e:
-            fail(str(e))
+        rows = deploy_guarded(lambda: profile(list(specs), threads, batch, min_run_time, shift_forms))
     t = Table(title=f"models in {rows[0]['runtime']} (CPU provider), {rows[0]['device_name']}, {threads} thread(s)")
     for c in ("model", "shift form", "params (M)", "MACs (M)", "ms, batch 1", f"ms, batch {batch}", "GMAC/s", "top-1"):
         t.add_column(c, justify="left" if c in ("model", "shift form") else "right")

@@ -40,7 +40,7 @@ EXECUTOR_OPT = typer.Option(Executor.pool, "--executor", help="pool: worker proc
                             "process; cluster: slurm where Slurm is installed, else local. Needs pip install 'asl-cli\\[cluster]'.")
 WAIT_OPT = typer.Option(None, "--wait/--no-wait", help="With a job executor, wait for the jobs with a live table (default: "
                         "return once submitted; run the same command again to collect the summary).")
-STATUS_OPT = typer.Option(False, "--status", help="Show each run's state (done, running, pending, failed, queued) and submit nothing.")
+STATUS_OPT = typer.Option(False, "--status", help="Show each run's state (done, running, pending, interrupted: resumes on the next call, failed, queued) and submit nothing.")
 PARTITION_OPT = typer.Option(None, "--partition", help="Slurm partition (default: the recipe's cluster.partition).")
 TIME_OPT = typer.Option(None, "--time", min=1, metavar="MINUTES", help="Each job's time limit; a job that reaches it saves a "
                         "checkpoint and requeues itself (default: cluster.timeout_min).")
@@ -69,7 +69,7 @@ def _log_changes():
                 seen[id(r)] = r.state
                 top1 = r.progress.get("test_top1")
                 console.print(f"{r.cell} seed {r.seed}: {r.state}" + (f" (test top-1 {top1})" if r.state == "done" and top1 is not None else "")
-                              + (f": {r.message}" if r.state == "failed" else ""), highlight=False)
+                              + (f": {r.message}" if r.state in ("failed", "interrupted") else ""), highlight=False)
     return log
 
 
@@ -111,7 +111,7 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
             console.print(f"{len(live)} run(s) still queued or running; run the same command again (or with --status) to see "
                           "them, and to write the summary once every run is done")
             return None
-        failed = [r for r in runs if r.state == "failed"]
+        failed = [r for r in runs if r.state in ("failed", "interrupted")]
     elif jobs == 1:
         failed = execute(recipe, runs, 1, lambda cfg, resume: train_with_progress(run_training, cfg, resume, None, show=True),
                          on_status=status)

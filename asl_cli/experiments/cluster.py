@@ -8,6 +8,7 @@ progress.json) and `job.json` (executor, job id, submitit's log folder), so a la
 show it, reuse it or resubmit it."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -141,12 +142,29 @@ def _job_alive(info: dict) -> bool:
     if info["executor"] == "local":  # the job id is the pid of submitit's controller process
         return _local_job_alive(int(info["job_id"]))
     if info["executor"] == "slurm":
+        if not _slurm_accounting():  # submitit would ask sacct, which fails there (and says so on stderr)
+            return _in_squeue(str(info["job_id"]))
         submitit = _submitit()
         state = submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"]).state
-        if state == "UNKNOWN":  # submitit asks sacct, which fails on clusters without accounting
+        if state == "UNKNOWN":  # sacct could not tell
             return _in_squeue(str(info["job_id"]))
         return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def _slurm_accounting() -> bool:
+    """Whether the cluster keeps job accounting (slurmdbd), i.e. whether sacct can answer."""
+    import subprocess
+
+    try:
+        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    for line in res.stdout.splitlines():
+        if line.split("=")[0].strip() == "AccountingStorageType":
+            return "accounting_storage/none" not in line
+    return True
 
 
 def _in_squeue(job_id: str) -> bool:
@@ -197,9 +215,20 @@ def refresh(runs: list[Run]) -> None:
             r.state = "running" if r.progress else "pending"
             r.message = f"job {info['job_id']}"
         elif info:
-            r.state, r.message = "failed", _job_error(info)
+            _ended_unfinished(r, info)
         else:
             r.state = "queued"
+
+
+def _ended_unfinished(r: Run, info: dict) -> None:
+    """A run whose job ended before the run did: interrupted when it left a checkpoint (the next
+    call resubmits it and it resumes there), else failed; the job's error either way."""
+    if (r.run_dir / "checkpoints" / "last.pt").exists():
+        step = r.progress.get("step") if r.progress else None
+        where = f" at step {step}" if step else ""
+        r.state, r.message = "interrupted", f"stopped{where}; the next call resumes it from its checkpoint ({_job_error(info)})"
+    else:
+        r.state, r.message = "failed", _job_error(info)
 
 
 def submit(recipe: str, runs: list[Run], executor: str, res: Resources, folder: Path, on_status: Callable[[str], None]) -> dict:
@@ -226,18 +255,27 @@ def submit(recipe: str, runs: list[Run], executor: str, res: Resources, folder: 
 
 
 def wait(runs: list[Run], jobs: dict, on_tick: Callable[[list[Run]], None], poll_s: float = 2.0) -> None:
-    """Waits for the submitted jobs, keeping the runs' states current."""
-    pending = dict(jobs)
+    """Waits for the jobs submitted now and for those an earlier call left queued or running (a
+    requeued job included), keeping the runs' states current."""
+    by_dir = {str(r.run_dir): r for r in runs}
+    watched = {k for k, r in by_dir.items() if k in jobs or r.state in ("running", "pending")}
+    pending = set(watched)
     while pending:
-        for key, job in list(pending.items()):
-            if job.done():
-                del pending[key]
-        refresh([r for r in runs if str(r.run_dir) in jobs])
-        for r in runs:  # a job still running as far as its record goes, but submitit says it ended
-            if str(r.run_dir) in jobs and str(r.run_dir) not in pending and r.state in ("running", "pending"):
-                r.state = "done" if finished(r.run_dir) is not None else "failed"
-                if r.state == "failed":
-                    r.message = _job_error(read_job(r))
+        for key in list(pending):
+            info, job = read_job(by_dir[key]), jobs.get(key)
+            # a Slurm job is over when Slurm no longer has it (a requeued job is still there); asking
+            # submitit would take its first attempt's result for the end of the job
+            over = not _job_alive(info) if info.get("executor") == "slurm" or job is None else job.done()
+            if over:
+                pending.discard(key)
+        refresh([by_dir[k] for k in watched])
+        for key in watched - pending:  # a job still running as far as its record goes, but it ended
+            r = by_dir[key]
+            if r.state in ("running", "pending"):
+                if finished(r.run_dir) is not None:
+                    r.state = "done"
+                else:
+                    _ended_unfinished(r, read_job(r))
         on_tick(runs)
         if pending:
             time.sleep(poll_s)

@@ -54,7 +54,7 @@ class Run:
     run_dir: Path
     overrides: list[str]  # the recipe's overrides, the cell's and the seed's, then output.dir
     cfg: dict
-    state: str = "queued"  # queued | reused | running | resuming | done | failed
+    state: str = "queued"  # queued | reused | running | resuming | done | failed | interrupted (job executors)
     message: str = ""
     progress: dict = field(default_factory=dict)
 

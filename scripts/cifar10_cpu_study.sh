@@ -7,7 +7,7 @@
 # With channels_last by default and the OpenMP build, the EPYC ran one ASL and one 1B-DW3-B-1 run
 # at once in 14.3 minutes: about 2.9 hours for the 24 runs (extrapolated from that one pair).
 # With the fused BatchNorm-ReLU and the scratch-plane shift kernels the same pair took 13.2 minutes;
-# the study itself, rerun at commit 52159ea on that EPYC, took 1 h 45 min for Table 4 (README.md,
+# the study itself, rerun at commit 52159ea on that EPYC, took 1 h 45 min for Table 4 (docs/results.md,
 # "Reproduce"). Its runs took 12-15 minutes each, two at a time; when a step ended on an odd run
 # one core sat idle, so the training now runs in two lanes (below): about 2.7 hours, estimated.
 #   bash scripts/cifar10_cpu_study.sh CIFAR10_DIR [JOBS] [KEY=VALUE...]   (overrides go to every run)

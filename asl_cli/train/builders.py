@@ -46,7 +46,7 @@ def setup_distributed(device_kind: str) -> Dist:
     return Dist(world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-# Measured on one core (README, "Training on the CPU"): compiling asnet20_16x1's step takes 25 s
+# Measured on one core (docs/training.md, "On the CPU"): compiling asnet20_16x1's step takes 25 s
 # with an empty kernel cache and 2 s with a warm one, and saves 17 ms of a 194 ms step at batch
 # 128; it pays after ~1500 steps cold and ~120 warm. Runs of a thousand steps or more compile.
 COMPILE_MIN_STEPS = 1000
@@ -212,7 +212,7 @@ def total_steps(cfg: dict, steps_per_epoch: int) -> int:
 
 def use_channels_last(setting, device: torch.device) -> bool:
     """Resolve train.channels_last (auto | true | false). Auto: on the CPU, where asnet20_16x1's
-    eager training step ran 1.3-1.4x faster in channels_last than in NCHW (README, "Training on the CPU"):
+    eager training step ran 1.3-1.4x faster in channels_last than in NCHW (docs/training.md, "On the CPU"):
     oneDNN's 1x1 and depthwise convolutions and ATen's BatchNorm are faster on NHWC there, and the
     active shift's kernels transpose NHWC images to planes in cache."""
     if setting is True or setting is False:

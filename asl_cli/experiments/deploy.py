@@ -153,12 +153,12 @@ def profile(specs: list[str], threads: int = 1, batch: int = 8, min_run_time: fl
                 model, label = create_model(name), spec
             else:
                 label, name, model, s = load(spec)
-                forms = shift_forms if has_shift(model) else ("conv",)
+                shifted = has_shift(model)
                 files = []
-                for f in forms:
+                for f in shift_forms if shifted else ("conv",):
                     path = Path(tmp) / f"{Path(label).name}-{f}.onnx"
                     export_onnx(model, path, (1, 3, s, s), f)
-                    files.append((f if len(forms) > 1 else "-", path))
+                    files.append((f if shifted else "-", path))
             macs, params = count_macs(model, s), count_parameters(model)
             paper = PAPER.get(name, {})
             mine = []

@@ -1,0 +1,107 @@
+"""Sweeps on a real Slurm scheduler: a one-node cluster started on this machine by
+scripts/slurm_node.sh (munge, slurmctld, slurmd; no accounting), jobs submitted through submitit:
+a sweep summarised, the preemption signal with its requeue, a hard cancel found through squeue."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from test_cluster import LONG, TINY, invoke, metric_steps, progress_step, wait_for
+
+pytest.importorskip("submitit", reason="the cluster extra (pip install 'asl-cli[cluster]') is not installed")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_node.sh"
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        pytest.skip("a one-node Slurm needs root and Debian's packages (scripts/slurm_node.sh)")
+    d = tmp_path_factory.mktemp("slurm")
+    res = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=600)
+    if res.returncode == 3:
+        pytest.skip(f"munge and Slurm could not be installed here: {res.stdout[-500:]}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(d / "slurm.conf")
+    yield d
+    subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def job_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "job.json").read_text())["job_id"]
+
+
+def finished(run_dir: Path) -> bool:
+    from asl_cli.experiments.sweep import finished as done
+
+    return done(Path(run_dir)) is not None
+
+
+def squeue_state(jid: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+SLURM = ["--executor", "slurm", "--cpus-per-task", "1", "cluster.mem_gb=1"]
+
+
+def test_a_sweep_on_slurm_is_summarised_then_reused(slurm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "quick", *TINY, "--axis", "optim.lr=0.05,0.1", *SLURM, "--root", "r", "--csv", "s.csv"]
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0 and out.count("submitted as job") == 2, out
+    wait_for(lambda: finished(tmp_path / "r" / "0.05-seed0") and finished(tmp_path / "r" / "0.1-seed0"), seconds=600)
+    code, out = invoke(*args)  # every run done: the summary
+    assert code == 0 and "submitted" not in out, out
+    assert pd.read_csv("s.csv")["seeds"].tolist() == [1, 1]
+    assert all(json.loads(p.read_text())["executor"] == "slurm" for p in Path("r").glob("*/job.json"))
+    code, out = invoke(*args, "--status")
+    assert code == 0 and out.count("done") == 2, out
+    code, out = invoke(*args)
+    assert code == 0 and "submitted" not in out, out
+
+
+def test_the_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "quick", *LONG, *SLURM, "--root", "r", "--csv", "s.csv"]
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0 and "submitted as job" in out, out
+    run_dir = tmp_path / "r" / "base-seed0"
+    wait_for(lambda: progress_step(run_dir) >= 30, seconds=300)
+    subprocess.run(["scancel", "--signal=USR2", job_id(run_dir)], check=True, timeout=60)
+    wait_for(lambda: finished(run_dir), seconds=900)  # the requeued job (Slurm holds it a while) ends the run
+    code, out = invoke(*args)  # nothing to submit: the summary
+    assert code == 0 and "submitted" not in out, out
+    steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
+    assert steps[0] == 0 and steps[-1] == 400 and any(30 <= s < 400 for s in steps)  # saved at the signal
+    assert metric_steps(run_dir) == [400]
+    assert "Requeued job" in "".join(p.read_text() for p in (tmp_path / "r" / ".jobs").glob("*_log.out"))
+
+
+def test_a_cancelled_job_is_resubmitted_by_the_next_call_and_resumes(slurm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "quick", *LONG, "train.ckpt_every=50", *SLURM, "--root", "r", "--csv", "s.csv"]
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0, out
+    run_dir = tmp_path / "r" / "base-seed0"
+    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists() and progress_step(run_dir) >= 60, seconds=300)
+    first = job_id(run_dir)
+    subprocess.run(["scancel", "--signal=KILL", "--full", first], check=True, timeout=60)
+    wait_for(lambda: squeue_state(first) == "", seconds=120)
+    code, out = invoke(*args, "--status")  # no accounting here: squeue says the job is gone
+    assert code == 0 and "interrupted" in out, out
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0 and "resubmitted, resuming" in out, out
+    wait_for(lambda: finished(run_dir), seconds=900)
+    assert job_id(run_dir) != first and metric_steps(run_dir) == [400]
+    shifts = pd.read_csv(run_dir / "shifts.csv")
+    assert shifts.duplicated(["step", "layer", "channel"]).sum() == 0  # no step written twice

@@ -201,3 +201,20 @@ def test_eval_in_onnx_runtime_gives_pytorchs_accuracy(tmp_path):
     assert ort_row["cpu_ms_batch1"] > 0
     res = CliRunner().invoke(app, ["eval", str(run), "--runtime", "onnxruntime", "--form", "inference"])
     assert res.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", __import__("asl_cli.zoo", fromlist=["list_models"]).list_models())
+def test_every_zoo_model_exports_and_runs_in_onnx_runtime(tmp_path, name):
+    from asl_cli.export import export_onnx
+    from asl_cli.zoo import get_entry
+
+    torch.manual_seed(0)
+    model = randomise(create_model(name))
+    s = get_entry(name).input_size
+    x = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        ref = model(x)
+    info = export_onnx(model, tmp_path / "m.onnx", (1, 3, s, s))
+    got = run_onnx(info["path"], x)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), name

@@ -16,13 +16,31 @@ CMD=${1:?usage: scripts/slurm_node.sh start|stop [DIR]}
 D=${2:-/tmp/asl-slurm}
 D=$(mkdir -p "$D" && cd "$D" && pwd)
 
+# Ends a daemon by its pid file: SIGTERM, up to 15 s to exit, then SIGKILL.
+end_daemon() {
+  local f=$D/$1.pid pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$f"
+}
+
 stop() {
-  for p in slurmd slurmctld munged; do
-    if [ -f "$D/$p.pid" ]; then
-      kill "$(cat "$D/$p.pid")" 2>/dev/null || true
-      rm -f "$D/$p.pid"
-    fi
-  done
+  # jobs first, while slurmctld and munge can still see them end; then the daemons, each gone
+  # before the next stops (a job step left without munge would keep slurmd waiting)
+  if [ -f "$D/slurmctld.pid" ] && kill -0 "$(cat "$D/slurmctld.pid")" 2>/dev/null; then
+    SLURM_CONF=$D/slurm.conf scancel --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+      [ -z "$(SLURM_CONF=$D/slurm.conf squeue -h 2>/dev/null)" ] && break
+      sleep 0.5
+    done
+  fi
+  end_daemon slurmd
+  pkill -9 -f "slurmstepd" 2>/dev/null || true  # steps of this node that outlived slurmd
+  end_daemon slurmctld
+  end_daemon munged
 }
 
 if [ "$CMD" = stop ]; then

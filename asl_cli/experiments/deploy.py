@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,11 @@ import torch
 
 from ..export import SHIFT_FORMS, ExportError, export_onnx, has_shift
 from ..train import checkpoint as ckpt_io
-from ..zoo import count_macs, count_parameters, get_entry, list_models
+from ..zoo import count_macs, count_parameters, get_entry
 from ..zoo.paper import PAPER
-from .bench import provenance, results_dir
-from .profile_models import measured_top1
+from .bench import median_ms, provenance, results_dir
+from .predict import class_names, top_classes
+from .profile_models import load_spec, measured_top1
 
 INSTALL = "pip install 'asl-cli[deploy]'  (onnx, onnxruntime, onnxscript)"
 
@@ -35,23 +35,13 @@ def require_deploy() -> None:
 
 def load(spec: str, with_checkpoint: bool = False):
     """(label, zoo name, model, input size) for a zoo name or a checkpoint (file or run folder),
-    and the checkpoint itself (None for a zoo name) with `with_checkpoint`."""
-    if spec in list_models():
-        torch.manual_seed(0)
-        from ..zoo import create_model
-
-        out = spec, spec, create_model(spec).eval(), get_entry(spec).input_size
-        return (*out, None) if with_checkpoint else out
-    p = Path(spec)
-    if p.exists():
-        ck = ckpt_io.load(p, prefer="best")
-        name = ck["model_name"]
-        prep = ck.get("preprocessing") or {}
-        size = int(prep.get("crop") or prep.get("input_size") or get_entry(name).input_size)
-        out = str(p), name, ckpt_io.build_model(ck).eval(), size
-        return (*out, ck) if with_checkpoint else out
-    get_entry(spec)  # raises KeyError with suggestions
-    raise KeyError(spec)
+    and the checkpoint itself (None for a zoo name) with `with_checkpoint`. The input size is the
+    checkpoint's preprocessing's, else the zoo entry's."""
+    label, name, model, ck = load_spec(spec)
+    prep = (ck or {}).get("preprocessing") or {}
+    size = int(prep.get("crop") or prep.get("input_size") or get_entry(name).input_size)
+    out = label, name, model.eval(), size
+    return (*out, ck) if with_checkpoint else out
 
 
 def export(spec: str, out: Path, shift_form: str = "conv", size: int | None = None, check: bool = True) -> dict:
@@ -66,8 +56,6 @@ def export(spec: str, out: Path, shift_form: str = "conv", size: int | None = No
     proto = onnx.load(str(out))
     meta = {"asl.model": name, "asl.source": label, "asl.input_size": str(s), "asl.shift_form": shift_form}
     if ck is not None:  # what `asl predict` needs to read images for the file alone
-        from .predict import class_names
-
         meta["asl.preprocessing"] = json.dumps(ck.get("preprocessing") or {})
         meta["asl.classes"] = json.dumps(class_names(ck, int(model(torch.zeros(1, 3, s, s)).shape[1])))
     for k, v in meta.items():
@@ -119,17 +107,6 @@ def onnx_metadata(path: str | Path) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def median_ms(fn, min_run_time: float, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_run_time or len(times) < 5:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def profile(specs: list[str], threads: int = 1, batch: int = 8, min_run_time: float = 1.0,
             shift_forms: tuple[str, ...] = SHIFT_FORMS) -> list[dict]:
     """One row per (model, shift form) at batch 1 and `batch` on `threads` threads of ONNX
@@ -166,8 +143,8 @@ def profile(specs: list[str], threads: int = 1, batch: int = 8, min_run_time: fl
                 sess = session(path, threads)
                 x1 = np.random.default_rng(0).standard_normal((1, 3, s, s), dtype=np.float32)
                 xb = np.random.default_rng(1).standard_normal((batch, 3, s, s), dtype=np.float32)
-                ms1 = median_ms(lambda: sess.run(None, {"input": x1}), min_run_time)
-                msb = median_ms(lambda: sess.run(None, {"input": xb}), min_run_time)
+                ms1 = median_ms(lambda: sess.run(None, {"input": x1}), threads, min_run_time)
+                msb = median_ms(lambda: sess.run(None, {"input": xb}), threads, min_run_time)
                 mine.append({"model": label, "arch": name, "runtime": f"onnxruntime {ort.__version__}",
                              "provider": "CPUExecutionProvider", "shift_form": form, "params": params, "macs": macs,
                              "input_size": s, "cpu_ms_batch1": round(ms1, 3), "batch": batch,
@@ -201,12 +178,5 @@ def predict(path: str | Path, images: list[str | Path], topk: int = 5) -> list[d
             raise ExportError(f"{path} holds no preprocessing (export a checkpoint, not a zoo model, to predict with it)")
         prep, names = json.loads(meta["asl.preprocessing"]), json.loads(meta["asl.classes"])
         sess = session(onnx_path)
-        out = []
-        for img in images:
-            x = to_input(load_image(img), prep).numpy()
-            logits = torch.from_numpy(sess.run(None, {"input": x})[0])
-            prob = torch.softmax(logits.float(), dim=1)[0]
-            p, idx = prob.topk(min(topk, prob.numel()))
-            out.append({"image": str(img), "top": [{"class": names[i], "index": int(i), "probability": float(q)}
-                                                  for q, i in zip(p.tolist(), idx.tolist())]})
-        return out
+        return [top_classes(img, torch.from_numpy(sess.run(None, {"input": to_input(load_image(img), prep).numpy()})[0]),
+                            names, topk) for img in images]

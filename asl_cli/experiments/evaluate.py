@@ -72,7 +72,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
         runner.to(dev)
         res = evaluate(runner, batches, dev)
         runner.cpu()
-        latency = model_latency(runner, input_size, str(dev), copy_model=runtime == "torch") if with_latency else {}
+        latency = model_latency(runner, input_size, str(dev)) if with_latency else {}
     row = {
         "checkpoint": ckpt["_path"],
         "model": ckpt["model_name"],

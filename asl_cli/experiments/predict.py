@@ -25,6 +25,14 @@ def class_names(ckpt: dict, num_classes: int) -> list[str]:
     return [f"class {i}" for i in range(num_classes)]
 
 
+def top_classes(image: str | Path, logits: torch.Tensor, names: list[str], topk: int) -> dict:
+    """One image's top-k classes from its (1, classes) logits, as `asl predict` prints them."""
+    prob = torch.softmax(logits.float(), dim=1)[0]
+    p, idx = prob.topk(min(topk, prob.numel()))
+    return {"image": str(image), "top": [{"class": names[i], "index": int(i), "probability": float(q)}
+                                         for q, i in zip(p.tolist(), idx.tolist())]}
+
+
 def predict(checkpoint: str | Path, images: list[str | Path], topk: int = 5, device: str = "cpu") -> list[dict]:
     ckpt = ckpt_io.load(checkpoint, prefer="best")
     model = ckpt_io.build_model(ckpt).eval().to(device)
@@ -32,9 +40,6 @@ def predict(checkpoint: str | Path, images: list[str | Path], topk: int = 5, dev
     out = []
     with torch.no_grad():
         for path in images:
-            x = to_input(load_image(path), prep).to(device)
-            prob = torch.softmax(model(x).float(), dim=1)[0]
-            names = class_names(ckpt, prob.numel())
-            p, idx = prob.topk(min(topk, prob.numel()))
-            out.append({"image": str(path), "top": [{"class": names[i], "index": int(i), "probability": float(q)} for q, i in zip(p.tolist(), idx.tolist())]})
+            logits = model(to_input(load_image(path), prep).to(device))
+            out.append(top_classes(path, logits, class_names(ckpt, logits.shape[1]), topk))
     return out

@@ -18,15 +18,16 @@ from .bench import median_ms, model_latency, provenance, results_dir
 PAIRS = [("as_resnet_w68", "mobilenet_v2_x1.0"), ("as_resnet_w50", "mobilenet_v2_x0.75"), ("as_resnet_w32", "mobilenet_v2_x0.5")]
 
 
-def _load(spec: str):
-    """(label, zoo name, model) for a zoo name or a checkpoint path."""
+def load_spec(spec: str):
+    """(label, zoo name, model, checkpoint) for a zoo name (its seed-0 weights; no checkpoint) or
+    a checkpoint path (its best checkpoint)."""
     if spec in list_models():
         torch.manual_seed(0)
-        return spec, spec, create_model(spec)
+        return spec, spec, create_model(spec), None
     p = Path(spec)
     if p.exists():
         ck = ckpt_io.load(p)
-        return str(p), ck["model_name"], ckpt_io.build_model(ck)
+        return str(p), ck["model_name"], ckpt_io.build_model(ck), ck
     get_entry(spec)  # raises KeyError with suggestions
     raise KeyError(spec)
 
@@ -58,7 +59,7 @@ def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: f
     prov = provenance(device, threads)
     rows = []
     for spec in specs:
-        label, name, model = _load(spec)
+        label, name, model, _ = load_spec(spec)
         entry = get_entry(name)
         s = entry.input_size
         macs, params = count_macs(model, s), count_parameters(model)

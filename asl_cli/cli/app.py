@@ -2,6 +2,7 @@
 80-column terminal, one-line errors and the recipe arguments."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -101,3 +102,9 @@ def deploy_guarded(work):
         fail(e.args[0], code=2)
     except (ExportError, ckpt_io.CheckpointError) as e:
         fail(str(e))
+
+
+class Runtime(str, Enum):
+    """Where a model runs for eval, predict and profile models."""
+    torch = "torch"
+    onnxruntime = "onnxruntime"

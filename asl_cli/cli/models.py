@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, deploy_guarded, fail, fmt, show
+from .app import Runtime, app, console, deploy_guarded, fail, fmt, show
 
 
 @app.command()
@@ -89,7 +89,7 @@ def predict(
     images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files (any format Pillow reads)."),
     topk: int = typer.Option(5, "--topk", min=1, help="How many classes to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnxruntime: the checkpoint exported to standard ONNX "
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help="torch, or onnxruntime: the checkpoint exported to standard ONNX "
                                 "(or a file written by asl export) run in ONNX Runtime's CPU provider."),
 ) -> None:
     """Classify images with a checkpoint, using the preprocessing recorded in it.
@@ -102,21 +102,13 @@ def predict(
     from asl_cli.experiments.predict import predict as run_predict
     from asl_cli.data.preprocess import ImageError
 
-    if runtime not in ("torch", "onnxruntime"):
-        fail(f"--runtime must be torch or onnxruntime, got {runtime!r}", code=2)
-    if str(checkpoint).endswith(".onnx") and runtime != "onnxruntime":
+    if str(checkpoint).endswith(".onnx") and runtime != Runtime.onnxruntime:
         fail("an .onnx file runs in ONNX Runtime: add --runtime onnxruntime", code=2)
     try:
-        if runtime == "onnxruntime":
-            from asl_cli.export import ExportError
-            from asl_cli.experiments.deploy import MissingRuntime, predict as ort_predict
+        if runtime == Runtime.onnxruntime:
+            from asl_cli.experiments.deploy import predict as ort_predict
 
-            try:
-                rows = ort_predict(checkpoint, images, topk)
-            except MissingRuntime as e:
-                fail(str(e), code=2)
-            except ExportError as e:
-                fail(str(e))
+            rows = deploy_guarded(lambda: ort_predict(checkpoint, images, topk))
         else:
             rows = run_predict(checkpoint, images, topk)
     except (ckpt_io.CheckpointError, ImageError) as e:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..allocator import DEFAULT_PAD_MIB, MAX_PAD_MIB
-from .app import app, console, deploy_guarded, err, fail, fmt, show
+from .app import Runtime, app, console, deploy_guarded, err, fail, fmt, show
 
 
 def _op_summary(by_case: dict[str, list[dict]], targets: dict) -> Table:
@@ -238,11 +238,6 @@ def profile_layers(
     dev = _profile_device(device, threads)
     names = [v.value for v in (layers or [Layer.all])]
     _profile_layers("all" if "all" in names else ",".join(names), dev, threads, shape, dtype.value, backward, min_run_time, out)
-
-
-class Runtime(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
 
 
 class Form(str, Enum):  # asl_cli.inference.FORMS (a test keeps them equal)

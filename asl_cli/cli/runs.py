@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, fail, recipes_epilog, show, split_recipe
+from .app import Runtime, app, console, fail, recipes_epilog, show, split_recipe
 
 
 class Split(str, Enum):
@@ -174,7 +174,7 @@ def eval_(
     csv: Path = typer.Option(Path("results/eval.csv"), "--csv", help="CSV the result row is appended to."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurements."),
     form: EvalForm = typer.Option(EvalForm.eager, "--form", help="eager, or inference (BatchNorm folded, shift fused into the 1x1 conv)."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnxruntime: the model exported to standard ONNX "
+    runtime: Runtime = typer.Option(Runtime.torch, "--runtime", help="torch, or onnxruntime: the model exported to standard ONNX "
                                 "(asl export) and run in ONNX Runtime's CPU provider, for both accuracy and latency."),
 ) -> None:
     """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row.
@@ -189,7 +189,7 @@ def eval_(
     from asl_cli.experiments.deploy import MissingRuntime
 
     try:
-        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value, runtime)
+        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value, runtime.value)
     except (ConfigError, MissingRuntime) as e:
         fail(str(e), code=2)
     except (ckpt_io.CheckpointError, DataError) as e:

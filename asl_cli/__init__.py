@@ -12,7 +12,7 @@ import os as _os
 _logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
 
 # The user's own choice of torch.compile's kernel cache, read before anything imports torch's
-# compiler (which writes its default into the environment); see builders.inductor_cache.
+# compiler (which writes its default into the environment); see train.model_setup.inductor_cache.
 USER_INDUCTOR_CACHE = _os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 from . import ops  # noqa: E402,F401  (registers torch.ops.asl.* and its Python parts)

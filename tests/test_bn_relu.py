@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from asl_cli.bn_relu import BatchNormReLU2d, fuse_bn_relu, reference_batch_norm_relu, reference_batch_norm_relu_backward
+from asl_cli.nn import BatchNormReLU2d, fuse_bn_relu
+from asl_cli.ops import reference_batch_norm_relu, reference_batch_norm_relu_backward
 from asl_cli.ops import backends
 
 compiled = pytest.mark.skipif(backends()["cpu"] != "compiled C++", reason="needs the compiled CPU extension")
@@ -174,7 +175,7 @@ def test_backward_rejects_a_gradient_of_another_shape_and_wrong_statistics(impl)
 
 
 def test_train_fuses_on_the_cpu_in_channels_last_by_default():
-    from asl_cli.train.builders import use_fused_bn_relu
+    from asl_cli.train.model_setup import use_fused_bn_relu
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_fused_bn_relu("auto", cpu, True)

@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "asl_cli"
 LAYERS = [
     ("errors", "allocator"),
     ("ops",),
-    ("nn", "bn_relu"),
+    ("nn",),
     ("zoo",),
     ("config", "inference", "export"),
     ("data",),

@@ -1,0 +1,59 @@
+"""Normalisation followed by activation as one layer: `BatchNormReLU2d` uses the fused
+`torch.ops.asl.batch_norm_relu` in training on the CPU (five passes over the activations instead
+of about eight, no ReLU mask kept) and is the plain pair everywhere else.
+
+`fuse_bn_relu(model)` turns every BatchNorm2d that a ReLU follows in an nn.Sequential into a
+`BatchNormReLU2d` (same parameters, buffers and state-dict keys; the ReLU becomes an Identity).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops  # noqa: F401  (registers torch.ops.asl.batch_norm_relu)
+
+__all__ = ["BatchNormReLU2d", "fuse_bn_relu"]
+
+
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """relu(BatchNorm2d(x)). In training on the CPU (float32/64, affine, 4-D input) one
+    `batch_norm_relu` call with the running statistics updated as nn.BatchNorm2d does; otherwise
+    (evaluation, other devices, forward-mode AD, torch.func transforms) the plain pair."""
+
+    def _fused(self, x: Tensor) -> bool:
+        return (self.training and self.affine and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype
+                and not torch._C._are_functorch_transforms_active()
+                and torch.autograd.forward_ad.unpack_dual(x).tangent is None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fused(x):
+            return torch.relu(super().forward(x))
+        out, mean, invstd = torch.ops.asl.batch_norm_relu(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                M = x.numel() // x.shape[1]
+                var = (invstd.pow(-2) - self.eps) * (M / max(M - 1, 1))  # unbiased, as nn.BatchNorm2d keeps it
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_(var.to(self.running_var.dtype), m)
+        return out
+
+
+def fuse_bn_relu(model: nn.Module) -> int:
+    """In place: each nn.BatchNorm2d directly followed by an nn.ReLU in an nn.Sequential becomes a
+    BatchNormReLU2d (the same object, so parameters, buffers, hooks and state-dict keys stay) and
+    the ReLU an nn.Identity. Returns how many pairs were fused."""
+    count = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            bn, relu = seq._modules[a], seq._modules[b]
+            if type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU:
+                bn.__class__ = BatchNormReLU2d
+                seq._modules[b] = nn.Identity()
+                count += 1
+    return count

@@ -28,7 +28,9 @@ SEEDS=3
 KEYS=(--seed-key train.seed --seed-key model.args.shift_seed)
 STEPS=" ${STEPS:-ablate rate table2 figures} "
 step() { [[ $STEPS == *" $1 "* ]]; }
-RULE=$(asl config cifar10_cpu "${OV[@]}" --plain | python -c "import math,sys,yaml; c=yaml.safe_load(sys.stdin); o=c['optim']; print(round(o['shift_lr_mult']*math.sqrt(o['shift_lr_reference_iterations']/c['train']['iterations']), 6))")
+# the shift learning rate the square-root rule gives this schedule (asl_cli.train.optim.shift_lr_mult)
+RULE=$(python -c "import sys; from asl_cli.config import load_config; from asl_cli.train.optim import shift_lr_mult
+print(round(shift_lr_mult(load_config('cifar10_cpu', sys.argv[1:])), 6))" "${OV[@]}")
 
 reuse_tr() {  # TR's finished runs serve as another grid's cell of the same configuration
   local cell=$1 root=$2

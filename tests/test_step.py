@@ -8,8 +8,8 @@ from asl_cli.train import checkpoint as ckpt_io
 from asl_cli.config import DEFAULTS, ConfigError, load_config
 from asl_cli.errors import NonFiniteLoss, TrainingError
 from asl_cli.train import train
-from asl_cli.train.builders import build_optimizer
-from asl_cli.experiments.train_speed import make_step
+from asl_cli.train.optim import build_optimizer
+from asl_cli.experiments.benchmarks.train_speed import make_step
 from asl_cli.train.step import TrainStep, host_lrs, lr_to_device
 from asl_cli.zoo import create_model
 

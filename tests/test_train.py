@@ -17,6 +17,7 @@ from asl_cli.config import ConfigError, list_recipes, load_config
 from asl_cli.data import TensorBatches, make_synthetic
 from asl_cli.errors import Interrupted, NonFiniteLoss
 from asl_cli.train import Callbacks, train
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_size=256", "data.test_size=128", "train.batch_size=32", "train.iterations=12", "train.eval_every=4",
@@ -203,7 +204,7 @@ def test_distributed_gloo_matches_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "asl_cli", "train", "quick",
            *common, f"output.dir={ddp}"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     a, b = weights(single), weights(ddp)
     for k in a:
@@ -248,9 +249,9 @@ def test_recipe_base_inheritance(tmp_path):
 @pytest.mark.slow
 def test_the_default_cpu_step_is_compiled_channels_last_fused_and_trains_as_the_plain_eager_step(tmp_path, monkeypatch):
     import asl_cli
-    from asl_cli.train import builders
+    from asl_cli.train import model_setup
 
-    monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)  # a short run, so the default compiles here
+    monkeypatch.setattr(model_setup, "COMPILE_MIN_STEPS", 1)  # a short run, so the default compiles here
     monkeypatch.setenv("ASL_CACHE_DIR", str(tmp_path))  # the kernels go to $ASL_CACHE_DIR/inductor
     monkeypatch.setattr(asl_cli, "USER_INDUCTOR_CACHE", None)  # the user chose no kernel cache of their own
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torch-default")  # as torch's compiler writes it on import
@@ -273,10 +274,10 @@ def test_the_default_cpu_step_is_compiled_channels_last_fused_and_trains_as_the_
 
 
 def test_without_a_cxx_compiler_auto_trains_eagerly_and_says_so(tmp_path, monkeypatch):
-    from asl_cli.train import builders
+    from asl_cli.train import model_setup
 
-    monkeypatch.setattr(builders, "COMPILE_MIN_STEPS", 1)
-    monkeypatch.setattr(builders, "cxx_compiler", lambda: None)
+    monkeypatch.setattr(model_setup, "COMPILE_MIN_STEPS", 1)
+    monkeypatch.setattr(model_setup, "cxx_compiler", lambda: None)
     notes = []
     summary = train(tiny_cfg(tmp_path, "train.iterations=2"), callbacks=Callbacks(on_note=notes.append))
     assert not summary["compiled"] and any("no C++ compiler" in n for n in notes)
@@ -285,7 +286,7 @@ def test_without_a_cxx_compiler_auto_trains_eagerly_and_says_so(tmp_path, monkey
 
 
 def test_short_runs_and_gpus_keep_the_eager_step():
-    from asl_cli.train.builders import COMPILE_MIN_STEPS, compile_choice
+    from asl_cli.train.model_setup import COMPILE_MIN_STEPS, compile_choice
 
     cpu = torch.device("cpu")
     assert compile_choice("auto", cpu, 1, COMPILE_MIN_STEPS - 1) == (False, "")
@@ -324,7 +325,7 @@ def test_pad_malloc_reports_what_glibc_accepted():
 
 
 def test_the_shift_rate_follows_the_square_root_rule(tmp_path):
-    from asl_cli.train.builders import shift_lr_mult
+    from asl_cli.train.optim import shift_lr_mult
 
     cfg = tiny_cfg(tmp_path, "optim.shift_lr_reference_iterations=48", "train.iterations=12")
     assert abs(shift_lr_mult(cfg) - 0.01 * 2) < 1e-12  # sqrt(48 / 12)

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .run_folder import RunFolder
+
 FORMAT = "asl-checkpoint-1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or does not fit the model."""
+from ..errors import CheckpointError  # noqa: F401  (raised here; importable from here as before)
 
 
 def state_checksum(state: dict) -> str:
@@ -51,11 +52,11 @@ def resolve(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint file, or a run folder (its checkpoints/<prefer>.pt, else last.pt)."""
     p = Path(path)
     if p.is_dir():
-        for name in (prefer, "last", "best"):
-            cand = p / "checkpoints" / f"{name}.pt"
-            if cand.exists():
-                return cand
-        if (p / "config.yaml").exists():  # a run folder whose run has not saved its first checkpoint yet
+        folder = RunFolder(p)
+        found = folder.find_checkpoint(prefer)
+        if found is not None:
+            return found
+        if folder.config_file.exists():  # a run folder whose run has not saved its first checkpoint yet
             raise CheckpointError(f"{p} is a run folder with no checkpoint yet (its run stopped, or is still running, "
                                   f"before the first one was saved)")
         raise CheckpointError(f"{p} has no checkpoints/best.pt or checkpoints/last.pt (is it a run folder?)")

@@ -1,7 +1,7 @@
 """The training loop: AMP, DDP, evaluation, metrics.csv, atomic checkpoints, exact resume, and
-the shift history of every ASL layer. The run's parts come from `builders`, its state and run
-folder from `state`. No CLI code: progress is reported through callbacks and failures
-through exceptions."""
+the shift history of every ASL layer. The run's parts come from `distributed`, `model_setup`,
+`optim` and `data.streams`, its state from `state`, its files from `run_folder`. No CLI code:
+progress is reported through callbacks and failures through exceptions."""
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +18,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import state as run_folder
+from . import state as run_state
 from ..allocator import configure as configure_malloc
-from ..bn_relu import BatchNormReLU2d
+from ..nn import BatchNormReLU2d
 from ..errors import Interrupted, NonFiniteLoss, TrainingError
-from .builders import (build_data, build_model, build_optimizer, build_schedule, compile_choice, device_kind, pick_device,
-                       setup_distributed, shift_lr_mult, total_steps, use_channels_last)
+from ..data.streams import build_data
+from .distributed import device_kind, pick_device, setup_distributed
+from .model_setup import build_model, compile_choice, use_channels_last
+from .optim import build_optimizer, build_schedule, shift_lr_mult, total_steps
+from .run_folder import RunFolder
 from .run_lock import RunLock
 from .state import Accum, TrainState, shift_values, unwrap
 from .step import TrainStep, graph_blocker
@@ -86,7 +89,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
         run.build(init_from if state is None else None)  # set-up: data, model, optimizer
         run.restore(state)  # resume
         run.prepare_step()  # set-up: DDP, compilation, CUDA graph
-        with _stop_requests(stop_signals, run.d) as stop:
+        with _stop_requests(stop_signals, run.dist) as stop:
             undo.clear()  # from here on the folder holds the run's own record
             run.loop(stop)  # the step loop, with its evaluation and checkpoint points
         return run.summary()  # shutdown
@@ -103,44 +106,45 @@ class _Run:
     """One training run's parts and progress; each method is one phase of `train`."""
 
     def __init__(self, cfg: dict, cb: Callbacks):
-        self.cfg, self.t, self.cb = cfg, cfg["train"], cb
-        self.d = setup_distributed(device_kind(self.t["device"]))
-        self.device = pick_device(self.t["device"], self.d)
+        self.cfg, self.train_cfg, self.cb = cfg, cfg["train"], cb
+        self.dist = setup_distributed(device_kind(self.train_cfg["device"]))
+        self.device = pick_device(self.train_cfg["device"], self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.t["deterministic"]:
+        if self.train_cfg["deterministic"]:
             torch.use_deterministic_algorithms(True)
-        self.st = TrainState()
+        self.state = TrainState()
         self.summary_row: dict | None = None
 
     def open_folder(self, resume, lock: RunLock, undo: list) -> dict | None:
         """Creates (or, resuming, reopens) the run folder and locks it; returns the checkpoint to
         resume from, if any."""
-        d = self.d
+        d = self.dist
         if resume is not None:
-            self.run_dir = Path(resume)
-            state = run_folder.resume_folder(self.run_dir, lock if d.main else None)
+            self.folder = RunFolder(resume)
+            self.run_dir = self.folder.path
+            state = run_state.resume(self.folder, lock if d.main else None)
             if d.main:  # paths or logging given anew (the caller checked that training is unchanged)
-                run_folder.update_config(self.run_dir, self.cfg)
+                self.folder.write_config(self.cfg)
             return state
-        run_dir = run_folder.new_run_dir(self.cfg)
+        folder = RunFolder.new(self.cfg)
         if d.world > 1:
-            obj = [str(run_dir)]
+            obj = [str(folder.path)]
             dist.broadcast_object_list(obj, src=0)
-            run_dir = Path(obj[0])
+            folder = RunFolder(obj[0])
         if d.main:
-            created = not run_dir.exists()
-            run_folder.start_folder(run_dir, self.cfg, lock)
+            created = not folder.path.exists()
+            folder.start(self.cfg, lock)
             if created:  # a start that fails (missing data, a wrong device...) leaves no empty run folder behind
-                undo.append(lambda: shutil.rmtree(run_dir, ignore_errors=True))
-        self.run_dir = run_dir
+                undo.append(lambda: shutil.rmtree(folder.path, ignore_errors=True))
+        self.folder, self.run_dir = folder, folder.path
         return None
 
     def build(self, init_from) -> None:
-        cfg, t, device = self.cfg, self.t, self.device
-        self.data = build_data(cfg, self.d, device)
+        cfg, t, device = self.cfg, self.train_cfg, self.device
+        self.data = build_data(cfg, self.dist.rank, self.dist.world, device)
         self.total = total_steps(cfg, self.data.steps_per_epoch)
-        self.model, self.model_args = build_model(cfg, self.data.num_classes, self.d, device, init_from)
+        self.model, self.model_args = build_model(cfg, self.data.num_classes, self.dist, device, init_from)
         self.shift_mult = shift_lr_mult(cfg)
         self.opt = build_optimizer(self.model, cfg["optim"], device, self.shift_mult)
         self.sched = build_schedule(self.opt, cfg, self.total)
@@ -153,14 +157,14 @@ class _Run:
         """Resume: the step, weights, optimizer, schedule and logs of the checkpoint; a new run
         records every shift's starting point instead."""
         if state is not None:
-            self.st = TrainState.restore(state, self.model, self.opt, self.sched, self.scaler, self.device)
-            if self.d.main:
-                run_folder.truncate_logs(self.run_dir, self.st.step, state.get("last_row"))
-        elif self.d.main:
-            run_folder.append_shifts(self.run_dir / "shifts.csv", 0, shift_values(self.model))
+            self.state = TrainState.restore(state, self.model, self.opt, self.sched, self.scaler, self.device)
+            if self.dist.main:
+                self.folder.truncate_logs(self.state.step, state.get("last_row"))
+        elif self.dist.main:
+            self.folder.append_shifts(0, shift_values(self.model))
 
     def prepare_step(self) -> None:
-        t, d, device = self.t, self.d, self.device
+        t, d, device = self.train_cfg, self.dist, self.device
         self.train_model = self.model
         if d.world > 1:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -168,22 +172,22 @@ class _Run:
         self.malloc = configure_malloc(t["malloc_pad_mib"], device.type)
         self.channels_last = use_channels_last(t["channels_last"], device)
         self.fused_bn_relu = sum(isinstance(m, BatchNormReLU2d) for m in self.model.modules())
-        self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.st.step)
+        self.compiled, note = compile_choice(t["compile"], device, d.world, self.total - self.state.step)
         if note:
             self.cb.on_note(note)
         if self.compiled:
             self.train_model = torch.compile(self.train_model)
         self.graphed = use_cuda_graph(t["cuda_graph"], device, d.world, t["amp"])
         self.step_fn = TrainStep(self.train_model, self.opt, self.scaler, device, self.amp_dtype, self.channels_last,
-                                 graph=self.graphed, start_step=self.st.step)
-        self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.st.step, "device": str(device),
+                                 graph=self.graphed, start_step=self.state.step)
+        self.cb.on_start({"run_dir": str(self.run_dir), "total": self.total, "start": self.state.step, "device": str(device),
                           "world": d.world, "model": self.cfg["model"]["name"], "steps_per_epoch": self.data.steps_per_epoch,
                           "train_images": self.data.n_train, "cuda_graph": self.graphed, "compiled": self.compiled,
                           "malloc": self.malloc, "channels_last": self.channels_last, "fused_bn_relu": self.fused_bn_relu,
                           "shift_lr_mult": self.shift_mult})
 
     def loop(self, stop: dict) -> None:
-        t, st, total = self.t, self.st, self.total
+        t, st, total = self.train_cfg, self.state, self.total
         first_step = st.step
         batches = self.data.batches_from(st.step)
         self.interval_start, self.interval_steps = time.time(), 0
@@ -192,7 +196,7 @@ class _Run:
         check_every = 1 if self.device.type == "cpu" else t["log_every"]
         self.train_model.train()
         for step in range(st.step, total):
-            if stop["flag"] or (self.d.world > 1 and step % t["log_every"] == 0 and _any_rank(stop["flag"], self.device)):
+            if stop["flag"] or (self.dist.world > 1 and step % t["log_every"] == 0 and _any_rank(stop["flag"], self.device)):
                 self.stop_at(step, stop["signum"])
             x, y = next(batches)
             t_first = time.time() if self.compiled and step == first_step else None
@@ -221,20 +225,20 @@ class _Run:
         """A stop request: checkpoint the step reached, then raise Interrupted."""
         self.check_finite(step)
         self.take_stats()
-        self.st.step = step
+        self.state.step = step
         self.save(None, False)
         raise Interrupted(step, self.run_dir, signum)
 
     def log(self, done: int) -> None:
-        acc = self.st.acc
+        acc = self.state.acc
         el = max(time.time() - self.interval_start, 1e-9)
         self.cb.on_step(done, self.total, {"loss": acc.loss / max(acc.count, 1), "top1": 100 * acc.correct / max(acc.count, 1),
-                                           "lr": _lr_of(self.opt), "images_per_s": self.interval_steps * self.t["batch_size"] / el})
+                                           "lr": _lr_of(self.opt), "images_per_s": self.interval_steps * self.train_cfg["batch_size"] / el})
 
     def eval_point(self, done: int) -> None:
         """An evaluation point: test metrics, a checkpoint (the best one too when it improved) and
         a metrics.csv row."""
-        st, t = self.st, self.t
+        st, t = self.state, self.train_cfg
         seconds = time.time() - self.interval_start
         res = evaluate(unwrap(self.model), self.data.test_batches(), self.device, self.amp_dtype, self.channels_last)
         if not all(math.isfinite(v) for v in res.values()):  # never saved, let alone kept as the best
@@ -250,8 +254,8 @@ class _Run:
             st.best, st.best_step = res["test_top1"], done
         st.acc = Accum()
         self.save(row, improved)
-        if self.d.main:
-            run_folder.append_row(self.run_dir / "metrics.csv", row)
+        if self.dist.main:
+            self.folder.append_metrics(row)
         self.cb.on_eval(row)
         self.summary_row, st.last_good = row, done
         self.interval_start, self.interval_steps = time.time(), 0
@@ -263,33 +267,33 @@ class _Run:
         bad = self.step_fn.peek_bad()
         if bad is None and not _weights_finite(self.model):
             bad = step - 1
-        if self.d.world > 1:
+        if self.dist.world > 1:
             flag = torch.tensor([float(bad if bad is not None else -1)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             bad = int(flag.item()) if flag.item() >= 0 else None
         if bad is not None:
-            raise NonFiniteLoss(bad, self.run_dir, self.st.last_good)
+            raise NonFiniteLoss(bad, self.run_dir, self.state.last_good)
 
     def take_stats(self) -> None:
         s = self.step_fn.take_stats()
         vals = [s.loss_sum, s.correct, s.count]
-        if self.d.world > 1:  # log the global batch, not this rank's slice
+        if self.dist.world > 1:  # log the global batch, not this rank's slice
             v = torch.tensor(vals, dtype=torch.float64, device=self.device)
             dist.all_reduce(v)
             vals = v.tolist()
-        self.st.acc.loss += vals[0]
-        self.st.acc.correct += vals[1]
-        self.st.acc.count += vals[2]
+        self.state.acc.loss += vals[0]
+        self.state.acc.correct += vals[1]
+        self.state.acc.count += vals[2]
 
     def save(self, row: dict | None, is_best: bool) -> None:
-        if self.d.main:
-            run_folder.save(self.run_dir, self.st.checkpoint(
+        if self.dist.main:
+            run_state.save(self.folder, self.state.checkpoint(
                 cfg=self.cfg, model=self.model, model_args=self.model_args, opt=self.opt, sched=self.sched,
                 scaler=self.scaler, device=self.device, total=self.total, steps_per_epoch=self.data.steps_per_epoch,
                 preprocessing=self.data.preprocessing, row=row), is_best)
 
     def summary(self) -> dict:
-        return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.st.best, "last": self.summary_row,
+        return {"run_dir": str(self.run_dir), "steps": self.total, "best_top1": self.state.best, "last": self.summary_row,
                 "cuda_graph": self.graphed, "compiled": self.compiled, "channels_last": self.channels_last,
                 "fused_bn_relu": self.fused_bn_relu,
                 "malloc": self.malloc}

@@ -5,8 +5,7 @@ import os
 from pathlib import Path
 
 
-class RunFolderBusy(RuntimeError):
-    pass
+from ..errors import RunFolderBusy
 
 
 class RunLock:
@@ -57,12 +56,3 @@ class RunLock:
                 pass
             os.close(self.fd)  # closing drops the flock
             self.fd = None
-
-
-def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Temporary checkpoint files left by a process killed mid-write (call with the lock held)."""
-    gone = []
-    for p in (Path(run_dir) / "checkpoints").glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-        gone.append(p)
-    return gone

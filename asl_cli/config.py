@@ -18,11 +18,9 @@ _HERE = Path(__file__).resolve().parent
 RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
 
 
+from .errors import ConfigError  # noqa: F401  (raised here; importable from here as before)
+
 DEFAULT_RECIPE = "quick"  # what `asl train` and `asl ablate` use when no recipe is named
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message says what to change."""
 
 
 # Every key a recipe may set, with its default. None means "no default / optional"; its type is
@@ -350,7 +348,7 @@ KEY_HELP = {
     "train.compile": "torch.compile the model (auto: on the CPU, with a C++ compiler, for runs of >= 1000 steps)",
     "train.channels_last": ("channels_last (NHWC) activations and weights (auto: on the CPU, where oneDNN's 1x1 convolutions "
                             "and BatchNorm run faster on them; NCHW on CUDA)"),
-    "train.fuse_bn_relu": ("run each BatchNorm2d followed by a ReLU as one operator in training (asl_cli.bn_relu; five passes "
+    "train.fuse_bn_relu": ("run each BatchNorm2d followed by a ReLU as one operator in training (asl_cli.nn.BatchNormReLU2d; five passes "
                            "over the activations instead of about eight; auto: on the CPU in channels_last)"),
     "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
                              "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),

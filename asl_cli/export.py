@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import fuse_conv_bn_eval
 
+from .errors import ExportError
 from .inference import fold_sequential_conv_bn
 from .nn import ActiveShift2d
 from .zoo.blocks import GroupedShift2d, PreActBlock
@@ -34,10 +35,6 @@ from .zoo.shiftresnet import ShiftBlock
 
 SHIFT_FORMS = ("conv", "slice")
 OPSET = 18
-
-
-class ExportError(ValueError):
-    """A model (or layer) the exporter cannot express in standard ONNX operators."""
 
 
 def window(x: Tensor, top: int, rows: int, left: int, cols: int) -> Tensor:

@@ -13,12 +13,18 @@ from typer.core import TyperGroup
 
 
 class _Commands(TyperGroup):
-    """Turns file-system errors (unwritable or invalid output paths, full disks) into one clear
-    line instead of a traceback."""
+    """The one place where errors become exit statuses: the package's own errors (asl_cli.errors,
+    each carrying its status) and file-system errors (unwritable or invalid output paths, full
+    disks) end the command with one clear line instead of a traceback."""
 
     def invoke(self, ctx):
+        from asl_cli.errors import AslError
+
         try:
             return super().invoke(ctx)
+        except AslError as e:
+            next_step = getattr(e, "next_step", None)
+            fail(f"{e}. {next_step}" if next_step else str(e), code=e.exit_code)
         except BrokenPipeError:  # output piped into a program that stopped reading (e.g. head)
             raise typer.Exit(0) from None
         except OSError as e:
@@ -85,23 +91,6 @@ def recipes_epilog() -> str:
     return ("Recipes: " + ", ".join(list_recipes()) + ". Every configuration key, its default and the values it takes: "
             "asl config [RECIPE] [KEY=VALUE]... Examples: asl train; asl train asnet20_16x1 data.dataset=cifar100; "
             "asl train --resume runs/RUN")
-
-
-def deploy_guarded(work):
-    """Runs export or ONNX Runtime work; its errors end the command with one message (exit 2 for
-    a missing extra or an unknown model, 1 for a model or checkpoint that cannot be used)."""
-    from asl_cli.export import ExportError
-    from asl_cli.experiments.deploy import MissingRuntime
-    from asl_cli.train import checkpoint as ckpt_io
-
-    try:
-        return work()
-    except MissingRuntime as e:
-        fail(str(e), code=2)
-    except KeyError as e:
-        fail(e.args[0], code=2)
-    except (ExportError, ckpt_io.CheckpointError) as e:
-        fail(str(e))
 
 
 class Runtime(str, Enum):

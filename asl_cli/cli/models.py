@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .app import Runtime, app, console, deploy_guarded, fail, fmt, show
+from .app import Runtime, app, console, fail, fmt, show
 
 
 @app.command()
@@ -63,15 +63,9 @@ def import_caffe(
     out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: checkpoints/<arch>-caffe.pt)."),
 ) -> None:
     """Convert a Caffe AS-ResNet model into a checkpoint for eval, predict, profile, plot-shifts and fine-tuning."""
-    from asl_cli.experiments.caffe import CaffeFormatError
-    from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
+    from asl_cli.experiments.caffe.importer import import_model, to_checkpoint
 
-    try:
-        model, report = import_model(model_file, arch)
-    except (CaffeFormatError, ImportError_) as e:
-        fail(str(e))
-    except (KeyError, TypeError) as e:
-        fail(f"--arch: {e.args[0]}", code=2)
+    model, report = import_model(model_file, arch)
     path = to_checkpoint(model, report, out or Path("checkpoints") / f"{report['arch']}-caffe.pt")
     t = Table(title=f"imported {model_file.name} as {report['arch']}", show_header=False)
     t.add_row("layers (with weights)", f"{report['layers']} ({report['weighted_layers']})")
@@ -98,21 +92,16 @@ def predict(
     """
     import json
 
-    from asl_cli.train import checkpoint as ckpt_io
-    from asl_cli.experiments.predict import predict as run_predict
-    from asl_cli.data.preprocess import ImageError
+    from asl_cli.experiments.evaluation.predict import predict as run_predict
 
     if str(checkpoint).endswith(".onnx") and runtime != Runtime.onnxruntime:
         fail("an .onnx file runs in ONNX Runtime: add --runtime onnxruntime", code=2)
-    try:
-        if runtime == Runtime.onnxruntime:
-            from asl_cli.experiments.deploy import predict as ort_predict
+    if runtime == Runtime.onnxruntime:
+        from asl_cli.experiments.evaluation.deploy import predict as ort_predict
 
-            rows = deploy_guarded(lambda: ort_predict(checkpoint, images, topk))
-        else:
-            rows = run_predict(checkpoint, images, topk)
-    except (ckpt_io.CheckpointError, ImageError) as e:
-        fail(str(e))
+        rows = ort_predict(checkpoint, images, topk)
+    else:
+        rows = run_predict(checkpoint, images, topk)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -143,7 +132,7 @@ def export_model(
     Examples: asl export asnet20_16x1; asl export runs/RUN --out model.onnx; asl export checkpoints/w32.pt
     """
     from asl_cli.export import SHIFT_FORMS
-    from asl_cli.experiments.deploy import export
+    from asl_cli.experiments.evaluation.deploy import export
 
     if fmt_ != "onnx":
         fail(f"--format must be onnx, got {fmt_!r}", code=2)
@@ -151,7 +140,7 @@ def export_model(
         fail(f"--shift-form must be one of {', '.join(SHIFT_FORMS)}, got {shift_form!r}", code=2)
     target = out or Path("exports") / f"{Path(model.rstrip('/')).stem}.onnx"
     with console.status(f"exporting {model} to ONNX"):
-        info = deploy_guarded(lambda: export(model, target, shift_form, size, check))
+        info = export(model, target, shift_form, size, check)
     console.print(f"wrote {info['path']}: {info['arch']}, input 1x3x{info['input_size']}x{info['input_size']} (batch "
                   f"dynamic), opset {info['opset']}, {info['nodes']} nodes, shift form {shift_form}")
     console.print(f"operators: {', '.join(info['ops'])}")

@@ -9,8 +9,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..zoo.paper import table1_ratios, table2_train_speedup
 from ..allocator import DEFAULT_PAD_MIB, MAX_PAD_MIB
-from .app import Runtime, app, console, deploy_guarded, err, fail, fmt, show
+from .app import Runtime, app, console, err, fail, fmt, show
 
 
 def _op_summary(by_case: dict[str, list[dict]], targets: dict) -> Table:
@@ -33,7 +34,7 @@ def _op_summary(by_case: dict[str, list[dict]], targets: dict) -> Table:
 
 
 def _render_op_rows(rows: list[dict], device: str) -> None:
-    from asl_cli.experiments.profile_op import CPU_TARGETS, CUDA_TARGETS
+    from asl_cli.experiments.benchmarks.profile_op import CPU_TARGETS, CUDA_TARGETS
 
     by_case: dict[str, list[dict]] = {}
     for r in rows:
@@ -189,7 +190,7 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
     from rich.progress import Progress
 
     from asl_cli.experiments.bench import append_csv, results_dir
-    from asl_cli.experiments.profile_op import Case, default_cases, run
+    from asl_cli.experiments.benchmarks.profile_op import Case, default_cases, run
 
     from asl_cli.allocator import pad_malloc
 
@@ -207,7 +208,7 @@ def profile_op(device: Device = DEVICE_OPT, threads: int = THREADS_OPT, min_run_
         except RuntimeError as e:
             fail(str(e))
     _render_op_rows(rows, dev)
-    from asl_cli.experiments.profile_op import FUSED_TARGET, fused_rows
+    from asl_cli.experiments.benchmarks.profile_op import FUSED_TARGET, fused_rows
 
     with console.status("timing the fused shift + 1x1 convolution"):
         fused = fused_rows(dev, threads, min_run_time)
@@ -320,7 +321,7 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     import torch
 
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.profile_layers import LAYERS, figure, run
+    from asl_cli.experiments.benchmarks.profile_layers import LAYERS, figure, run
 
     names = list(LAYERS) if layer == "all" else [n.strip() for n in layer.split(",")]
     bad = [n for n in names if n not in LAYERS]
@@ -347,23 +348,18 @@ def _profile_layers(layer, device, threads, shape, dtype, backward, min_run_time
     show(t)
     by = {r["layer"]: r for r in rows}
     if "pw" in by and "dw3" in by:
+        flops_ratio, speed_ratio = table1_ratios()
         console.print(f"1x1 conv has {by['pw']['mflops'] / by['dw3']['mflops']:.1f}x the FLOPs of the 3x3 depthwise conv and runs "
-                      f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: 7.1x the FLOPs, 3.5x faster)")
+                      f"{by['dw3']['ms'] / by['pw']['ms']:.2f}x faster (paper: {flops_ratio:.1f}x the FLOPs, {speed_ratio:.1f}x faster)")
     _append_with_figure(rows, out or results_dir() / f"profile_layers_{device}.csv", figure, "_time_per_mflop")
 
 
 def _profile_models(specs, device, threads, min_run_time, out, forms=("eager",), malloc="default") -> None:
-    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.profile_models import figure, ratios, run
+    from asl_cli.experiments.benchmarks.profile_models import figure, ratios, run
 
     with console.status(f"timing {', '.join(specs)} as {', '.join(forms)}"):
-        try:
-            rows = [{**r, "malloc": malloc} for r in run(list(specs), device, threads, min_run_time, forms=forms)]
-        except KeyError as e:
-            fail(e.args[0], code=2)
-        except ckpt_io.CheckpointError as e:
-            fail(str(e))
+        rows = [{**r, "malloc": malloc} for r in run(list(specs), device, threads, min_run_time, forms=forms)]
     t = Table(title=f"models, batch 1, {rows[0]['device_name']}, {threads} CPU thread(s); "
                     f"matrix product {rows[0]['cpu_blas_gmacs_per_s']:.0f} GMAC/s; malloc: {malloc}")
     cols = ["model", "form", "params (M)", "MACs (M)", "CPU ms", "GMAC/s", "top-1"]
@@ -396,13 +392,10 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
                          modes: str = "auto", amp: str = "none", layouts=("nchw",), malloc: str = "default",
                          rounds: int = 5, bn_relus=("aten",)) -> None:
     from asl_cli.experiments.bench import append_csv, results_dir
-    from asl_cli.experiments.train_speed import MODES, layout_of, run, speedups
+    from asl_cli.experiments.benchmarks.train_speed import MODES, layout_of, run, speedups
     from asl_cli.zoo import get_entry
 
-    try:
-        entry = get_entry(model)
-    except KeyError as e:
-        fail(e.args[0], code=2)
+    entry = get_entry(model)
     if entry.family not in ("asnet", "as_resnet"):
         fail(f"--train-speed compares spatial blocks of asnet/as_resnet models; {model} is {entry.family}", code=2)
     if modes == "auto":
@@ -446,16 +439,16 @@ def _profile_train_speed(model: str, batch: int, device: str, threads: int, min_
         if c["vs_eager"] is not None:
             line += f"; / {c['peer']} eager ({c['eager_mode']}): {c['vs_eager']:.2f}x"
         console.print(line)
-    console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains 1.54x faster than 1B-DW3-B-1)")
+    console.print(f"appended {len(rows)} rows to {path} (paper: ASL trains {table2_train_speedup():.2f}x faster than 1B-DW3-B-1)")
 
 
 def _profile_models_onnx(specs, threads, batch, min_run_time, out, shift_forms) -> None:
     from asl_cli.experiments.bench import results_dir
-    from asl_cli.experiments.deploy import profile
-    from asl_cli.experiments.profile_models import figure, ratios
+    from asl_cli.experiments.evaluation.deploy import profile
+    from asl_cli.experiments.benchmarks.profile_models import figure, ratios
 
     with console.status(f"exporting and timing {', '.join(specs)} in ONNX Runtime"):
-        rows = deploy_guarded(lambda: profile(list(specs), threads, batch, min_run_time, shift_forms))
+        rows = profile(list(specs), threads, batch, min_run_time, shift_forms)
     t = Table(title=f"models in {rows[0]['runtime']} (CPU provider), {rows[0]['device_name']}, {threads} thread(s)")
     for c in ("model", "shift form", "params (M)", "MACs (M)", "ms, batch 1", f"ms, batch {batch}", "GMAC/s", "top-1"):
         t.add_column(c, justify="left" if c in ("model", "shift form") else "right")

@@ -29,13 +29,10 @@ def config(
     plain: bool = typer.Option(False, "--plain", help="Only the YAML (as written into a run folder's config.yaml), no comments."),
 ) -> None:
     """Print a recipe resolved with its overrides, every key with its default and allowed values."""
-    from asl_cli.config import DEFAULT_RECIPE, ConfigError, describe, dump, load_config
+    from asl_cli.config import DEFAULT_RECIPE, describe, dump, load_config
 
     recipe, overrides = split_recipe(args)
-    try:
-        cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
-    except ConfigError as e:
-        fail(str(e), code=2)
+    cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
     if not plain:
         print(f"# {cfg['_source']}" + (f" with {' '.join(overrides)}" if overrides else ""))
     print(dump(cfg) if plain else describe(cfg), end="")
@@ -50,58 +47,18 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of this checkpoint or run folder (fine-tuning)."),
 ) -> None:
     """Train a zoo model from a YAML recipe; writes a run folder (config, metrics.csv, checkpoints, shifts)."""
-    from asl_cli.train import checkpoint as ckpt_io
-    from asl_cli.config import DEFAULT_RECIPE, ConfigError, load_config
-    from asl_cli.data import DataError
-    from asl_cli.errors import Interrupted, NonFiniteLoss, TrainingError
+    import os
+
+    from asl_cli.config import DEFAULT_RECIPE, load_config
+    from asl_cli.train import RunFolder
     from asl_cli.train import train as run_training
 
     recipe, overrides = split_recipe(args)
-    try:
-        if resume is not None:
-            cfg = _resume_config(resume, recipe, overrides)
-        else:
-            cfg = load_config(recipe or DEFAULT_RECIPE, overrides)
-    except ConfigError as e:
-        fail(str(e), code=2)
-    import os
-
+    cfg = RunFolder(resume).resume_config(recipe, overrides) if resume is not None else load_config(recipe or DEFAULT_RECIPE, overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    try:
-        summary = train_with_progress(run_training, cfg, resume, init_from, show=main_rank)
-    except Interrupted as e:
-        fail(f"{e}. Resume with: asl train --resume {e.run_dir}", code=130)
-    except NonFiniteLoss as e:
-        fail(str(e), code=3)
-    except ConfigError as e:
-        fail(str(e), code=2)
-    except (TrainingError, DataError, ckpt_io.CheckpointError) as e:
-        fail(str(e))
+    summary = train_with_progress(run_training, cfg, resume, init_from, show=main_rank)
     if main_rank:
         _render_summary(summary)
-
-
-def _resume_config(run_dir: Path, recipe: str | None, overrides: list[str]) -> dict:
-    """The config a resumed run continues with: its own config.yaml, with a recipe or overrides
-    given beside --resume allowed only where they change no training setting (a moved data folder,
-    another log interval)."""
-    from asl_cli.config import ConfigError, format_differences, load_config, training_differences
-
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        fail(f"{run_dir} is not a run folder (no config.yaml)", code=2)
-    saved = load_config(str(saved_path))
-    if not recipe and not overrides:
-        return saved
-    wanted = load_config(recipe or str(saved_path), overrides)
-    wanted["output"]["dir"] = saved["output"]["dir"]
-    diffs = training_differences(saved, wanted)
-    if diffs:
-        raise ConfigError(f"the run in {run_dir} was trained with other settings than these (saved -> asked): "
-                          f"{format_differences(diffs)}. A resumed run keeps its own; start a new run instead "
-                          f"(another output.dir, optionally --init-from {run_dir} to start from its weights), or drop "
-                          f"those overrides to continue it as it was")
-    return wanted
 
 
 def train_with_progress(run_training, cfg, resume, init_from, show: bool):
@@ -180,20 +137,10 @@ def eval_(
     """Top-1/top-5, loss, parameters, MACs and latency of a checkpoint; appends one CSV row.
     A checkpoint whose outputs are not finite (a diverged run) is an error (exit status 1) and
     appends no row."""
-    from asl_cli.train import checkpoint as ckpt_io
-    from asl_cli.config import ConfigError
-    from asl_cli.data import DataError
     from asl_cli.experiments.bench import append_csv
-    from asl_cli.experiments.evaluate import run
+    from asl_cli.experiments.evaluation.evaluate import run
 
-    from asl_cli.experiments.deploy import MissingRuntime
-
-    try:
-        row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value, runtime.value)
-    except (ConfigError, MissingRuntime) as e:
-        fail(str(e), code=2)
-    except (ckpt_io.CheckpointError, DataError) as e:
-        fail(str(e))
+    row = run(target, split.value, device, not no_latency, tuple(overrides or ()), form.value, runtime.value)
     t = Table(title=f"eval: {row['model']} ({row['dataset']} {split.value})", show_header=False)
     for k in ("checkpoint", "step", "top1", "top5", "loss", "nonfinite_outputs", "params", "macs", "cpu_ms_batch1", "gpu_ms_batch1",
               "gpu_images_per_s_batch256"):

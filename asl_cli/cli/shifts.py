@@ -33,7 +33,6 @@ def plot_shifts(
 
     Examples: asl plot-shifts; asl plot-shifts runs/A runs/B; asl plot-shifts runs/A --beside
     results/shift_travel_cifar10/shift_travel.csv --out results/shift_travel_64k"""
-    from asl_cli.train import checkpoint as ckpt_io
     from asl_cli.experiments.bench import results_dir
     from asl_cli.experiments.outputs import writable_dir
     from asl_cli.experiments.plot_shifts import compare, newest_run, run
@@ -44,10 +43,7 @@ def plot_shifts(
         where = writable_dir(out or results_dir() / "shift_travel", overwrite)
         if where.note:
             console.print(f"[yellow]note:[/] {where.note}", highlight=False)
-        try:
-            res = compare(list(targets), where.path, list(beside or []))
-        except ckpt_io.CheckpointError as e:
-            fail(str(e))
+        res = compare(list(targets), where.path, list(beside or []))
         last = res["table"].groupby("run", sort=False).tail(1)
         t = Table(title="shift travel at each run's end")
         for c in ("run", "steps", "shift x lr", "budget px", "walk px", "travel px", "spread", "beyond 1 px", "test top-1"):
@@ -61,14 +57,11 @@ def plot_shifts(
             console.print(f"wrote {f}")
         return
     target = targets[0] if targets else None
-    try:
-        if target is None:
-            target, why = newest_run(Path("runs"))
-            console.print(why, highlight=False)
-        where = writable_dir(out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name), overwrite)
-        res = run(target, where.path)
-    except ckpt_io.CheckpointError as e:
-        fail(str(e))
+    if target is None:
+        target, why = newest_run(Path("runs"))
+        console.print(why, highlight=False)
+    where = writable_dir(out or results_dir() / "shifts" / (target.stem if target.is_file() else target.name), overwrite)
+    res = run(target, where.path)
     for note in res["notes"]:
         err.print(f"[yellow]warning:[/] {note}", highlight=False)
     if where.note:

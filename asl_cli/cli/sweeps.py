@@ -13,6 +13,14 @@ from .runs import train_with_progress
 from .app import app, console, err, fail, show, split_recipe
 
 
+def _elapsed(progress: dict) -> str:
+    """Training time over every attempt of the run (a requeued or resubmitted job adds its own)."""
+    if "elapsed_s" not in progress:
+        return ""
+    n = progress.get("attempts", 1)
+    return f"{progress['elapsed_s']:.0f} s" + (f" ({n} jobs)" if n > 1 else "")
+
+
 def _live_view(runs) -> Table:
     t = Table(title="runs", show_lines=False)
     notes = any(r.message for r in runs)
@@ -22,7 +30,7 @@ def _live_view(runs) -> Table:
         p = r.progress
         step = f"{p.get('step', 0)}/{p['total']}" if p.get("total") else ""
         t.add_row(f"{r.cell} seed {r.seed}", r.state, step, str(p.get("train_top1", "")), str(p.get("test_top1", "")),
-                  str(p.get("images_per_s", "")), f"{p['elapsed_s']:.0f} s" if "elapsed_s" in p else "",
+                  str(p.get("images_per_s", "")), _elapsed(p),
                   *((r.message,) if notes else ()))
     return t
 
@@ -47,6 +55,8 @@ TIME_OPT = typer.Option(None, "--time", min=1, metavar="MINUTES", help="Each job
 GPUS_OPT = typer.Option(None, "--gpus-per-node", min=0, help="GPUs per job, one process each with DistributedDataParallel.")
 CPUS_OPT = typer.Option(None, "--cpus-per-task", min=1, help="CPUs per process of a job.")
 NODES_OPT = typer.Option(None, "--nodes", min=1, help="Nodes per job.")
+MEM_OPT = typer.Option(None, "--mem-gb", min=0.01, help="Memory per job in GB (default: cluster.mem_gb). Without a memory "
+                       "request a Slurm cluster may give each job a whole node, so jobs then run one at a time.")
 RERUN_OPT = typer.Option(False, "--rerun", help="Runs already in the folder that were trained with other settings "
                          "(keys that change training) are moved aside to <run>.replaced-<time> and trained anew; "
                          "without it such runs stop the command, and only runs trained as asked are reused or resumed.")
@@ -54,9 +64,10 @@ OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace the summary CSV
                              "result committed to git (by default the new summary is then written beside it).")
 
 
-def _grid(executor, wait, status, partition, time_min, gpus, cpus, nodes, rerun=False) -> dict:
+def _grid(executor, wait, status, partition, time_min, gpus, cpus, nodes, mem_gb=None, rerun=False) -> dict:
     return {"executor": executor.value, "wait": wait, "status": status, "rerun": rerun,
-            "resources": dict(partition=partition, timeout_min=time_min, gpus_per_node=gpus, cpus_per_task=cpus, nodes=nodes)}
+            "resources": dict(partition=partition, timeout_min=time_min, gpus_per_node=gpus, cpus_per_task=cpus, nodes=nodes,
+                              mem_gb=mem_gb)}
 
 
 def _log_changes():
@@ -88,8 +99,8 @@ def _run_sweep(recipe: str, runs, jobs: int, grid: dict, root: Path):
     or as submitit jobs. Returns the failed runs, or None when runs are still to finish (the
     summary then waits for a later call)."""
     from asl_cli.train import train as run_training
-    from asl_cli.experiments import cluster
-    from asl_cli.experiments.sweep import check_reuse, execute
+    from asl_cli.experiments.sweeps import cluster
+    from asl_cli.experiments.sweeps.sweep import check_reuse, execute
 
     status = lambda m: console.print(f"[bold]{m}[/]", highlight=False)  # noqa: E731
     if grid["status"]:
@@ -132,26 +143,9 @@ def _something_finished(runs, failed) -> None:
                             "fix the cause and run the same command again")
 
 
-def _guarded(work):
-    """Runs a sweep's planning and training; its errors end the command with one message."""
-    from asl_cli.train import checkpoint as ckpt_io
-    from asl_cli.config import ConfigError
-    from asl_cli.data import DataError
-    from asl_cli.errors import Interrupted, TrainingError
-
-    try:
-        return work()
-    except Interrupted as e:
-        fail(f"{e}. Run the same command again to continue.", code=130)
-    except ConfigError as e:
-        fail(str(e), code=2)
-    except (TrainingError, DataError, ckpt_io.CheckpointError) as e:
-        fail(str(e))
-
-
 def _write_summary(summary, csv: Path, title: str, paper_label: str, overwrite: bool) -> None:
     from asl_cli.experiments.outputs import writable
-    from asl_cli.experiments.sweep import plot_summary
+    from asl_cli.experiments.sweeps.sweep import plot_summary
 
     target = writable(csv, overwrite)
     csv = target.path
@@ -201,7 +195,7 @@ def _summary_table(summary, title: str, first_col: str) -> Table:
 
 
 def _finish_sweep(summary, failed, csv: Path, title: str, paper_label: str, first_col: str, overwrite: bool) -> None:
-    from asl_cli.experiments.sweep import add_provenance
+    from asl_cli.experiments.sweeps.sweep import add_provenance
 
     add_provenance(summary, failed)
     show(_summary_table(summary, title, first_col))
@@ -224,7 +218,7 @@ def sweep(
     title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
     executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
     partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
-    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
+    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT, mem_gb: Optional[float] = MEM_OPT,
     rerun: bool = RERUN_OPT, overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Train a recipe over override axes x seeds and summarise each cell (mean, std, 95% CI,
@@ -234,7 +228,7 @@ def sweep(
     Example: asl sweep asnet20_16x1 data.dataset=folder data.path=cifar10 --axis model.args.spatial=asl,dw3_bn,dw3 --seeds 2 --jobs 2
     """
     from asl_cli.config import ConfigError
-    from asl_cli.experiments.sweep import Axis, per_run, plan, summary_table
+    from asl_cli.experiments.sweeps.sweep import Axis, per_run, plan, summary_table
     from asl_cli.zoo.paper import TABLE2
 
     recipe, overrides = split_recipe(args)
@@ -242,7 +236,7 @@ def sweep(
         fail("name the recipe first, e.g. asl sweep quick --axis optim.lr=0.05,0.1", code=2)
     name = Path(recipe).stem
     root = root or Path("runs") / f"sweep-{name}"
-    axes = _guarded(lambda: [Axis.parse(a) for a in axis])
+    axes = [Axis.parse(a) for a in axis]
 
     def work():
         runs = plan(recipe, overrides, axes, seeds, root, tuple(seed_key))
@@ -256,10 +250,10 @@ def sweep(
         _something_finished(runs, failed)
         return summary_table(runs, per_run(runs), base, recipe, overrides, paper, label), failed
 
-    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, mem_gb, rerun)
     paper = {k: v["c10"] for k, v in TABLE2.items()} if [a.key for a in axes] == ["model.args.spatial"] else None
     label = "paper Table 2 (ASNet-20 b88, CIFAR-10, full schedule)" if paper else ""
-    summary, failed = _guarded(work)
+    summary, failed = work()
     if summary is not None:
         _finish_sweep(summary, failed, csv or Path("results") / f"sweep_{name}.csv",
                       title or f"{name}: " + " x ".join(a.key for a in axes) + f" ({seeds} seed(s))", label, "cell", overwrite)
@@ -279,7 +273,7 @@ def ablate(
     csv: Optional[Path] = typer.Option(None, "--csv", help="Summary CSV; the figure is written beside it (default results/ablate_<recipe>.csv)."),
     executor: Executor = EXECUTOR_OPT, wait: Optional[bool] = WAIT_OPT, status: bool = STATUS_OPT,
     partition: Optional[str] = PARTITION_OPT, time_min: Optional[int] = TIME_OPT, gpus_per_node: Optional[int] = GPUS_OPT,
-    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT,
+    cpus_per_task: Optional[int] = CPUS_OPT, nodes: Optional[int] = NODES_OPT, mem_gb: Optional[float] = MEM_OPT,
     rerun: bool = RERUN_OPT, overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Train the shift variants of one recipe and write a Table-4-style CSV and figure; finished
@@ -287,8 +281,8 @@ def ablate(
 
     Examples: asl ablate --variant SR; asl ablate cifar10_cpu data.path=DIR --seeds 3 --jobs 2
     """
-    from asl_cli.experiments.ablate import PAPER_LABEL, parse_variants, pick_baseline, plan_variants, variant_columns
-    from asl_cli.experiments.sweep import per_run, summary_table
+    from asl_cli.experiments.sweeps.ablate import PAPER_LABEL, parse_variants, pick_baseline, plan_variants, variant_columns
+    from asl_cli.experiments.sweeps.sweep import per_run, summary_table
     from asl_cli.zoo.paper import TABLE4
 
     from asl_cli.config import DEFAULT_RECIPE
@@ -308,8 +302,8 @@ def ablate(
         _something_finished(runs, failed)
         return variant_columns(summary_table(runs, per_run(runs), base, recipe, overrides, TABLE4, PAPER_LABEL)), failed
 
-    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, rerun)
-    summary, failed = _guarded(work)
+    grid = _grid(executor, wait, status, partition, time_min, gpus_per_node, cpus_per_task, nodes, mem_gb, rerun)
+    summary, failed = work()
     if summary is not None:
         _finish_sweep(summary, failed, csv or Path("results") / f"ablate_{name}.csv",
                       f"shift ablation: {name} ({seeds} seed(s))", PAPER_LABEL, "variant", overwrite)

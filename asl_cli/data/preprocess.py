@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 
-class ImageError(ValueError):
-    pass
+from ..errors import ImageError  # noqa: F401  (raised here; importable from here as before)
 
 
 # PIL modes with more than 8 bits per channel: converting them to RGB saturates or blackens them

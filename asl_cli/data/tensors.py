@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-class DataError(RuntimeError):
-    """Missing or malformed data; the message says where the files must be."""
+from ..errors import DataError  # noqa: F401  (raised here; importable from here as before)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import UnknownModel
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -46,7 +48,7 @@ def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(_REGISTRY)}"
-        raise KeyError(f"unknown model {name!r}{hint}")
+        raise UnknownModel(f"unknown model {name!r}{hint}")
     return _REGISTRY[name]
 
 

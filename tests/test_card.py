@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import HANG_GUARD_S
 
 ASL = str(Path(sys.executable).with_name("asl"))  # the installed console script, as a user runs it
 
 
 def run(cwd: Path, *line: str) -> str:
-    res = subprocess.run(list(line), cwd=cwd, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(list(line), cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 0, f"{' '.join(line)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
     assert "Traceback" not in res.stdout + res.stderr
     return res.stdout

@@ -12,8 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from asl_cli.cli import app
-from asl_cli.experiments import cluster
-from asl_cli.experiments.sweep import plan
+from asl_cli.config import ConfigError
+from asl_cli.experiments.sweeps import cluster
+from asl_cli.experiments.sweeps.sweep import plan
+from conftest import HANG_GUARD_S
 
 pytest.importorskip("submitit", reason="the cluster extra (pip install 'asl-cli[cluster]') is not installed")
 
@@ -31,7 +33,7 @@ def invoke(*args):
     return res.exit_code, res.output
 
 
-def wait_for(check, seconds=180):
+def wait_for(check, seconds=HANG_GUARD_S):
     end = time.time() + seconds
     while time.time() < end:
         if check():
@@ -71,7 +73,7 @@ def test_a_sweep_as_local_jobs_is_summarised_then_reused(tmp_path, monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the job's process through /proc")
 def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     (run,) = plan("quick", LONG, [], 1, tmp_path / "r")
-    jobs = cluster.submit("quick", [run], "local", cluster.Resources(timeout_min=10), tmp_path / "jobs", print)
+    jobs = cluster.submit("quick", [run], "local", cluster.Resources(timeout_min=60), tmp_path / "jobs", print)
     (job,) = jobs.values()
     wait_for(lambda: progress_step(run.run_dir) >= 30)
     (task,) = _children(int(job.job_id))  # the job's process under submitit's local controller
@@ -157,6 +159,45 @@ def test_resources_come_from_the_recipe_then_the_command_line():
     cfg = load_config("quick", ["cluster.partition=gpu", "cluster.gpus_per_node=4", "cluster.timeout_min=60"])
     r = cluster.Resources.from_config(cfg, timeout_min=30, partition=None)
     assert (r.partition, r.gpus_per_node, r.timeout_min, r.nodes) == ("gpu", 4, 30, 1)
+    assert cluster.Resources.from_config(cfg, mem_gb=2.5).mem_gb == 2.5
+    with pytest.raises(ConfigError, match="out of range"):
+        cluster.Resources.from_config(load_config("quick", ["cluster.mem_gb=0"]))
+
+
+def test_mem_gb_on_the_command_line_reaches_the_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_submit(recipe, runs, executor, res, folder, on_status):
+        seen["res"] = res
+        for r in runs:
+            r.state = "pending"
+        return {}
+
+    monkeypatch.setattr(cluster, "submit", fake_submit)
+    code, out = invoke("sweep", "quick", *TINY, "--executor", "local", "--root", "r", "--mem-gb", "3", "--no-wait")
+    assert code == 0, out
+    assert seen["res"].mem_gb == 3.0
+    code, out = invoke("sweep", "quick", *TINY, "--executor", "local", "--root", "r", "--mem-gb", "0")
+    assert code == 2, out
+
+
+def test_progress_and_elapsed_time_count_every_attempt(tmp_path):
+    from asl_cli.experiments.sweeps.sweep_worker import mark_resubmitted, progress_writer
+
+    path = tmp_path / "progress.json"
+    first = progress_writer(path)
+    first["on_start"]({"start": 0, "total": 100, "device": "cpu"})
+    first["on_step"](40, 100, {"top1": 50.0, "images_per_s": 10.0})
+    rec = json.loads(path.read_text())
+    rec["elapsed_s"] = 30.0  # as if the first attempt had trained for 30 s
+    path.write_text(json.dumps(rec))
+    mark_resubmitted(path)  # a new job: no progress of its own yet, the time so far kept
+    assert json.loads(path.read_text()) == {"elapsed_s": 30.0, "attempts": 1}
+    second = progress_writer(path)
+    second["on_start"]({"start": 40, "total": 100, "device": "cpu"})
+    rec = json.loads(path.read_text())
+    assert rec["step"] == 40 and rec["attempts"] == 2 and 30.0 <= rec["elapsed_s"] < 30.0 + HANG_GUARD_S
 
 
 @pytest.mark.parametrize("listed, rc, stderr, alive", [("RUNNING\n", 0, "", True), ("", 0, "", False),
@@ -168,7 +209,7 @@ def test_without_accounting_a_job_is_alive_while_squeue_lists_it(tmp_path, monke
     import subprocess
     import types
 
-    from asl_cli.experiments import cluster
+    from asl_cli.experiments.sweeps import cluster
 
     class FakeJob:
         def __init__(self, folder, job_id):

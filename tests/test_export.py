@@ -79,7 +79,7 @@ ort = pytest.importorskip("onnxruntime", reason="the deploy extra is not install
 
 
 def run_onnx(path, x):
-    from asl_cli.experiments.deploy import session
+    from asl_cli.experiments.evaluation.deploy import session
 
     return torch.from_numpy(session(path).run(None, {"input": x.numpy()})[0])
 
@@ -114,7 +114,7 @@ def test_asl_export_writes_a_checked_file_with_its_model_in_the_metadata(tmp_pat
     res = CliRunner().invoke(app, ["export", "asnet20_16x1", "--out", str(tmp_path / "a.onnx")])
     assert res.exit_code == 0, res.output
     assert "within 1e-4" in res.output
-    from asl_cli.experiments.deploy import onnx_metadata
+    from asl_cli.experiments.evaluation.deploy import onnx_metadata
 
     meta = onnx_metadata(tmp_path / "a.onnx")
     assert meta["asl.model"] == "asnet20_16x1" and meta["asl.input_size"] == "32" and meta["asl.shift_form"] == "conv"
@@ -155,7 +155,7 @@ def test_onnx_runtime_profile_writes_rows_for_both_shift_forms(tmp_path):
 @pytest.mark.skipif(not MODEL.exists(), reason=f"the authors' model is not at {MODEL}")
 def test_the_authors_w32_in_onnx_runtime_still_sees_the_cat(tmp_path, photos):  # noqa: F811
     from asl_cli.data.preprocess import load_image, to_input
-    from asl_cli.experiments.import_caffe import import_model, to_checkpoint
+    from asl_cli.experiments.caffe.importer import import_model, to_checkpoint
     from asl_cli.train import checkpoint as ckpt_io
 
     model, report = import_model(MODEL)

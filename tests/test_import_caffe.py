@@ -6,11 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import asl_cli.nn as asl_nn
+import asl_cli.nn.shift as asl_shift
 from asl_cli.train import checkpoint as ckpt_io
-from asl_cli.experiments.caffe import CaffeFormatError
+from asl_cli.experiments.caffe.reader import CaffeFormatError
 from asl_cli.cli import app
-from asl_cli.experiments.import_caffe import ImportError_, import_model, to_checkpoint
+from asl_cli.experiments.caffe.importer import CaffeMismatch, import_model, to_checkpoint
 from asl_cli.ops import reference_active_shift
 
 SHARED = Path(os.environ.get("ASL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -69,7 +69,7 @@ def test_compiled_kernel_and_reference_give_the_same_logits(imported, photos, mo
     x = torch.cat([to_input(load_image(p), ckpt_io.load(path)["preprocessing"]) for p in photos.values()])
     with torch.no_grad():
         compiled = model(x)
-        monkeypatch.setattr(asl_nn, "active_shift", reference_active_shift)
+        monkeypatch.setattr(asl_shift, "active_shift", reference_active_shift)
         reference = model(x)
     torch.testing.assert_close(compiled, reference, atol=1e-4, rtol=1e-4)
     if torch.cuda.is_available():
@@ -90,11 +90,11 @@ def test_checkpoint_round_trip_and_fine_tune(imported, tmp_path):
 
 
 def test_wrong_width_and_broken_files(tmp_path):
-    with pytest.raises(ImportError_, match="use --arch as_resnet_w32"):
+    with pytest.raises(CaffeMismatch, match="use --arch as_resnet_w32"):
         import_model(MODEL, "as_resnet_w50")
     truncated = tmp_path / "cut.caffemodel"
     truncated.write_bytes(MODEL.read_bytes()[:100_000])
-    with pytest.raises((CaffeFormatError, ImportError_)):
+    with pytest.raises((CaffeFormatError, CaffeMismatch)):
         import_model(truncated)
     with pytest.raises(CaffeFormatError, match="not a readable Caffe model"):
         import_model(MODEL.parent / "LICENSE")

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from asl_cli.cli import app
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -31,7 +32,7 @@ def test_operator_needs_only_torch():
     code = ("import sys, asl_cli.nn, asl_cli.ops\n"
             "bad = [m for m in ('pandas', 'typer', 'rich', 'matplotlib', 'yaml') if m in sys.modules]\n"
             "assert not bad, bad\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
 
 

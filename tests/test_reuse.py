@@ -16,6 +16,7 @@ from asl_cli.cli import app
 from asl_cli.config import load_config, training_differences
 from asl_cli.errors import Interrupted
 from asl_cli.train import engine
+from conftest import HANG_GUARD_S
 
 runner = CliRunner()
 TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=4",
@@ -183,6 +184,6 @@ def test_plot_shifts_prefers_the_newest_run_with_learned_shifts(tmp_path, monkey
 # ---- no CUDA talk on a machine without one ----
 def test_importing_the_package_silences_torchs_cuda_home_warning():
     out = subprocess.run([sys.executable, "-c", "import asl_cli, torch.utils.cpp_extension, torch._inductor.cpp_builder"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert "No CUDA runtime is found" not in out.stderr

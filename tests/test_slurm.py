@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import HANG_GUARD_S
 from test_cluster import LONG, TINY, invoke, metric_steps, progress_step, wait_for
 
 pytest.importorskip("submitit", reason="the cluster extra (pip install 'asl-cli[cluster]') is not installed")
@@ -22,7 +23,7 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("slurmctld"):
         pytest.skip("a one-node Slurm needs root and Debian's packages (scripts/slurm_node.sh)")
     d = tmp_path_factory.mktemp("slurm")
-    res = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=HANG_GUARD_S)
     if res.returncode == 3:
         pytest.skip(f"munge and Slurm could not be installed here: {res.stdout[-500:]}")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -42,7 +43,7 @@ def job_id(run_dir: Path) -> str:
 
 
 def finished(run_dir: Path) -> bool:
-    from asl_cli.experiments.sweep import finished as done
+    from asl_cli.experiments.sweeps.sweep import finished as done
 
     return done(Path(run_dir)) is not None
 
@@ -59,7 +60,7 @@ def test_a_sweep_on_slurm_is_summarised_then_reused(slurm, tmp_path, monkeypatch
     args = ["sweep", "quick", *TINY, "--axis", "optim.lr=0.05,0.1", *SLURM, "--root", "r", "--csv", "s.csv"]
     code, out = invoke(*args, "--no-wait")
     assert code == 0 and out.count("submitted as job") == 2, out
-    wait_for(lambda: finished(tmp_path / "r" / "0.05-seed0") and finished(tmp_path / "r" / "0.1-seed0"), seconds=600)
+    wait_for(lambda: finished(tmp_path / "r" / "0.05-seed0") and finished(tmp_path / "r" / "0.1-seed0"))
     code, out = invoke(*args)  # every run done: the summary
     assert code == 0 and "submitted" not in out, out
     assert pd.read_csv("s.csv")["seeds"].tolist() == [1, 1]
@@ -76,9 +77,9 @@ def test_the_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path,
     code, out = invoke(*args, "--no-wait")
     assert code == 0 and "submitted as job" in out, out
     run_dir = tmp_path / "r" / "base-seed0"
-    wait_for(lambda: progress_step(run_dir) >= 30, seconds=300)
+    wait_for(lambda: progress_step(run_dir) >= 30)
     subprocess.run(["scancel", "--signal=USR2", job_id(run_dir)], check=True, timeout=60)
-    wait_for(lambda: finished(run_dir), seconds=900)  # the requeued job (Slurm holds it a while) ends the run
+    wait_for(lambda: finished(run_dir))  # the requeued job (Slurm holds it a while) ends the run
     code, out = invoke(*args)  # nothing to submit: the summary
     assert code == 0 and "submitted" not in out, out
     steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
@@ -93,15 +94,15 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_call_and_resumes(slurm, tmp_
     code, out = invoke(*args, "--no-wait")
     assert code == 0, out
     run_dir = tmp_path / "r" / "base-seed0"
-    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists() and progress_step(run_dir) >= 60, seconds=300)
+    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists() and progress_step(run_dir) >= 60)
     first = job_id(run_dir)
     subprocess.run(["scancel", "--signal=KILL", "--full", first], check=True, timeout=60)
-    wait_for(lambda: squeue_state(first) == "", seconds=120)
+    wait_for(lambda: squeue_state(first) == "")
     code, out = invoke(*args, "--status")  # no accounting here: squeue says the job is gone
     assert code == 0 and "interrupted" in out, out
     code, out = invoke(*args, "--no-wait")
     assert code == 0 and "resubmitted, resuming" in out, out
-    wait_for(lambda: finished(run_dir), seconds=900)
+    wait_for(lambda: finished(run_dir))
     assert job_id(run_dir) != first and metric_steps(run_dir) == [400]
     shifts = pd.read_csv(run_dir / "shifts.csv")
     assert shifts.duplicated(["step", "layer", "channel"]).sum() == 0  # no step written twice

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "cifar10_cpu_study.sh"
@@ -36,7 +37,7 @@ def study(tmp_path, jobs, steps=None, fail=None):
     if fail:
         env["FAIL"] = fail
     p = subprocess.run(["bash", str(SCRIPT), "/data", str(jobs)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=HANG_GUARD_S)
     lines = calls.read_text().splitlines() if calls.exists() else []
     return p.returncode, lines
 

@@ -13,8 +13,9 @@ from asl_cli.data import folder as imf
 from asl_cli.cli import app
 from asl_cli.config import ConfigError, load_config
 from asl_cli.data import DataError
-from asl_cli.experiments.sweep import Axis
-from asl_cli.experiments.stats import summarize, t_ppf, t_sf2, welch, welch_from_summaries
+from asl_cli.experiments.sweeps.sweep import Axis
+from asl_cli.experiments.sweeps.stats import summarize, t_ppf, t_sf2, welch, welch_from_summaries
+from conftest import HANG_GUARD_S
 
 runner = CliRunner()
 TINY = ["data.train_size=128", "data.test_size=64", "train.batch_size=32", "train.iterations=4", "train.eval_every=4",
@@ -190,7 +191,7 @@ def test_encode_folder_script(tmp_path):
     src = make_folder(tmp_path / "png", n=2)
     script = Path(__file__).resolve().parents[1] / "scripts" / "encode_folder.py"
     out = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "jpg"), "--quality", "80"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     d = imf.image_folder(str(tmp_path / "jpg"), cache="none")
     assert d.x_train.shape == (4, 3, 8, 8) and d.encoding == "JPEG files" and d.y_test.tolist() == [0, 0, 1, 1]

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ..train import checkpoint as ckpt_io
-from ..train.state import SHIFT_COLUMNS, read_log
+from ..train.run_folder import SHIFT_COLUMNS, RunFolder, read_log
 from . import figures
 
 STATS_COLUMNS = ["layer", "channels", "mean_abs_shift", "max_abs_shift", "share_beyond_1px", "mean_alpha", "mean_beta"]
@@ -114,7 +114,7 @@ def shift_budget(cfg: dict, steps) -> tuple[list[float], list[float]]:
     x shift_lr_mult: the length of every normalised-gradient step, momentum aside), and the
     random-walk length, the square root of the sum of their squares (eta x sqrt(n) at a constant
     rate), which is what decides how far the shifts travel (results/README.md)."""
-    from ..train.builders import lr_factor, shift_lr_mult
+    from ..train.optim import lr_factor, shift_lr_mult
 
     o, total = cfg["optim"], cfg["train"]["iterations"] or max(steps)
     f, mult = lr_factor(cfg, total), shift_lr_mult(cfg)  # the rule needs train.iterations, which validation ensures
@@ -131,14 +131,14 @@ def compare(targets: list[Path], out_dir: Path, beside: list[Path] = ()) -> dict
     run's data set, schedule and shift learning rate) and a figure of travel against steps and
     against the shift budget. `beside`: shift_travel.csv files of earlier comparisons, whose runs
     are drawn and listed too (with their own provenance) where their folders are gone."""
-    from ..train.builders import shift_lr_mult
+    from ..train.optim import shift_lr_mult
     from ..config import load_config
     from .bench import provenance
 
     frames = []
     for target in targets:
         ckpt = ckpt_io.load(target, prefer="last")
-        hist, problem = read_log(Path(target) / "shifts.csv", SHIFT_COLUMNS)
+        hist, problem = read_log(RunFolder(target).shifts, SHIFT_COLUMNS)
         if problem or hist["step"].nunique() < 2:
             raise ckpt_io.CheckpointError(f"{target} has no shift history to compare ({problem or 'one recorded step'})")
         cfg = load_config(ckpt["config"])
@@ -208,7 +208,7 @@ def run(target: str | Path, out_dir: Path) -> dict:
     stats.to_csv(stats_path, index=False)
     files.append(stats_path)
     notes = []
-    hist_path = Path(target) / "shifts.csv" if Path(target).is_dir() else None
+    hist_path = RunFolder(target).shifts if Path(target).is_dir() else None
     if hist_path is not None and hist_path.exists():
         hist, problem = read_log(hist_path, SHIFT_COLUMNS)
         if problem:
@@ -243,7 +243,7 @@ def newest_run(root: Path) -> tuple[Path, str]:
     """The run folder under `root` (sweeps' and ablations' included) whose last checkpoint was
     written most recently among those whose shifts are learned (else the newest of all), and a
     line saying which was chosen and why."""
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError
 
     found = sorted(root.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     if not found:
@@ -253,7 +253,7 @@ def newest_run(root: Path) -> tuple[Path, str]:
 
     def mode(run: Path) -> str | None:
         try:
-            return shift_mode_of(load_config(str(run / "config.yaml")))
+            return shift_mode_of(RunFolder(run).load_config())
         except (ConfigError, OSError):
             return None
 

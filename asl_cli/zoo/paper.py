@@ -37,3 +37,22 @@ TABLE2 = {
 
 # Table 4 (AS-ResNet-w32 on ImageNet)
 TABLE4 = {"GS": 59.8, "SI": 60.1, "SR": 61.9, "TR": 64.1}
+
+# Table 1 (one 1x64x224x224 layer, 64 output channels, one i7-5930K thread): layer -> (ms, MFLOPs)
+TABLE1 = {"dw3": (39, 29), "pw": (11, 206), "bn": (3, None), "relu": (5, None), "add": (2, None)}
+
+
+def table1_ratios() -> tuple[float, float]:
+    """(the 1x1 convolution's FLOPs over the 3x3 depthwise one's, how many times faster it ran)."""
+    (dw_ms, dw_mflops), (pw_ms, pw_mflops) = TABLE1["dw3"], TABLE1["pw"]
+    return pw_mflops / dw_mflops, dw_ms / pw_ms
+
+
+def _hours(text: str) -> float:
+    h, m = text.split("h")
+    return int(h) + int(m) / 60
+
+
+def table2_train_speedup() -> float:
+    """How many times faster 1B-ASL-1 trained than 1B-DW3-B-1 (Table 2's training times)."""
+    return _hours(TABLE2["dw3_bn"]["train_time"]) / _hours(TABLE2["asl"]["train_time"])

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 
-class CaffeFormatError(ValueError):
-    """The file is not a readable Caffe model (truncated, corrupt, or another format)."""
+from ...errors import CaffeFormatError
 
 
 @dataclass

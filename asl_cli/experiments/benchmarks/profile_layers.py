@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops import active_shift
-from . import figures
-from .bench import median_ms, provenance
+from ...ops import active_shift
+from ...zoo.paper import TABLE1
+from .. import figures
+from ..bench import median_ms, provenance
 
 LAYERS = {
     "dw3": "3x3 depthwise conv",
@@ -20,7 +21,6 @@ LAYERS = {
     "add": "elementwise sum",
     "asl": "active shift",
 }
-PAPER_TABLE1 = {"dw3": (39, 29), "pw": (11, 206), "bn": (3, None), "relu": (5, None), "add": (2, None)}  # ms, MFLOPs
 
 
 def _layer_fn(name: str, x: torch.Tensor, backward: bool):
@@ -72,7 +72,7 @@ def run(layers: list[str], shape=(1, 64, 224, 224), device="cpu", threads=1, dty
     for name in layers:
         fn, macs = _layer_fn(name, x, backward)
         ms = median_ms(fn, threads=threads, min_run_time=min_run_time)
-        paper_ms, paper_mflops = PAPER_TABLE1.get(name, (None, None))
+        paper_ms, paper_mflops = TABLE1.get(name, (None, None))
         rows.append({"layer": name, "description": LAYERS[name], "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                      "pass": "fwd+bwd" if backward else "fwd", "ms": round(ms, 4), "mflops": round(macs / 1e6, 6),
                      "ms_per_mflop": round(ms / max(macs / 1e6, 1e-9), 5), "paper_ms": paper_ms, "paper_mflops": paper_mflops, **prov})

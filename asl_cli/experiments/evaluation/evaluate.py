@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from ..train import checkpoint as ckpt_io
-from ..config import ConfigError, load_config
-from ..data import imagenet_folders, load_tensor_data, normalized_batches, normalizer
-from ..train import evaluate
-from ..zoo import count_macs, count_parameters, get_entry
-from .bench import model_latency, provenance
+from ...train import checkpoint as ckpt_io
+from ...config import ConfigError, load_config
+from ...data import imagenet_folders, load_tensor_data, normalized_batches, normalizer
+from ...train import evaluate
+from ...zoo import count_macs, count_parameters, get_entry
+from ..bench import model_latency, provenance
 
 
 def run(path: str | Path, split: str = "test", device: str = "auto", with_latency: bool = True,
@@ -28,7 +28,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
     if runtime == "onnxruntime" and (form != "eager" or device not in ("auto", "cpu")):
         raise ConfigError("--runtime onnxruntime runs the exported model on the CPU: leave --form and --device as they are")
     if form == "inference":
-        from ..inference import inference_form
+        from ...inference import inference_form
 
         model = inference_form(model)
     if device == "auto":
@@ -47,7 +47,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
 
         from torchvision.datasets import ImageFolder
 
-        from ..data.preprocess import FolderTransform
+        from ...data.preprocess import FolderTransform
 
         imagenet_folders(d["root"], d["image_size"], d["resize"])  # checks the layout
         folder = Path(d["root"]) / ("val" if split == "test" else "train")
@@ -63,7 +63,7 @@ def run(path: str | Path, split: str = "test", device: str = "auto", with_latenc
     with tempfile.TemporaryDirectory() as tmp:
         runner = model
         if runtime == "onnxruntime":
-            from ..export import export_onnx
+            from ...export import export_onnx
             from .deploy import OrtModel, require_deploy
 
             require_deploy()

@@ -22,8 +22,10 @@ from typing import Callable
 
 import pandas as pd
 
-from ..train import checkpoint as ckpt_io
-from ..config import ConfigError, load_config
+from ...train import checkpoint as ckpt_io
+from ...train.run_folder import RunFolder
+from ...config import ConfigError, load_config
+from ...errors import Interrupted
 from .stats import summarize, welch
 
 
@@ -58,6 +60,10 @@ class Run:
     message: str = ""
     progress: dict = field(default_factory=dict)
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
 
 def cell_name(values: dict[str, str]) -> str:
     return "-".join(str(v).replace("/", "_") for v in values.values())
@@ -85,7 +91,7 @@ def plan(recipe: str, overrides: list[str], axes: list[Axis], seeds: int, root: 
 
 def finished(run_dir: Path) -> dict | None:
     """The last checkpoint of a run whose final evaluation is done, else None."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunFolder(run_dir).last
     if not last.exists():
         return None
     try:
@@ -100,17 +106,17 @@ def finished(run_dir: Path) -> dict | None:
 def saved_config(run_dir: Path) -> dict | None:
     """The resolved config of the run in `run_dir` when there is one to reuse or resume (it has a
     checkpoint), else None."""
-    if not (run_dir / "checkpoints" / "last.pt").exists():
+    folder = RunFolder(run_dir)
+    if not folder.has_checkpoint():
         return None
-    path = run_dir / "config.yaml"
-    if path.exists():
+    if folder.config_file.exists():
         try:
-            return load_config(str(path))
+            return folder.load_config()
         except ConfigError as e:
-            raise ConfigError(f"{path} cannot be read ({e}), so it is unknown what the run in {run_dir} was trained "
+            raise ConfigError(f"{folder.config_file} cannot be read ({e}), so it is unknown what the run in {run_dir} was trained "
                               f"with; move that folder away or rerun with --rerun") from None
     try:  # a damaged checkpoint raises its own CheckpointError
-        return load_config(ckpt_io.load(run_dir / "checkpoints" / "last.pt")["config"])
+        return load_config(ckpt_io.load(folder.last)["config"])
     except (KeyError, ConfigError) as e:
         raise ConfigError(f"{run_dir} holds a checkpoint but no readable config.yaml ({e}); move that folder away "
                           f"or rerun with --rerun") from None
@@ -132,7 +138,7 @@ def check_reuse(runs: list[Run], rerun: bool, on_status: Callable[[str], None] =
     settings than this command asks for (keys that change training; not paths or the executor)
     stops the command with the differing keys, or with `rerun` is moved aside and trained anew.
     A folder a live job is still training is never moved."""
-    from ..config import format_differences, training_differences
+    from ...config import format_differences, training_differences
 
     conflicts = []
     for r in runs:
@@ -165,11 +171,9 @@ def check_reuse(runs: list[Run], rerun: bool, on_status: Callable[[str], None] =
 def prepare(run: Run) -> Path | None:
     """The folder to resume from, or None for a fresh start (leftover logs of a run that never
     checkpointed are removed so they cannot mix with the new one)."""
-    if (run.run_dir / "checkpoints" / "last.pt").exists():
+    if run.folder.has_checkpoint():
         return run.run_dir
-    if run.run_dir.exists():
-        for f in ("config.yaml", "metrics.csv", "shifts.csv", "progress.json"):
-            (run.run_dir / f).unlink(missing_ok=True)
+    run.folder.clear_unfinished()
     return None
 
 
@@ -198,7 +202,7 @@ def run_parallel(recipe: str, runs: list[Run], jobs: int, device_kind: str, gpus
                 run, slot = queue.pop(0), free_slots.pop(0)
                 resume = prepare(run)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "asl_cli.experiments.sweep_worker", "--progress", str(run.run_dir / "progress.json")]
+                cmd = [sys.executable, "-m", "asl_cli.experiments.sweeps.sweep_worker", "--progress", str(run.folder.progress)]
                 cmd += ["--resume", str(resume)] if resume else ["--", recipe, *run.overrides]
                 log = open(run.run_dir / "sweep.log", "a")
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(slot, jobs, device_kind, gpus))
@@ -232,7 +236,7 @@ def run_parallel(recipe: str, runs: list[Run], jobs: int, device_kind: str, gpus
 
 def read_progress(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "progress.json").read_text())
+        return json.loads(RunFolder(run_dir).progress.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -256,7 +260,7 @@ def schedule_text(cfg: dict) -> str:
     t, s, o = cfg["train"], cfg["schedule"], cfg["optim"]
     length = f"{t['iterations']} it" if t["iterations"] is not None else f"{t['epochs']} ep"
     sched = s["type"] + (f" {s['milestones']} x{s['gamma']}" if s["type"] == "multistep" else "")
-    from ..train.builders import shift_lr_mult
+    from ...train.optim import shift_lr_mult
 
     mult = shift_lr_mult(cfg)
     return (f"{length} x b{t['batch_size']}, lr {o['lr']} {sched}" + (f", warmup {s['warmup']}" if s["warmup"] else "")
@@ -264,7 +268,7 @@ def schedule_text(cfg: dict) -> str:
 
 
 def per_run(runs: list[Run]) -> pd.DataFrame:
-    from ..zoo import count_parameters
+    from ...zoo import count_parameters
 
     rows = []
     for r in runs:
@@ -318,8 +322,8 @@ def summary_table(runs: list[Run], df: pd.DataFrame, baseline: str | None, recip
 def add_provenance(summary: pd.DataFrame, failed: list[Run]) -> None:
     """Adds the machine's columns to a summary and, when runs failed, each cell's failed runs and
     why (`failed_runs`), beside its statistics over the finished ones."""
-    from ..train.builders import Dist, pick_device
-    from .bench import provenance
+    from ...train.distributed import Dist, pick_device
+    from ..bench import provenance
 
     for k, val in provenance(str(pick_device("auto", Dist())), None).items():
         summary[k] = val
@@ -332,7 +336,7 @@ def add_provenance(summary: pd.DataFrame, failed: list[Run]) -> None:
 def plot_summary(summary: pd.DataFrame, path_stem: Path, title: str, paper_label: str = "") -> list[Path]:
     """Bars of the mean top-1 per cell with 95% confidence intervals; the paper's figures as
     hatched bars beside them where it has them. PNG and SVG."""
-    from . import figures
+    from .. import figures
 
     plt = figures.plt()
     s = summary.dropna(subset=["top1_mean"]).reset_index(drop=True)
@@ -383,12 +387,16 @@ def execute(recipe: str, runs: list[Run], jobs: int, train_one: Callable[[dict, 
         for r in queued:
             resume = prepare(r)
             on_status(f"{r.cell} seed {r.seed}: {'resuming' if resume else 'training'} in {r.run_dir}")
-            train_one(r.cfg, resume)
+            try:
+                train_one(r.cfg, resume)
+            except Interrupted as e:
+                e.next_step = "Run the same command again to continue."
+                raise
             r.state = "done"
         return []
     import torch
 
-    from ..train.builders import device_kind
+    from ...train.distributed import device_kind
 
     kind = device_kind(queued[0].cfg["train"]["device"])
     run_parallel(recipe, runs, jobs, kind, torch.cuda.device_count() if kind == "cuda" else 0, on_tick)

@@ -9,19 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import SHIFT_FORMS, ExportError, export_onnx, has_shift
-from ..train import checkpoint as ckpt_io
-from ..zoo import count_macs, count_parameters, get_entry
-from ..zoo.paper import PAPER
-from .bench import median_ms, provenance, results_dir
+from ...errors import MissingRuntime
+from ...export import SHIFT_FORMS, ExportError, export_onnx, has_shift
+from ...train import checkpoint as ckpt_io
+from ...zoo import count_macs, count_parameters, get_entry
+from ...zoo.paper import PAPER
+from ..bench import median_ms, provenance, results_dir
 from .predict import class_names, top_classes
-from .profile_models import load_spec, measured_top1
+from ..benchmarks.profile_models import load_spec, measured_top1
 
 INSTALL = "pip install 'asl-cli[deploy]'  (onnx, onnxruntime, onnxscript)"
-
-
-class MissingRuntime(RuntimeError):
-    """The optional deploy packages are not installed."""
 
 
 def require_deploy() -> None:
@@ -125,7 +122,7 @@ def profile(specs: list[str], threads: int = 1, batch: int = 8, min_run_time: fl
                 if not name or not s:
                     raise ExportError(f"{spec} was not written by asl export (no asl.model / asl.input_size metadata)")
                 files = [(meta.get("asl.shift_form", "-"), Path(spec))]
-                from ..zoo import create_model
+                from ...zoo import create_model
 
                 model, label = create_model(name), spec
             else:
@@ -163,7 +160,7 @@ def predict(path: str | Path, images: list[str | Path], topk: int = 5) -> list[d
     """`asl predict --runtime onnxruntime`: top-k classes of images with an exported file, or with
     a checkpoint exported on the fly, read with the preprocessing recorded at export."""
     require_deploy()
-    from ..data.preprocess import load_image, to_input
+    from ...data.preprocess import load_image, to_input
 
     with tempfile.TemporaryDirectory() as tmp:
         if str(path).endswith(".onnx"):

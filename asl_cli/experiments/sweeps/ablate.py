@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
-from ..nn import SHIFT_MODES
-from ..zoo import create_model
+from ...config import ConfigError
+from ...nn import SHIFT_MODES
+from ...zoo import create_model
 from .sweep import Axis, plan
 
 VARIANTS = ("GS", "SI", "SR", "TR")  # paper Table 4: what --variant all trains
@@ -38,7 +38,7 @@ def pick_baseline(baseline: str | None, chosen: list[str]) -> str:
 def plan_variants(recipe: str, variants: list[str], seeds: int, overrides: list[str], root: Path):
     runs = plan(recipe, overrides, [Axis("model.args.shift_mode", variants)], seeds, root, SEED_KEYS)
     cfg = runs[0].cfg
-    from ..nn import shift_layers
+    from ...nn import shift_layers
 
     try:
         model = create_model(cfg["model"]["name"], **cfg["model"]["args"])

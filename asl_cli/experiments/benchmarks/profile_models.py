@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..train import checkpoint as ckpt_io
-from ..zoo import PAPER, count_macs, count_parameters, create_model, get_entry, list_models
-from . import figures
-from .bench import median_ms, model_latency, provenance, results_dir
+from ...errors import UnknownModel
+from ...train import checkpoint as ckpt_io
+from ...zoo import PAPER, count_macs, count_parameters, create_model, get_entry, list_models
+from .. import figures
+from ..bench import median_ms, model_latency, provenance, results_dir
 
 PAIRS = [("as_resnet_w68", "mobilenet_v2_x1.0"), ("as_resnet_w50", "mobilenet_v2_x0.75"), ("as_resnet_w32", "mobilenet_v2_x0.5")]
 
@@ -28,8 +29,8 @@ def load_spec(spec: str):
     if p.exists():
         ck = ckpt_io.load(p)
         return str(p), ck["model_name"], ckpt_io.build_model(ck), ck
-    get_entry(spec)  # raises KeyError with suggestions
-    raise KeyError(spec)
+    get_entry(spec)  # raises UnknownModel with suggestions
+    raise UnknownModel(spec)
 
 
 def measured_top1(name: str, eval_csv: Path) -> float | None:
@@ -52,7 +53,7 @@ def blas_gmacs(threads: int, min_run_time: float = 0.5, n: int = 1024) -> float:
 def run(specs: list[str], device: str = "cpu", threads: int = 1, min_run_time: float = 1.0,
         eval_csv: Path | None = None, forms: tuple[str, ...] = ("eager",)) -> list[dict]:
     """One row per (model, form); `fastest` marks each model's quickest CPU form."""
-    from ..inference import make_form
+    from ...inference import make_form
 
     eval_csv = eval_csv or results_dir() / "eval.csv"
     peak = blas_gmacs(threads)

@@ -15,18 +15,15 @@ from pathlib import Path
 
 import torch
 
-from ..train import checkpoint as ckpt_io
-from .caffe import CaffeFormatError, Layer, read_net
-from ..config import load_config
-from ..zoo import create_model, list_models
-from ..zoo.as_resnet import ASResNet
+from ...train import checkpoint as ckpt_io
+from .reader import CaffeFormatError, Layer, read_net
+from ...config import load_config
+from ...errors import CaffeMismatch, UnknownModel
+from ...zoo import create_model, list_models
+from ...zoo.as_resnet import ASResNet
 
 CAFFE_PREPROCESSING = {"kind": "caffe", "resize": [256, 256], "crop": 224, "channel_order": "BGR",
                        "mean": [103.94, 116.78, 123.68], "scale": 0.017352}
-
-
-class ImportError_(ValueError):
-    """The Caffe file does not fit the chosen architecture; the message names what did not fit."""
 
 
 def _consumers(layers: list[Layer]) -> dict[str, list[Layer]]:
@@ -40,7 +37,7 @@ def _consumers(layers: list[Layer]) -> dict[str, list[Layer]]:
 def _set(param: torch.Tensor, blob, what: str) -> int:
     t = torch.from_numpy(blob.data.copy()).view(blob.shape) if blob.shape else torch.from_numpy(blob.data.copy())
     if t.numel() != param.numel() or (t.dim() == param.dim() and tuple(t.shape) != tuple(param.shape)):
-        raise ImportError_(f"{what}: the file holds shape {tuple(blob.shape)}, the model expects {tuple(param.shape)}")
+        raise CaffeMismatch(f"{what}: the file holds shape {tuple(blob.shape)}, the model expects {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(t.view(param.shape))
     return t.numel()
@@ -48,7 +45,7 @@ def _set(param: torch.Tensor, blob, what: str) -> int:
 
 def _bn_from_scale(bn: torch.nn.BatchNorm2d, layer: Layer) -> int:
     if layer.type != "Scale" or len(layer.blobs) != 2:
-        raise ImportError_(f"expected a Scale layer with gamma and beta here, found {layer.type} {layer.name!r}")
+        raise CaffeMismatch(f"expected a Scale layer with gamma and beta here, found {layer.type} {layer.name!r}")
     n = _set(bn.weight, layer.blobs[0], f"{layer.name} (gamma)") + _set(bn.bias, layer.blobs[1], f"{layer.name} (beta)")
     with torch.no_grad():  # identity statistics: y = gamma * x + beta exactly
         bn.running_mean.zero_()
@@ -64,20 +61,23 @@ def import_model(path: str | Path, arch: str | None = None) -> tuple[torch.nn.Mo
     seq = [l for l in weighted if l.type != "BatchNorm"]
     if not seq or seq[0].type != "Convolution" or len(seq[0].blobs[0].shape) != 4 or seq[0].blobs[0].shape[1:] != (3, 3, 3):
         first = f"{seq[0].type} {seq[0].name!r} {[b.shape for b in seq[0].blobs]}" if seq else "nothing"
-        raise ImportError_(f"{path}: not an AS-ResNet (expected a 3x3 convolution on RGB input first, found {first})")
+        raise CaffeMismatch(f"{path}: not an AS-ResNet (expected a 3x3 convolution on RGB input first, found {first})")
     width = seq[0].blobs[0].shape[0]
     fc = seq[-1]
     if fc.type != "InnerProduct":
-        raise ImportError_(f"{path}: not an AS-ResNet (the last weighted layer is {fc.type} {fc.name!r}, not the classifier)")
+        raise CaffeMismatch(f"{path}: not an AS-ResNet (the last weighted layer is {fc.type} {fc.name!r}, not the classifier)")
     num_classes = fc.blobs[0].shape[0]
     if arch is None:
         arch = f"as_resnet_w{width}" if f"as_resnet_w{width}" in list_models("as_resnet") else "as_resnet_w32"
     if not arch.startswith("as_resnet"):
-        raise ImportError_(f"--arch must be an AS-ResNet (as_resnet_w32, _w50, _w68), got {arch!r}")
+        raise CaffeMismatch(f"--arch must be an AS-ResNet (as_resnet_w32, _w50, _w68), got {arch!r}")
     args = {"num_classes": num_classes}
-    model = create_model(arch, **args)
+    try:
+        model = create_model(arch, **args)
+    except UnknownModel as e:
+        raise UnknownModel(f"--arch: {e}") from None
     if not isinstance(model, ASResNet) or model.stem.out_channels != width:
-        raise ImportError_(f"{path} has base width {width} (stem conv0 {seq[0].blobs[0].shape}) but {arch} has width {model.stem.out_channels}; "
+        raise CaffeMismatch(f"{path} has base width {width} (stem conv0 {seq[0].blobs[0].shape}) but {arch} has width {model.stem.out_channels}; "
                            f"use --arch as_resnet_w{width}")
 
     consumers = _consumers(layers)
@@ -88,9 +88,9 @@ def import_model(path: str | Path, arch: str | None = None) -> tuple[torch.nn.Mo
         try:
             layer = next(it)
         except StopIteration:
-            raise ImportError_(f"{path} ends before {what} (is it a smaller network than {arch}?)") from None
+            raise CaffeMismatch(f"{path} ends before {what} (is it a smaller network than {arch}?)") from None
         if layer.type != kind:
-            raise ImportError_(f"{what}: expected a {kind} layer, found {layer.type} {layer.name!r}")
+            raise CaffeMismatch(f"{what}: expected a {kind} layer, found {layer.type} {layer.name!r}")
         return layer
 
     stem = take("Convolution", "stem")
@@ -103,21 +103,21 @@ def import_model(path: str | Path, arch: str | None = None) -> tuple[torch.nn.Mo
             feeds_sum = any(c.type == "Eltwise" for c in consumers.get(conv.top[0], []))
             if feeds_sum:
                 if block.shortcut is None:
-                    raise ImportError_(f"{where}: the file has a projection shortcut {conv.name!r} where {arch} has none")
+                    raise CaffeMismatch(f"{where}: the file has a projection shortcut {conv.name!r} where {arch} has none")
                 count["conv"] += _set(block.shortcut.weight, conv.blobs[0], f"{conv.name} (shortcut)")
                 conv = take("Convolution", f"{where} first 1x1 conv")
             elif block.shortcut is not None:
-                raise ImportError_(f"{where}: {arch} has a projection shortcut but the file has none here")
+                raise CaffeMismatch(f"{where}: {arch} has a projection shortcut but the file has none here")
             count["conv"] += _set(block.conv1.weight, conv.blobs[0], conv.name)
             count["scale"] += _bn_from_scale(block.bn1[0], take("Scale", f"{where} BN after the first 1x1"))
             sh = take("SpatialShift", f"{where} active shift")
             if len(sh.blobs) != 2:
-                raise ImportError_(f"{sh.name}: expected two blobs (alpha, beta), found {len(sh.blobs)}")
+                raise CaffeMismatch(f"{sh.name}: expected two blobs (alpha, beta), found {len(sh.blobs)}")
             layer = block.spatial
             C = layer.shift.shape[0]
             for i, blob in enumerate(sh.blobs):
                 if blob.data.size != C:
-                    raise ImportError_(f"{sh.name}: blob {i} holds {blob.data.size} shifts, the model has {C} channels")
+                    raise CaffeMismatch(f"{sh.name}: blob {i} holds {blob.data.size} shifts, the model has {C} channels")
                 with torch.no_grad():
                     layer.shift[:, i] = torch.from_numpy(blob.data.copy())
                 count["shift"] += C
@@ -129,12 +129,12 @@ def import_model(path: str | Path, arch: str | None = None) -> tuple[torch.nn.Mo
     count["fc"] += _set(model.fc.bias, fcl.blobs[1], f"{fcl.name} (bias)")
     left = list(it)
     if left:
-        raise ImportError_(f"{path}: {len(left)} weighted layers left unmapped after {arch}: {', '.join(l.name for l in left[:5])}")
+        raise CaffeMismatch(f"{path}: {len(left)} weighted layers left unmapped after {arch}: {', '.join(l.name for l in left[:5])}")
     count["stale_bn"] = sum(b.data.size for l in stale for b in l.blobs)
     total = sum(b.data.size for l in weighted for b in l.blobs)
     accounted = sum(count.values())
     if accounted != total:
-        raise ImportError_(f"{path}: {total} stored values but {accounted} accounted for")
+        raise CaffeMismatch(f"{path}: {total} stored values but {accounted} accounted for")
     report = {"file": str(path), "net_name": name, "arch": arch, "layers": len(layers), "weighted_layers": len(weighted),
               "values": total, **{f"values_{k}": v for k, v in count.items()}, "model_args": args}
     return model.eval(), report
@@ -149,7 +149,7 @@ def sha256(path: str | Path) -> str:
 
 
 def to_checkpoint(model: torch.nn.Module, report: dict, out: str | Path) -> Path:
-    from ..train.state import shift_values
+    from ...train.state import shift_values
 
     cfg = load_config("as_resnet_w32", [f"model.name={report['arch']}"])
     obj = {
@@ -166,4 +166,4 @@ def to_checkpoint(model: torch.nn.Module, report: dict, out: str | Path) -> Path
     return ckpt_io.save_atomic(obj, Path(out))
 
 
-__all__ = ["import_model", "to_checkpoint", "ImportError_", "CaffeFormatError", "CAFFE_PREPROCESSING"]
+__all__ = ["import_model", "to_checkpoint", "CaffeMismatch", "CaffeFormatError", "CAFFE_PREPROCESSING"]

@@ -8,8 +8,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..ops import active_shift, grid_sample_shift, output_size
-from .bench import median_ms, provenance
+from ...ops import active_shift, grid_sample_shift, output_size
+from ..bench import median_ms, provenance
 
 # Targets stated as ratios against peers measured in the same run.
 CPU_TARGETS = {"fwd_vs_copy": 1.5, "fwdbwd_vs_copy": 6.0, "fwd_vs_relu": 1.5, "fwdbwd_vs_dw3": 0.5}
@@ -171,7 +171,7 @@ FUSED_TARGET = 1.1
 def fused_rows(device: str = "cpu", threads: int = 1, min_run_time: float = 1.0, shapes=FUSED_SHAPES) -> list[dict]:
     """Per shape: the 1x1 convolution alone, the active shift then the convolution, and the fused
     shift_conv1x1, all float32 without bias (ms and ratios to the convolution alone)."""
-    from ..ops import shift_conv1x1
+    from ...ops import shift_conv1x1
 
     prov = provenance(device, threads if device == "cpu" else None)
     out = []

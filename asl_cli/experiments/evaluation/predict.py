@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from ..train import checkpoint as ckpt_io
-from ..data.preprocess import load_image, to_input
+from ...train import checkpoint as ckpt_io
+from ...data.preprocess import load_image, to_input
 
 
 def class_names(ckpt: dict, num_classes: int) -> list[str]:
@@ -17,7 +17,7 @@ def class_names(ckpt: dict, num_classes: int) -> list[str]:
 
         return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     if dataset == "synthetic":
-        from ..data import SYNTHETIC_CLASSES
+        from ...data import SYNTHETIC_CLASSES
 
         return list(SYNTHETIC_CLASSES)
     if dataset == "cifar10":

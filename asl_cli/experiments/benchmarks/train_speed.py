@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..bn_relu import fuse_bn_relu
-from ..config import DEFAULTS
-from ..data import TensorBatches
-from ..train.builders import build_optimizer
-from ..train.step import TrainStep
-from ..zoo import create_model, get_entry
-from .bench import median_ms, provenance
+from ...nn import fuse_bn_relu
+from ...config import DEFAULTS
+from ...data import TensorBatches
+from ...train.optim import build_optimizer
+from ...train.step import TrainStep
+from ...zoo import create_model, get_entry
+from ..bench import median_ms, provenance
 
 MODES = ("eager", "graph", "compile", "compile+graph")
 

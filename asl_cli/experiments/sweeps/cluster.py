@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .sweep import Run, finished, log_tail, prepare, read_progress
+from .sweep_worker import mark_resubmitted, progress_writer
 
 EXECUTORS = ("cluster", "slurm", "local", "debug")
 JOB_FILE = "job.json"
@@ -48,7 +49,8 @@ class Resources:
     def from_config(cls, cfg: dict, **given) -> "Resources":
         values = {**cfg.get("cluster", {}), **{k: v for k, v in given.items() if v is not None}}
         r = cls(**values)
-        if r.timeout_min < 1 or r.gpus_per_node < 0 or r.nodes < 1 or (r.cpus_per_task is not None and r.cpus_per_task < 1):
+        if (r.timeout_min < 1 or r.gpus_per_node < 0 or r.nodes < 1 or (r.cpus_per_task is not None and r.cpus_per_task < 1)
+                or (r.mem_gb is not None and r.mem_gb <= 0)):
             raise ConfigError(f"cluster resources out of range: {r}")
         return r
 
@@ -93,21 +95,20 @@ class TrainJob:
     submitit calls `checkpoint` when the job is to be requeued; the same call then resumes."""
 
     def __call__(self, recipe: str, overrides: list[str], run_dir: str) -> dict:
-        from ..config import load_config
-        from ..errors import Interrupted
-        from ..train import STOP_SIGNALS, Callbacks
-        from ..train import train as run_training
-        from .sweep_worker import progress_writer
+        from ...config import load_config
+        from ...errors import Interrupted
+        from ...train import STOP_SIGNALS, Callbacks, RunFolder
+        from ...train import train as run_training
 
         submitit = _submitit()
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # the same environment variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR...)
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        folder = Path(run_dir)
-        resume = folder if (folder / "checkpoints" / "last.pt").exists() else None
-        cfg = load_config(str(folder / "config.yaml")) if resume else load_config(recipe, overrides)
+        folder = RunFolder(run_dir)
+        resume = folder.path if folder.has_checkpoint() else None
+        cfg = folder.load_config() if resume else load_config(recipe, overrides)
         main = env.global_rank == 0
-        callbacks = Callbacks(**progress_writer(folder / "progress.json")) if main else None
+        callbacks = Callbacks(**progress_writer(folder.progress)) if main else None
         requeue = signal.getsignal(_preempt_signal())  # submitit's handler: checkpoint() and requeue
         try:
             return run_training(cfg, resume=resume, callbacks=callbacks, stop_signals=STOP_SIGNALS + (_preempt_signal(),))
@@ -212,7 +213,7 @@ def refresh(runs: list[Run]) -> None:
         if finished(r.run_dir) is not None:
             r.state = "done"
         elif _job_alive(info):
-            r.state = "running" if r.progress else "pending"
+            r.state = "running" if "step" in r.progress else "pending"
             r.message = f"job {info['job_id']}"
         elif info:
             _ended_unfinished(r, info)
@@ -223,7 +224,7 @@ def refresh(runs: list[Run]) -> None:
 def _ended_unfinished(r: Run, info: dict) -> None:
     """A run whose job ended before the run did: interrupted when it left a checkpoint (the next
     call resubmits it and it resumes there), else failed; the job's error either way."""
-    if (r.run_dir / "checkpoints" / "last.pt").exists():
+    if r.folder.has_checkpoint():
         step = r.progress.get("step") if r.progress else None
         where = f" at step {step}" if step else ""
         r.state, r.message = "interrupted", f"stopped{where}; the next call resumes it from its checkpoint ({_job_error(info)})"
@@ -242,7 +243,7 @@ def submit(recipe: str, runs: list[Run], executor: str, res: Resources, folder: 
             continue
         resume = prepare(r)
         r.run_dir.mkdir(parents=True, exist_ok=True)
-        (r.run_dir / "progress.json").unlink(missing_ok=True)
+        mark_resubmitted(r.folder.progress)
         ex = ex or make_executor(kind, folder, res, f"asl-{Path(recipe).stem}")
         job = ex.submit(TrainJob(), recipe, r.overrides, str(r.run_dir))
         info = {"executor": kind, "job_id": str(job.job_id), "folder": str(folder.resolve()), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}

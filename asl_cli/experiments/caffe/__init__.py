@@ -1,0 +1,1 @@
+"""The authors' trained networks: a reader of Caffe's model files and their import as checkpoints."""

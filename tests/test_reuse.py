@@ -90,7 +90,7 @@ def test_an_interrupted_run_trained_otherwise_is_not_resumed(tmp_path, monkeypat
     def stop_at_step_two(self, stop):  # as if a signal came at step 2: a checkpoint, then Interrupted
         class Requests(dict):
             def __getitem__(req, key):
-                return self.st.step >= 2 if key == "flag" else dict.__getitem__(req, key)
+                return self.state.step >= 2 if key == "flag" else dict.__getitem__(req, key)
 
         real_loop(self, Requests(stop))
 

@@ -35,48 +35,78 @@ def _shift_derivatives(input, shift, stride, padding) -> tuple[Tensor, Tensor]:
     derivative along alpha is exactly op(x, (floor(alpha) + 1, beta)) - op(x, (floor(alpha), beta))
     (the right difference at integer shifts, as the shift gradient); likewise for beta."""
     fl = torch.floor(shift)
-    op = ActiveShiftFunction.apply
+    op = apply_active_shift
     alpha, beta = shift.unbind(1)
     d_alpha = op(input, torch.stack((fl[:, 0] + 1, beta), 1), stride, padding) - op(input, torch.stack((fl[:, 0], beta), 1), stride, padding)
     d_beta = op(input, torch.stack((alpha, fl[:, 1] + 1), 1), stride, padding) - op(input, torch.stack((alpha, fl[:, 1]), 1), stride, padding)
     return d_alpha, d_beta
 
 
+def _forward(input, shift, stride, padding):
+    with torch._C._AutoDispatchBelowAutograd():  # the kernels, not the raw operator's Autograd kernel again
+        return torch.ops.asl.active_shift.default(input, shift, stride, padding)
+
+
+def _save(ctx, input, shift, stride, padding):
+    ctx.save_for_backward(input, shift)
+    ctx.save_for_forward(input, shift)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _jvp(ctx, t_input, t_shift, _t_stride=None, _t_padding=None):
+    input, shift = ctx.saved_tensors
+    out = None
+    if t_input is not None:
+        out = apply_active_shift(t_input, shift, ctx.stride, ctx.padding)
+    if t_shift is not None:
+        d_alpha, d_beta = _shift_derivatives(input, shift, ctx.stride, ctx.padding)
+        ta, tb = (t.reshape(1, -1, 1, 1) for t in t_shift.unbind(1))
+        by_shift = (d_alpha * ta + d_beta * tb).to(input.dtype)
+        out = by_shift if out is None else out + by_shift
+    if out is None:
+        out = input.new_zeros(output_shape(input, input.shape[1], ctx.stride, ctx.padding))
+    return out
+
+
 class ActiveShiftFunction(torch.autograd.Function):
-    """The operator's autograd: reverse mode through the two backward operators, forward mode
-    (`jvp`: linear in the input, the per-pixel shift derivatives for the shift), and torch.func
-    transforms (vmap through the operators' batching rules below)."""
+    """The operator's autograd under torch.func transforms (which need `setup_context`): reverse
+    mode through the two backward operators, forward mode (`jvp`: linear in the input, the
+    per-pixel shift derivatives for the shift), and vmap through the operators' batching rules."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(input, shift, stride, padding):
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.asl.active_shift(input, shift, stride, padding)
+        return _forward(input, shift, stride, padding)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, shift, stride, padding = inputs
-        ctx.save_for_backward(input, shift)
-        ctx.save_for_forward(input, shift)
-        ctx.stride, ctx.padding = stride, padding
+        _save(ctx, *inputs)
 
     backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
+
+
+class EagerActiveShiftFunction(torch.autograd.Function):
+    """The same autograd with the context set in `forward`. torch binds the arguments of a Function
+    that has `setup_context` with inspect.signature on every call (~40 us on a 2-core EPYC, more
+    than the kernel itself on CIFAR-sized layers); outside torch.func transforms this one serves."""
 
     @staticmethod
-    def jvp(ctx, t_input, t_shift, _t_stride=None, _t_padding=None):
-        input, shift = ctx.saved_tensors
-        out = None
-        if t_input is not None:
-            out = ActiveShiftFunction.apply(t_input, shift, ctx.stride, ctx.padding)
-        if t_shift is not None:
-            d_alpha, d_beta = _shift_derivatives(input, shift, ctx.stride, ctx.padding)
-            ta, tb = (t.reshape(1, -1, 1, 1) for t in t_shift.unbind(1))
-            by_shift = (d_alpha * ta + d_beta * tb).to(input.dtype)
-            out = by_shift if out is None else out + by_shift
-        if out is None:
-            out = input.new_zeros(output_shape(input, input.shape[1], ctx.stride, ctx.padding))
-        return out
+    def forward(ctx, input, shift, stride, padding):
+        _save(ctx, input, shift, stride, padding)
+        return _forward(input, shift, stride, padding)
+
+    backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
+
+
+def apply_active_shift(input, shift, stride, padding):
+    """The active shift with its autograd: the torch.func-ready Function under transforms, else the
+    eager one."""
+    if torch._C._are_functorch_transforms_active():
+        return ActiveShiftFunction.apply(input, shift, stride, padding)
+    return EagerActiveShiftFunction.apply(input, shift, stride, padding)
 
 
 def _autograd_kernel(input, shift, stride, padding):
@@ -86,7 +116,7 @@ def _autograd_kernel(input, shift, stride, padding):
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError("torch.ops.asl.active_shift cannot be called directly under torch.func transforms (grad, jvp, "
                            "jacrev, jacfwd, vmap); call asl_cli.ops.active_shift (or asl_cli.nn.ActiveShift2d), which supports them")
-    return ActiveShiftFunction.apply(input, shift, stride, padding)
+    return EagerActiveShiftFunction.apply(input, shift, stride, padding)
 
 
 _AUTOGRAD_LIB = torch.library.Library("asl", "IMPL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import ActiveShiftFunction
+from .autograd import apply_active_shift
 from .checks import IntPair, pair
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -36,7 +36,7 @@ def active_shift(input: Tensor, shift: Tensor, stride: IntPair = 1, padding: Int
         raise TypeError(f"active_shift: input dtype {str(input.dtype).replace('torch.', '')} is not supported on {input.device.type}; use one of {names}")
     if torch.compiler.is_compiling():  # Dynamo cannot trace a Function with a jvp; the op is opaque to it
         return torch.ops.asl.active_shift(input, shift, [sh, sw], [ph, pw])
-    return ActiveShiftFunction.apply(input, shift, [sh, sw], [ph, pw])
+    return apply_active_shift(input, shift, [sh, sw], [ph, pw])
 
 
 def shift_conv1x1(input: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,

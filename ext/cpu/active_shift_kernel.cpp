@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -205,6 +207,7 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
     using Lists = std::vector<std::vector<NS::RowTap<T>>>;                                                   \
     static Plan plan(const PlaneMap& m, const T* w) { return Plan(m, w); }                                   \
     static Plan grad_plan(const PlaneMap& m, const T* w) { return NS::input_grad_plan<T>(m, w); }            \
+    static Plan grad_plan_like(const Plan& like, const T* w) { return NS::input_grad_plan_like<T>(like, w); } \
     static void forward_plane(const T* x, T* y, const Plan& fw) { NS::forward_plane<T>(x, y, fw); }          \
     static void input_grad_plane(const T* g, T* gx, const Plan& fw, const Plan& gr) {                        \
       NS::input_grad_plane<T>(g, gx, fw, gr);                                                                \
@@ -261,6 +264,21 @@ PlaneMap make_map(const Geometry& g, const ChanTaps<T>& c) {
   return PlaneMap{g.H, g.W, g.Ho, g.Wo, g.sh, g.sw, c.offr, c.offc};
 }
 
+// Each channel's plan (forward, or input gradient with grad); channels with the same integer
+// offsets share one lane table, so a call builds as many tables as it has distinct offsets.
+template <typename K, typename T>
+std::vector<typename K::Plan> channel_plans(const Geometry& g, const std::vector<ChanTaps<T>>& ch, bool grad) {
+  std::vector<typename K::Plan> out(ch.size());
+  std::map<std::pair<int64_t, int64_t>, size_t> first;
+  for (size_t c = 0; c < ch.size(); ++c) {
+    const auto [it, fresh] = first.try_emplace({ch[c].offr, ch[c].offc}, c);
+    const auto& like = out[it->second];
+    if (fresh) out[c] = grad ? K::grad_plan(make_map<T>(g, ch[c]), ch[c].w) : K::plan(make_map<T>(g, ch[c]), ch[c].w);
+    else out[c] = grad ? K::grad_plan_like(like, ch[c].w) : like.with_weights(ch[c].w);
+  }
+  return out;
+}
+
 // The shift gradient from the sums of grad_output times each tap, C[2a + b]:
 // d/d alpha = (1 - fr)(C01 - C00) + fr (C11 - C10), d/d beta = (1 - fc)(C10 - C00) + fc (C11 - C01).
 template <typename T>
@@ -304,8 +322,7 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
         });
         return;
       }
-      std::vector<typename K::Plan> fw(C);
-      for (int64_t c = 0; c < C; ++c) fw[c] = K::plan(make_map<T>(g, ch[c]), ch[c].w);
+      const auto fw = channel_plans<K>(g, ch, false);
       if (!g.channels_last) {
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po));
         at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -358,12 +375,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
         const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
         std::vector<typename K::Plan> fw, gr;
         if (!g.channels_last || st.most > kStencilTaps) {
-          fw.resize(C);
-          gr.resize(C);
-          for (int64_t c = 0; c < C; ++c) {
-            fw[c] = K::plan(make_map<T>(g, ch[c]), ch[c].w);
-            if (want_input) gr[c] = K::grad_plan(make_map<T>(g, ch[c]), ch[c].w);
-          }
+          fw = channel_plans<K>(g, ch, false);
+          if (want_input) gr = channel_plans<K>(g, ch, true);
         }
         if (!g.channels_last) {
           const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po + P));

@@ -71,14 +71,22 @@ struct Vec<double> {
   }
 };
 #elif ASL_SIMD == 1
-inline __m256i lanes32(uint32_t m) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bit), bit);
-}
-inline __m256i lanes64(uint32_t m) {
-  const __m256i bit = _mm256_setr_epi64x(1, 2, 4, 8);
-  return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(m), bit), bit);
-}
+// AVX2 has no mask registers: a masked load or store takes its lanes as a vector, read from a
+// table (one load) rather than built from the bits (three instructions), and loads whose mask
+// is full, the interior of every plane, are plain loads.
+struct LaneTable {
+  alignas(32) int32_t f[256][8];
+  alignas(32) int64_t d[16][4];
+  constexpr LaneTable() : f(), d() {
+    for (int m = 0; m < 256; ++m)
+      for (int l = 0; l < 8; ++l) f[m][l] = ((m >> l) & 1) ? -1 : 0;
+    for (int m = 0; m < 16; ++m)
+      for (int l = 0; l < 4; ++l) d[m][l] = ((m >> l) & 1) ? -1 : 0;
+  }
+};
+inline constexpr LaneTable kLanes{};
+inline __m256i lanes32(uint32_t m) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.f[m & 0xFFu])); }
+inline __m256i lanes64(uint32_t m) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.d[m & 0xFu])); }
 template <>
 struct Vec<float> {
   static constexpr int N = 8;
@@ -86,7 +94,7 @@ struct Vec<float> {
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static reg loadz(uint32_t m, const float* p) { return _mm256_maskload_ps(p, lanes32(m)); }
+  static reg loadz(uint32_t m, const float* p) { return m == 0xFFu ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes32(m)); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -107,7 +115,7 @@ struct Vec<double> {
   static reg zero() { return _mm256_setzero_pd(); }
   static reg set1(double v) { return _mm256_set1_pd(v); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
-  static reg loadz(uint32_t m, const double* p) { return _mm256_maskload_pd(p, lanes64(m)); }
+  static reg loadz(uint32_t m, const double* p) { return m == 0xFu ? _mm256_loadu_pd(p) : _mm256_maskload_pd(p, lanes64(m)); }
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
@@ -182,16 +190,26 @@ inline double lane_sum(typename Vec<T>::reg v) {
 template <typename T>
 struct PlanePlan {
   static constexpr int N = Vec<T>::N;
+  // The load and store masks depend on the integer offsets only: channels that share them share
+  // one table (see with_weights), so a call builds a table per distinct offset, not per channel.
+  struct Lanes {
+    std::vector<int64_t> c0;
+    std::vector<uint32_t> m, out;
+  };
   PlaneMap map;
   T w[4];
   bool multi = false;
-  std::vector<int64_t> c0;
-  std::vector<uint32_t> m, out;
+  std::shared_ptr<const Lanes> lanes;
 
   PlanePlan() = default;
   PlanePlan(const PlaneMap& pm, const T* wts) : map(pm) {
     std::copy(wts, wts + 4, w);
     multi = pm.multi_row<N>();
+    auto l = std::make_shared<Lanes>();
+    lanes = l;
+    std::vector<int64_t>& c0 = l->c0;
+    std::vector<uint32_t>& m = l->m;
+    std::vector<uint32_t>& out = l->out;
     if (multi) {
       const int64_t W = pm.W, P = pm.H * W, nvec = (P + N - 1) / N;
       const uint32_t row0 = lane_range<N>(-pm.offc, W - pm.offc) & lane_range<N>(0, W);
@@ -234,38 +252,53 @@ struct PlanePlan {
       }
     }
   }
-  int64_t vectors() const { return static_cast<int64_t>(out.size()); }
+  // The same offsets with other weights (another channel), sharing the tables.
+  PlanePlan with_weights(const T* wts) const {
+    PlanePlan p = *this;
+    std::copy(wts, wts + 4, p.w);
+    return p;
+  }
+  int64_t vectors() const { return lanes ? static_cast<int64_t>(lanes->out.size()) : 0; }
 };
 
-// The two column taps of row vector k from one source row (column stride SC).
+// The four taps of one output vector: x0, x1 from the upper source row, x2, x3 from the lower.
+template <typename T>
+struct Taps {
+  typename Vec<T>::reg x0, x1, x2, x3;
+};
+
+// The two column taps at row + c0 (column stride SC) with their load masks.
 template <typename T, int SC>
-inline void column_taps(const T* row, const PlanePlan<T>& p, int64_t k, typename Vec<T>::reg& t0,
-                        typename Vec<T>::reg& t1) {
+inline void column_taps(const T* row, uint32_t m0, uint32_t m1, typename Vec<T>::reg& t0, typename Vec<T>::reg& t1) {
   using V = Vec<T>;
   if constexpr (SC == 1) {
-    t0 = V::loadz(p.m[2 * k], row + p.c0[k]);
-    t1 = V::loadz(p.m[2 * k + 1], row + p.c0[k] + 1);
+    t0 = V::loadz(m0, row);
+    t1 = V::loadz(m1, row + 1);
   } else {
-    V::deinterleave(V::loadz(p.m[2 * k], row + p.c0[k]), V::loadz(p.m[2 * k + 1], row + p.c0[k] + V::N), t0, t1);
+    V::deinterleave(V::loadz(m0, row), V::loadz(m1, row + V::N), t0, t1);
   }
 }
 
-// Calls fn(e, om, x) for every output vector of a plane: e its first output element, om its
-// lanes, x its four taps.
+// Calls fn(e, om, taps) for every output vector of a plane: e its first output element, om its
+// lanes. The plan's arrays are read through restrict locals so that the stores fn makes do not
+// force them to be reloaded for every vector.
 template <typename T, int SC, typename Fn>
 inline void for_each_vector_rows(const T* src, const PlanePlan<T>& p, const Fn& fn) {
   using V = Vec<T>;
-  const PlaneMap& m = p.map;
+  const int64_t H = p.map.H, W = p.map.W, Ho = p.map.Ho, Wo = p.map.Wo, sr = p.map.sr, offr = p.map.offr;
   const int64_t nvec = p.vectors();
-  for (int64_t i = 0; i < m.Ho; ++i) {
-    const int64_t r = i * m.sr + m.offr;
-    const bool in0 = r >= 0 && r < m.H, in1 = r + 1 >= 0 && r + 1 < m.H;
-    const T* a = src + r * m.W;
-    typename V::reg x[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  const int64_t* __restrict c0 = p.lanes->c0.data();
+  const uint32_t* __restrict mk = p.lanes->m.data();
+  const uint32_t* __restrict om = p.lanes->out.data();
+  for (int64_t i = 0; i < Ho; ++i) {
+    const int64_t r = i * sr + offr;
+    const bool in0 = r >= 0 && r < H, in1 = r + 1 >= 0 && r + 1 < H;
+    const T* a = src + r * W;
     for (int64_t k = 0; k < nvec; ++k) {
-      if (in0) column_taps<T, SC>(a, p, k, x[0], x[1]);
-      if (in1) column_taps<T, SC>(a + m.W, p, k, x[2], x[3]);
-      fn(i * m.Wo + k * V::N, p.out[k], x);
+      Taps<T> x{V::zero(), V::zero(), V::zero(), V::zero()};
+      if (in0) column_taps<T, SC>(a + c0[k], mk[2 * k], mk[2 * k + 1], x.x0, x.x1);
+      if (in1) column_taps<T, SC>(a + W + c0[k], mk[2 * k], mk[2 * k + 1], x.x2, x.x3);
+      fn(i * Wo + k * V::N, om[k], x);
     }
   }
 }
@@ -275,13 +308,14 @@ inline void for_each_vector(const T* src, const PlanePlan<T>& p, const Fn& fn) {
   using V = Vec<T>;
   constexpr int N = V::N;
   if (p.multi) {
-    const int64_t W = p.map.W, shift = p.map.offr * W + p.map.offc;
-    for (int64_t k = 0; k < p.vectors(); ++k) {
+    const int64_t W = p.map.W, shift = p.map.offr * W + p.map.offc, nvec = p.vectors();
+    const uint32_t* __restrict mk = p.lanes->m.data();
+    const uint32_t* __restrict om = p.lanes->out.data();
+    for (int64_t k = 0; k < nvec; ++k) {
       const T* base = src + k * N + shift;
-      const uint32_t* mk = &p.m[4 * k];
-      const typename V::reg x[4] = {V::loadz(mk[0], base), V::loadz(mk[1], base + 1), V::loadz(mk[2], base + W),
-                                    V::loadz(mk[3], base + W + 1)};
-      fn(k * N, p.out[k], x);
+      const uint32_t* m = mk + 4 * k;
+      const Taps<T> x{V::loadz(m[0], base), V::loadz(m[1], base + 1), V::loadz(m[2], base + W), V::loadz(m[3], base + W + 1)};
+      fn(k * N, om[k], x);
     }
     return;
   }
@@ -290,12 +324,12 @@ inline void for_each_vector(const T* src, const PlanePlan<T>& p, const Fn& fn) {
 }
 
 template <typename T>
-inline typename Vec<T>::reg blend4(const typename Vec<T>::reg* w, const typename Vec<T>::reg* x) {
+inline typename Vec<T>::reg blend4(const typename Vec<T>::reg* w, const Taps<T>& x) {
   using V = Vec<T>;
-  typename V::reg acc = V::mul(w[0], x[0]);
-  acc = V::fma(w[1], x[1], acc);
-  acc = V::fma(w[2], x[2], acc);
-  return V::fma(w[3], x[3], acc);
+  typename V::reg acc = V::mul(w[0], x.x0);
+  acc = V::fma(w[1], x.x1, acc);
+  acc = V::fma(w[2], x.x2, acc);
+  return V::fma(w[3], x.x3, acc);
 }
 
 template <typename T>
@@ -312,7 +346,7 @@ void sample_plane(const T* src, T* out, const PlanePlan<T>& p) {
   using V = Vec<T>;
   using reg = typename V::reg;
   const reg w[4] = {V::set1(p.w[0]), V::set1(p.w[1]), V::set1(p.w[2]), V::set1(p.w[3])};
-  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const reg* x) { store_vector<T>(out + e, om, blend4<T>(w, x)); });
+  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) { store_vector<T>(out + e, om, blend4<T>(w, x)); });
 }
 
 // The four correlations sum over (i, j) of g[i, j] * s[tap (a, b) of (i, j)] of one plane, for
@@ -324,9 +358,12 @@ void correlate_plane(const T* g, const T* src, const PlanePlan<T>& p, double* co
   constexpr int N = V::N;
   reg acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
   int64_t since = 0;
-  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const reg* x) {
+  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) {
     const reg gv = om == all_lanes<N>() ? V::load(g + e) : V::loadz(om, g + e);
-    for (int k = 0; k < 4; ++k) acc[k] = V::fma(gv, x[k], acc[k]);
+    acc[0] = V::fma(gv, x.x0, acc[0]);
+    acc[1] = V::fma(gv, x.x1, acc[1]);
+    acc[2] = V::fma(gv, x.x2, acc[2]);
+    acc[3] = V::fma(gv, x.x3, acc[3]);
     if (++since * N >= 512) {
       for (int k = 0; k < 4; ++k) {
         corr[k] += lane_sum<T>(acc[k]);
@@ -445,6 +482,13 @@ PlanePlan<T> input_grad_plan(const PlaneMap& m, const T* w) {
   if (m.sr != 1 || m.sc != 1) return PlanePlan<T>();
   const T rev[4] = {w[3], w[2], w[1], w[0]};
   return PlanePlan<T>(PlaneMap{m.Ho, m.Wo, m.H, m.W, 1, 1, -m.offr - 1, -m.offc - 1}, rev);
+}
+
+// The input gradient's plan of a channel whose offsets are those of `like`'s channel.
+template <typename T>
+PlanePlan<T> input_grad_plan_like(const PlanePlan<T>& like, const T* w) {
+  const T rev[4] = {w[3], w[2], w[1], w[0]};
+  return like.with_weights(rev);
 }
 
 template <typename T>

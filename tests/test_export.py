@@ -218,3 +218,19 @@ def test_every_zoo_model_exports_and_runs_in_onnx_runtime(tmp_path, name):
     info = export_onnx(model, tmp_path / "m.onnx", (1, 3, s, s))
     got = run_onnx(info["path"], x)
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+
+
+def test_the_custom_operator_benchmark_names_what_it_needs(monkeypatch):
+    """scripts/ort_custom_op.py needs onnxruntime-extensions beyond the deploy extra: without it,
+    it stops before any work with the pip line."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ort_custom_op.py"
+    spec = importlib.util.spec_from_file_location("ort_custom_op", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails as if not installed
+    with pytest.raises(SystemExit) as e:
+        script.main(["--csv", "never-written.csv"])
+    assert "is missing" in str(e.value) and "pip install 'asl-cli[deploy]' onnxruntime-extensions" in str(e.value)

@@ -215,6 +215,34 @@ def test_shift_gradient_is_deterministic_across_threads(channels_last, reach):
     assert all(torch.equal(outs[0], o) for o in outs)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_small_and_large_images(stride, dtype):
+    """On the CPU a channels_last image whose zero-bordered copy fits in 256 KiB goes through that
+    copy, a larger one row by row with its side pixels apart: both against the reference, with
+    the forward and the input gradient equal to NCHW's bit for bit."""
+    for H, W in ((12, 10), (84, 76)):  # 16 channels: a few KiB, and 400-800 KiB
+        x = torch.randn(2, 16, H, W, dtype=dtype)
+        s = rand_shift(16, 1.5, dtype)
+        y = active_shift(x, s, stride)
+        g = torch.randn_like(y)
+        grads = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xr = x.detach().to(memory_format=fmt, copy=True).requires_grad_(True)
+            sr = s.clone().requires_grad_(True)
+            out = active_shift(xr, sr, stride)
+            out.backward(g.contiguous(memory_format=fmt))
+            grads.append((out.detach(), xr.grad, sr.grad))
+        (y0, gx0, gs0), (y1, gx1, gs1) = grads
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1), (H, W)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(y1, reference_active_shift(x, s, stride), **tol)
+        gx, gs = ref_grads(x, s, stride, 0, g)
+        torch.testing.assert_close(gx1, gx, **tol)
+        gtol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gs1, gs, **gtol)
+
+
 def test_flop_counter_counts_four_macs_per_output():
     x = torch.randn(2, 8, 10, 12)
     s = torch.zeros(8, 2)

@@ -230,6 +230,31 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
                                 int64_t r0, int64_t r1) {                                                    \
       NS::stencil_input_grad_rows<T>(go, gx, st, l, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, r0, r1);               \
     }                                                                                                        \
+    using Box = NS::PadBox;                                                                                  \
+    static Box forward_pad(const Stencil& st, const Geometry& g) {                                           \
+      return NS::forward_pad<T>(st, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw);                                        \
+    }                                                                                                        \
+    static Lists forward_lists_pitch(const Stencil& st, int64_t pitch, const Geometry& g) {                  \
+      return NS::forward_lists<T>(st, pitch, g.C);                                                           \
+    }                                                                                                        \
+    static void forward_padded(const T* x, T* y, const Stencil& st, const Lists& l, const Box& b, const Geometry& g, \
+                               T* buf) {                                                                     \
+      NS::stencil_forward_padded<T>(x, y, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf);             \
+    }                                                                                                        \
+    static Box input_grad_pad(const Stencil& st, const Lists& l, const Geometry& g) {                        \
+      return NS::input_grad_pad<T>(l, st.nv, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw);                               \
+    }                                                                                                        \
+    static Lists input_grad_lists_pitch(const Stencil& st, int64_t pitch, const Geometry& g) {               \
+      return NS::input_grad_lists<T>(st, pitch, g.C, g.sh, g.sw);                                            \
+    }                                                                                                        \
+    static void input_grad_padded(const T* go, T* gx, const Stencil& st, const Lists& l, const Box& b,        \
+                                  const Geometry& g, T* buf) {                                               \
+      NS::stencil_input_grad_padded<T>(go, gx, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf);         \
+    }                                                                                                        \
+    static void correlate_padded(const T* go, const T* x, const Stencil& st, const Lists& l, const Box& b,     \
+                                 const Geometry& g, T* buf, double* corr) {                                  \
+      NS::stencil_correlate_padded<T>(go, x, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, corr);     \
+    }                                                                                                        \
     static void correlate_rows(const T* go, const T* x, const Stencil& st, const Lists& l, const Geometry& g,  \
                                int64_t i0, int64_t i1, double* corr) {                                       \
       NS::stencil_correlate_rows<T>(go, x, st, l, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, corr);            \
@@ -290,6 +315,17 @@ void shift_grad_from_correlations(const double* cc, const ChanTaps<T>& c, double
 // channels_last images use the stencil while no channel vector needs more taps than this.
 constexpr int kStencilTaps = 16;
 
+// channels_last images whose zero-bordered copy takes at most this many bytes go through it (it
+// stays in a core's L2 cache while the stencil reads it); larger ones are done row by row with
+// their side pixels apart.
+constexpr int64_t kPaddedBytes = 256 * 1024;
+
+template <typename T, typename Box>
+int64_t padded_elems(const Box& b, int64_t rows, int64_t cols, int64_t C) {
+  const int64_t n = (b.top + rows + b.bottom) * (b.left + cols + b.right) * C;
+  return n * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes ? n : -1;
+}
+
 // Rows per parallel unit of a channels_last image.
 constexpr int64_t kRowBlock = 8;
 
@@ -312,6 +348,16 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
       using K = decltype(k);
       const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
       if (g.channels_last && st.most <= kStencilTaps) {
+        const auto box = K::forward_pad(st, g);
+        const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
+        if (elems > 0) {
+          const auto lists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
+          at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+            std::vector<T> buf(static_cast<size_t>(elems));
+            for (int64_t n = b; n < e; ++n) K::forward_padded(xp + n * P * C, yp + n * Po * C, st, lists, box, g, buf.data());
+          });
+          return;
+        }
         const auto lists = K::forward_lists(st, g);
         const int64_t blocks = row_blocks(g.Ho);
         at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
@@ -394,20 +440,50 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           return;
         }
         if (st.most <= kStencilTaps) {
-          // Blocks of output rows [i0, i1): their correlations, and the input-gradient rows
-          // [i0 * sh, i1 * sh) (the last block to the end of the image).
-          const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
-          const auto flists = want_shift ? K::forward_lists(st, g) : typename K::Lists();
+          // Small images: the input gradient of each image through a padded copy of its grad_output.
+          bool rows_input = want_input;
+          if (want_input) {
+            const auto box = K::input_grad_pad(st, K::input_grad_lists(st, g), g);
+            const int64_t elems = padded_elems<T>(box, g.Ho, g.Wo, C);
+            if (elems > 0) {
+              const auto plists = K::input_grad_lists_pitch(st, box.left + g.Wo + box.right, g);
+              at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+                std::vector<T> buf(static_cast<size_t>(elems));
+                for (int64_t n = b; n < e; ++n) K::input_grad_padded(gp + n * Po * C, op_ + n * P * C, st, plists, box, g, buf.data());
+              });
+              rows_input = false;
+            }
+          }
           const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
           std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * T_ * C) : 0, 0.0);
+          // Small images: each image's correlations through a padded copy of its input, into its
+          // first block's sums.
+          bool rows_shift = want_shift;
+          if (want_shift) {
+            const auto box = K::forward_pad(st, g);
+            const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
+            if (elems > 0) {
+              const auto plists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
+              at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+                std::vector<T> buf(static_cast<size_t>(elems));
+                for (int64_t n = b; n < e; ++n)
+                  K::correlate_padded(gp + n * Po * C, xp + n * P * C, st, plists, box, g, buf.data(), &corr[n * blocks * T_ * C]);
+              });
+              rows_shift = false;
+            }
+          }
+          // Blocks of output rows [i0, i1) of larger images: their correlations and the
+          // input-gradient rows [i0 * sh, i1 * sh) (the last block to the end of the image).
+          const auto lists = rows_input ? K::input_grad_lists(st, g) : typename K::Lists();
+          const auto flists = rows_shift ? K::forward_lists(st, g) : typename K::Lists();
           at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
             for (int64_t u = b; u < e; ++u) {
               const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
-              if (want_input) {
+              if (rows_input) {
                 const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = blk + 1 == blocks ? g.H : std::min(g.H, i1 * g.sh);
                 K::input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, lists, g, r0, r1);
               }
-              if (want_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
+              if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
             }
           });
           if (want_shift) {

@@ -37,6 +37,7 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg orbits(reg a, reg b) { return _mm512_or_ps(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -61,6 +62,7 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static reg orbits(reg a, reg b) { return _mm512_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
     odd = _mm512_permutex2var_pd(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi);
@@ -99,6 +101,7 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg orbits(reg a, reg b) { return _mm256_or_ps(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
     odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xDD)), 0xD8));
@@ -120,6 +123,7 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static reg orbits(reg a, reg b) { return _mm256_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), 0xD8);
     odd = _mm256_permute4x64_pd(_mm256_unpackhi_pd(lo, hi), 0xD8);
@@ -144,6 +148,7 @@ struct Vec {  // one lane: the kernels' scalar form
   }
   static reg mul(reg a, reg b) { return a * b; }
   static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
+  static reg orbits(reg a, reg b) { return a + b; }  // one lane: a sum keeps a NaN as well
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = lo;
     odd = hi;
@@ -759,6 +764,242 @@ void stencil_input_grad_rows(const T* g, T* gx, const Stencil<T>& st, const std:
         for (int64_t k = 0; k < k_lo; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
         stencil_run_any<T>(grow, ocls, rt, K, k_lo, k_hi, C, sw * C, sm);
         for (int64_t k = k_hi; k < nk; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// channels_last images small enough to stay in cache: one zero-bordered copy of the image, then
+// every output reads all its taps with plain loads (no side pixels, no per-row tap lists)
+// ---------------------------------------------------------------------------------------------
+struct PadBox {
+  int64_t top = 0, bottom = 0, left = 0, right = 0;
+};
+
+// src (rows x cols x C) into buf ((top + rows + bottom) x (left + cols + right) x C), zeros around.
+template <typename T>
+void pad_image(const T* src, int64_t rows, int64_t cols, int64_t C, const PadBox& b, T* buf) {
+  const int64_t pitch = (b.left + cols + b.right) * C;
+  std::fill(buf, buf + b.top * pitch, T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = buf + (b.top + r) * pitch;
+    std::fill(d, d + b.left * C, T(0));
+    std::memcpy(d + b.left * C, src + r * cols * C, sizeof(T) * static_cast<size_t>(cols * C));
+    std::fill(d + (b.left + cols) * C, d + pitch, T(0));
+  }
+  std::fill(buf + (b.top + rows) * pitch, buf + (b.top + rows + b.bottom) * pitch, T(0));
+}
+
+// rows x cols pixels of one channel vector, every tap inside the (padded) source:
+// y[i yrow + j ystep] = sum_k w_k x[i xrow + j xstep + base_k], K taps in registers. Unmasked,
+// the lanes of channels that do not use a tap are read too and multiplied by their zero weight
+// (exactly nothing unless a value read is inf or NaN; chk then turns NaN, and the caller does the
+// block again masked). chk gathers acc * 0 by a bitwise or, which keeps any NaN lane NaN without
+// a chain of additions through the loop.
+template <typename T, int K, bool MASKED>
+inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow, int64_t xstep,
+                          int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  using V = Vec<T>;
+  typename V::reg w[K > 0 ? K : 1];
+  int64_t base[K > 0 ? K : 1];
+  uint32_t m[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    w[k] = V::load(rt[k].w);
+    base[k] = rt[k].base;
+    m[k] = rt[k].m;
+  }
+  const bool full = store_mask == all_lanes<V::N>();
+  const typename V::reg zero = V::zero();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xr = x + i * xrow;
+    T* yr = y + i * yrow;
+    for (int64_t j = 0; j < cols; ++j) {
+      typename V::reg acc = V::zero();
+      for (int k = 0; k < K; ++k) {
+        const T* p = xr + base[k] + j * xstep;
+        acc = V::fma(w[k], MASKED ? V::loadz(m[k], p) : V::load(p), acc);
+      }
+      if (!MASKED) chk = V::orbits(chk, V::mul(acc, zero));
+      if (full) V::store(yr + j * ystep, acc);
+      else V::store(store_mask, yr + j * ystep, acc);
+    }
+  }
+}
+
+template <typename T, bool MASKED>
+inline void stencil_block_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
+                            int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  switch (K) {
+#define ASL_RUN(k) \
+  case k:          \
+    return stencil_block<T, k, MASKED>(x, y, rt, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
+    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
+    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
+#undef ASL_RUN
+    default:
+      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
+  }
+}
+
+template <typename T>
+inline void stencil_block_any(const T* x, T* y, const std::vector<RowTap<T>>& taps, int64_t rows, int64_t cols, int64_t xrow,
+                              int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask) {
+  const int K = static_cast<int>(taps.size());
+  typename Vec<T>::reg chk = Vec<T>::zero();
+  if (store_mask != all_lanes<Vec<T>::N>()) {  // a channel tail: lanes past the tensor's last channel
+    stencil_block_k<T, true>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
+    return;
+  }
+  stencil_block_k<T, false>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
+  const double c = lane_sum<T>(chk);
+  if (c != c) stencil_block_k<T, true>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
+}
+
+// The border the forward taps need: output (i, j) reads (i sh + ra, j sw + cb).
+template <typename T>
+PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
+  PadBox b;
+  for (const auto& t : st.taps) {
+    b.top = std::max(b.top, -t.ra);
+    b.bottom = std::max(b.bottom, (Ho - 1) * sh + t.ra - (H - 1));
+    b.left = std::max(b.left, -t.cb);
+    b.right = std::max(b.right, (Wo - 1) * sw + t.cb - (W - 1));
+  }
+  return b;
+}
+
+// Forward, channels_last, one image through its padded copy buf; lists from forward_lists with the
+// padded width.
+template <typename T>
+void stencil_forward_padded(const T* x, T* y, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                            const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
+                            int64_t sw, T* buf) {
+  constexpr int N = Vec<T>::N;
+  const int64_t Wp = b.left + W + b.right;
+  pad_image<T>(x, H, W, C, b, buf);
+  const T* origin = buf + (b.top * Wp + b.left) * C;
+  for (int64_t v = 0; v < st.nv; ++v)
+    stencil_block_any<T>(origin, y + v * N, lists[v], Ho, Wo, sh * Wp * C, sw * C, Wo * C, C, lane_range<N>(0, C - v * N));
+}
+
+// The border grad_output needs for the input gradient's taps (lists from input_grad_lists): input
+// (r, q) of class (rc, cls) reads output (ib + row, k + col), ib < ceil((H - rc) / sh),
+// k < ceil((W - cls) / sw).
+template <typename T>
+PadBox input_grad_pad(const std::vector<std::vector<RowTap<T>>>& lists, int64_t nv, int64_t H, int64_t W, int64_t Ho,
+                      int64_t Wo, int64_t sh, int64_t sw) {
+  PadBox b;
+  for (int64_t rc = 0; rc < sh; ++rc)
+    for (int64_t cls = 0; cls < sw; ++cls) {
+      const int64_t nr = rc < H ? (H - rc + sh - 1) / sh : 0, nk = cls < W ? (W - cls + sw - 1) / sw : 0;
+      if (nr == 0 || nk == 0) continue;
+      for (int64_t v = 0; v < nv; ++v)
+        for (const RowTap<T>& t : lists[(rc * sw + cls) * nv + v]) {
+          b.top = std::max(b.top, -t.row);
+          b.bottom = std::max(b.bottom, nr - 1 + t.row - (Ho - 1));
+          b.left = std::max(b.left, -t.col);
+          b.right = std::max(b.right, nk - 1 + t.col - (Wo - 1));
+        }
+    }
+  return b;
+}
+
+// Input gradient, channels_last, one image through the padded copy buf of its grad_output; lists
+// from input_grad_lists with the padded width.
+template <typename T>
+void stencil_input_grad_padded(const T* g, T* gx, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                               const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
+                               int64_t sw, T* buf) {
+  constexpr int N = Vec<T>::N;
+  const int64_t Wp = b.left + Wo + b.right;
+  pad_image<T>(g, Ho, Wo, C, b, buf);
+  const T* origin = buf + (b.top * Wp + b.left) * C;
+  for (int64_t rc = 0; rc < sh; ++rc)
+    for (int64_t cls = 0; cls < sw; ++cls) {
+      const int64_t nr = rc < H ? (H - rc + sh - 1) / sh : 0, nk = cls < W ? (W - cls + sw - 1) / sw : 0;
+      if (nr == 0 || nk == 0) continue;
+      for (int64_t v = 0; v < st.nv; ++v)
+        stencil_block_any<T>(origin, gx + (rc * W + cls) * C + v * N, lists[(rc * sw + cls) * st.nv + v], nr, nk, Wp * C, C,
+                             sh * W * C, sw * C, lane_range<N>(0, C - v * N));
+    }
+}
+
+// Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the padded
+// source: acc[k] += g[i grow + j C] * x[i xrow + j xstep + base_k]. MASKED (a channel tail): only
+// the lanes of existing channels are read.
+template <typename T, int K, bool MASKED>
+inline void correlate_block(const T* g, const T* x, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow,
+                            int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
+  using V = Vec<T>;
+  typename V::reg a[K > 0 ? K : 1];
+  int64_t base[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    a[k] = acc[k];
+    base[k] = rt[k].base;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xr = x + i * xrow;
+    const T* gr = g + i * grow;
+    for (int64_t j = 0; j < cols; ++j) {
+      const typename V::reg gv = MASKED ? V::loadz(lm, gr + j * C) : V::load(gr + j * C);
+      for (int k = 0; k < K; ++k) {
+        const T* p = xr + base[k] + j * xstep;
+        a[k] = V::fma(gv, MASKED ? V::loadz(lm, p) : V::load(p), a[k]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) acc[k] = a[k];
+}
+
+template <typename T, bool MASKED>
+inline void correlate_block_k(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
+                              int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
+  switch (K) {
+#define ASL_RUN(k) \
+  case k:          \
+    return correlate_block<T, k, MASKED>(g, x, rt, rows, cols, xrow, xstep, grow, C, lm, acc);
+    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
+    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
+#undef ASL_RUN
+    default:
+      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
+  }
+}
+
+// Shift-gradient correlations, channels_last, one image through the padded copy buf of its input
+// (lists from forward_lists with the padded width): corr[t * C + c] += sum over the image's pixels
+// of g[., c] * x[tap t of the pixel, c], a tap outside the image reading zero. The sums go to
+// double every 256 or so pixels, in a fixed order.
+template <typename T>
+void stencil_correlate_padded(const T* g, const T* x, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                              const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
+                              int64_t sw, T* buf, double* corr) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  constexpr int N = V::N;
+  const int64_t Wp = b.left + W + b.right;
+  pad_image<T>(x, H, W, C, b, buf);
+  const T* origin = buf + (b.top * Wp + b.left) * C;
+  alignas(64) T tmp[N];
+  const int64_t rows_per_flush = std::max<int64_t>(1, 256 / std::max<int64_t>(1, Wo));
+  for (int64_t v = 0; v < st.nv; ++v) {
+    const uint32_t lm = lane_range<N>(0, C - v * N);
+    const auto& list = lists[v];
+    const int K = static_cast<int>(list.size());
+    reg acc[kMaxStencilTaps];
+    for (int k = 0; k < K; ++k) acc[k] = V::zero();
+    for (int64_t i0 = 0; i0 < Ho; i0 += rows_per_flush) {
+      const int64_t rows = std::min(rows_per_flush, Ho - i0);
+      const T* gv = g + i0 * Wo * C + v * N;
+      const T* xv = origin + i0 * sh * Wp * C;
+      if (lm == all_lanes<N>()) correlate_block_k<T, false>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, Wo * C, C, lm, acc);
+      else correlate_block_k<T, true>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, Wo * C, C, lm, acc);
+      for (int k = 0; k < K; ++k) {
+        V::store(tmp, acc[k]);
+        double* out = corr + st.tap_index(list[k].row, list[k].col) * C + v * N;
+        for (int l = 0; l < N && v * N + l < C; ++l) out[l] += static_cast<double>(tmp[l]);
+        acc[k] = V::zero();
       }
     }
   }

@@ -326,6 +326,15 @@ int64_t padded_elems(const Box& b, int64_t rows, int64_t cols, int64_t C) {
   return n * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes ? n : -1;
 }
 
+// Calls fn(n, buf) for every image n in parallel, buf a scratch of elems elements per task.
+template <typename T, typename Fn>
+void for_each_image_with_scratch(int64_t N, int64_t elems, const Fn& fn) {
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> buf(static_cast<size_t>(elems));
+    for (int64_t n = b; n < e; ++n) fn(n, buf.data());
+  });
+}
+
 // Rows per parallel unit of a channels_last image.
 constexpr int64_t kRowBlock = 8;
 
@@ -352,9 +361,8 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
         const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
         if (elems > 0) {
           const auto lists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
-          at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-            std::vector<T> buf(static_cast<size_t>(elems));
-            for (int64_t n = b; n < e; ++n) K::forward_padded(xp + n * P * C, yp + n * Po * C, st, lists, box, g, buf.data());
+          for_each_image_with_scratch<T>(N, elems, [&](int64_t n, T* buf) {
+            K::forward_padded(xp + n * P * C, yp + n * Po * C, st, lists, box, g, buf);
           });
           return;
         }
@@ -447,9 +455,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             const int64_t elems = padded_elems<T>(box, g.Ho, g.Wo, C);
             if (elems > 0) {
               const auto plists = K::input_grad_lists_pitch(st, box.left + g.Wo + box.right, g);
-              at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-                std::vector<T> buf(static_cast<size_t>(elems));
-                for (int64_t n = b; n < e; ++n) K::input_grad_padded(gp + n * Po * C, op_ + n * P * C, st, plists, box, g, buf.data());
+              for_each_image_with_scratch<T>(N, elems, [&](int64_t n, T* buf) {
+                K::input_grad_padded(gp + n * Po * C, op_ + n * P * C, st, plists, box, g, buf);
               });
               rows_input = false;
             }
@@ -464,10 +471,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
             if (elems > 0) {
               const auto plists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
-              at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-                std::vector<T> buf(static_cast<size_t>(elems));
-                for (int64_t n = b; n < e; ++n)
-                  K::correlate_padded(gp + n * Po * C, xp + n * P * C, st, plists, box, g, buf.data(), &corr[n * blocks * T_ * C]);
+              for_each_image_with_scratch<T>(N, elems, [&](int64_t n, T* buf) {
+                K::correlate_padded(gp + n * Po * C, xp + n * P * C, st, plists, box, g, buf, &corr[n * blocks * T_ * C]);
               });
               rows_shift = false;
             }

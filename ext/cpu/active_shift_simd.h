@@ -632,19 +632,26 @@ inline void stencil_run(const T* x, T* y, const RowTap<T>* rt, int64_t j_lo, int
   }
 }
 
-template <typename T, bool MASKED>
-inline void stencil_run_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
-                          int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+// Calls fn(std::integral_constant<int, K>()) for K in [0, kMaxStencilTaps]: a tap count known at
+// compile time, so that the kernels keep their weights and sums in registers.
+template <typename Fn>
+inline void with_tap_count(int K, const Fn& fn) {
   switch (K) {
 #define ASL_RUN(k) \
   case k:          \
-    return stencil_run<T, k, MASKED>(x, y, rt, j_lo, j_hi, xstep, ystep, store_mask, chk);
+    return fn(std::integral_constant<int, k>());
     ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
     ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
 #undef ASL_RUN
     default:
       TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
   }
+}
+
+template <typename T, bool MASKED>
+inline void stencil_run_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
+                          int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  with_tap_count(K, [&](auto k) { stencil_run<T, decltype(k)::value, MASKED>(x, y, rt, j_lo, j_hi, xstep, ystep, store_mask, chk); });
 }
 
 template <typename T>
@@ -830,16 +837,7 @@ inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, i
 template <typename T, bool MASKED>
 inline void stencil_block_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
                             int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
-  switch (K) {
-#define ASL_RUN(k) \
-  case k:          \
-    return stencil_block<T, k, MASKED>(x, y, rt, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
-    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
-    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
-#undef ASL_RUN
-    default:
-      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
-  }
+  with_tap_count(K, [&](auto k) { stencil_block<T, decltype(k)::value, MASKED>(x, y, rt, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk); });
 }
 
 template <typename T>
@@ -955,16 +953,7 @@ inline void correlate_block(const T* g, const T* x, const RowTap<T>* rt, int64_t
 template <typename T, bool MASKED>
 inline void correlate_block_k(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
                               int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
-  switch (K) {
-#define ASL_RUN(k) \
-  case k:          \
-    return correlate_block<T, k, MASKED>(g, x, rt, rows, cols, xrow, xstep, grow, C, lm, acc);
-    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
-    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
-#undef ASL_RUN
-    default:
-      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
-  }
+  with_tap_count(K, [&](auto k) { correlate_block<T, decltype(k)::value, MASKED>(g, x, rt, rows, cols, xrow, xstep, grow, C, lm, acc); });
 }
 
 // Shift-gradient correlations, channels_last, one image through the padded copy buf of its input
@@ -1023,16 +1012,7 @@ inline void correlate_run(const T* g, const T* x, const RowTap<T>* rt, int64_t j
 template <typename T>
 inline void correlate_run_any(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi,
                               int64_t xstep, int64_t C, typename Vec<T>::reg* acc) {
-  switch (K) {
-#define ASL_RUN(k) \
-  case k:          \
-    return correlate_run<T, k>(g, x, rt, j_lo, j_hi, xstep, C, acc);
-    ASL_RUN(0) ASL_RUN(1) ASL_RUN(2) ASL_RUN(3) ASL_RUN(4) ASL_RUN(5) ASL_RUN(6) ASL_RUN(7) ASL_RUN(8)
-    ASL_RUN(9) ASL_RUN(10) ASL_RUN(11) ASL_RUN(12) ASL_RUN(13) ASL_RUN(14) ASL_RUN(15) ASL_RUN(16)
-#undef ASL_RUN
-    default:
-      TORCH_INTERNAL_ASSERT(false, "active_shift: too many stencil taps");
-  }
+  with_tap_count(K, [&](auto k) { correlate_run<T, decltype(k)::value>(g, x, rt, j_lo, j_hi, xstep, C, acc); });
 }
 
 // Shift-gradient correlations, channels_last: for output rows [i0, i1) and every tap t,

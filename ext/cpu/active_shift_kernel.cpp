@@ -449,9 +449,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
         }
         if (st.most <= kStencilTaps) {
           // Small images: the input gradient of each image through a padded copy of its grad_output.
+          const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
           bool rows_input = want_input;
           if (want_input) {
-            const auto box = K::input_grad_pad(st, K::input_grad_lists(st, g), g);
+            const auto box = K::input_grad_pad(st, lists, g);
             const int64_t elems = padded_elems<T>(box, g.Ho, g.Wo, C);
             if (elems > 0) {
               const auto plists = K::input_grad_lists_pitch(st, box.left + g.Wo + box.right, g);
@@ -479,7 +480,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           }
           // Blocks of output rows [i0, i1) of larger images: their correlations and the
           // input-gradient rows [i0 * sh, i1 * sh) (the last block to the end of the image).
-          const auto lists = rows_input ? K::input_grad_lists(st, g) : typename K::Lists();
           const auto flists = rows_shift ? K::forward_lists(st, g) : typename K::Lists();
           at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
             for (int64_t u = b; u < e; ++u) {

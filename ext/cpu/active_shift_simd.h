@@ -607,31 +607,6 @@ std::vector<std::vector<RowTap<T>>> forward_lists(const Stencil<T>& st, int64_t 
   return out;
 }
 
-// y pixels [j_lo, j_hi) of one output row and one channel vector, every tap inside: K taps
-// (a compile-time count, so the weights stay in registers). MASKED: each load reads only the
-// lanes of the channels that use its tap. Unmasked, the other lanes are read too and multiplied
-// by their zero weight, which adds exactly nothing unless a value read is inf or NaN; chk then
-// turns NaN, and the caller does the pixels again masked.
-template <typename T, int K, bool MASKED>
-inline void stencil_run(const T* x, T* y, const RowTap<T>* rt, int64_t j_lo, int64_t j_hi, int64_t xstep,
-                        int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
-  using V = Vec<T>;
-  typename V::reg w[K > 0 ? K : 1];
-  for (int k = 0; k < K; ++k) w[k] = V::load(rt[k].w);
-  const bool full = store_mask == all_lanes<V::N>();
-  const typename V::reg zero = V::zero();
-  for (int64_t j = j_lo; j < j_hi; ++j) {
-    typename V::reg acc = V::zero();
-    for (int k = 0; k < K; ++k) {
-      const T* p = x + rt[k].base + j * xstep;
-      acc = V::fma(w[k], MASKED ? V::loadz(rt[k].m, p) : V::load(p), acc);
-    }
-    if (!MASKED) chk = V::fma(acc, zero, chk);
-    if (full) V::store(y + j * ystep, acc);
-    else V::store(store_mask, y + j * ystep, acc);
-  }
-}
-
 // Calls fn(std::integral_constant<int, K>()) for K in [0, kMaxStencilTaps]: a tap count known at
 // compile time, so that the kernels keep their weights and sums in registers.
 template <typename Fn>
@@ -648,23 +623,61 @@ inline void with_tap_count(int K, const Fn& fn) {
   }
 }
 
+// rows x cols pixels of one channel vector, every tap inside the source (a run of a row between
+// its side pixels, or a whole padded image): y[i yrow + j ystep] = sum_k w_k x[i xrow + j xstep +
+// base_k], K taps (a compile-time count, so the weights stay in registers). MASKED: each load
+// reads only the lanes of the channels that use its tap. Unmasked,
+// the lanes of channels that do not use a tap are read too and multiplied by their zero weight
+// (exactly nothing unless a value read is inf or NaN; chk then turns NaN, and the caller does the
+// block again masked). chk gathers acc * 0 by a bitwise or, which keeps any NaN lane NaN without
+// a chain of additions through the loop.
+template <typename T, int K, bool MASKED>
+inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow, int64_t xstep,
+                          int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  using V = Vec<T>;
+  typename V::reg w[K > 0 ? K : 1];
+  int64_t base[K > 0 ? K : 1];
+  uint32_t m[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    w[k] = V::load(rt[k].w);
+    base[k] = rt[k].base;
+    m[k] = rt[k].m;
+  }
+  const bool full = store_mask == all_lanes<V::N>();
+  const typename V::reg zero = V::zero();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xr = x + i * xrow;
+    T* yr = y + i * yrow;
+    for (int64_t j = 0; j < cols; ++j) {
+      typename V::reg acc = V::zero();
+      for (int k = 0; k < K; ++k) {
+        const T* p = xr + base[k] + j * xstep;
+        acc = V::fma(w[k], MASKED ? V::loadz(m[k], p) : V::load(p), acc);
+      }
+      if (!MASKED) chk = V::orbits(chk, V::mul(acc, zero));
+      if (full) V::store(yr + j * ystep, acc);
+      else V::store(store_mask, yr + j * ystep, acc);
+    }
+  }
+}
+
 template <typename T, bool MASKED>
-inline void stencil_run_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
-                          int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
-  with_tap_count(K, [&](auto k) { stencil_run<T, decltype(k)::value, MASKED>(x, y, rt, j_lo, j_hi, xstep, ystep, store_mask, chk); });
+inline void stencil_block_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
+                            int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
+  with_tap_count(K, [&](auto k) { stencil_block<T, decltype(k)::value, MASKED>(x, y, rt, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk); });
 }
 
 template <typename T>
-inline void stencil_run_any(const T* x, T* y, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi, int64_t xstep,
-                            int64_t ystep, uint32_t store_mask) {
+inline void stencil_block_any(const T* x, T* y, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
+                              int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask) {
   typename Vec<T>::reg chk = Vec<T>::zero();
   if (store_mask != all_lanes<Vec<T>::N>()) {  // a channel tail: lanes past the tensor's last channel
-    stencil_run_k<T, true>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+    stencil_block_k<T, true>(x, y, rt, K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
     return;
   }
-  stencil_run_k<T, false>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+  stencil_block_k<T, false>(x, y, rt, K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
   const double c = lane_sum<T>(chk);
-  if (c != c) stencil_run_k<T, true>(x, y, rt, K, j_lo, j_hi, xstep, ystep, store_mask, chk);
+  if (c != c) stencil_block_k<T, true>(x, y, rt, K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
 }
 
 // One pixel near the sides: taps whose column col + j falls outside [0, cols) are skipped.
@@ -708,7 +721,7 @@ void stencil_forward_rows(const T* x, T* y, const Stencil<T>& st, const std::vec
       const uint32_t sm = lane_range<N>(0, C - v * N);
       T* yrow = y + i * Wo * C + v * N;
       for (int64_t j = 0; j < j_lo; ++j) stencil_pixel<T>(xrow, yrow + j * C, rt, K, j, sw * C, sw, W, sm);
-      stencil_run_any<T>(xrow, yrow, rt, K, j_lo, j_hi, sw * C, C, sm);
+      stencil_block_any<T>(xrow + j_lo * sw * C, yrow + j_lo * C, rt, K, 1, j_hi - j_lo, 0, sw * C, 0, C, sm);
       for (int64_t j = j_hi; j < Wo; ++j) stencil_pixel<T>(xrow, yrow + j * C, rt, K, j, sw * C, sw, W, sm);
     }
   }
@@ -769,7 +782,7 @@ void stencil_input_grad_rows(const T* g, T* gx, const Stencil<T>& st, const std:
         const int64_t k_lo = std::min(nk, std::max<int64_t>(0, -col_min));
         const int64_t k_hi = std::max(k_lo, std::min(nk, Wo - col_max));
         for (int64_t k = 0; k < k_lo; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
-        stencil_run_any<T>(grow, ocls, rt, K, k_lo, k_hi, C, sw * C, sm);
+        stencil_block_any<T>(grow + k_lo * C, ocls + k_lo * sw * C, rt, K, 1, k_hi - k_lo, 0, C, 0, sw * C, sm);
         for (int64_t k = k_hi; k < nk; ++k) stencil_pixel<T>(grow, ocls + k * sw * C, rt, K, k, C, 1, Wo, sm);
       }
     }
@@ -798,62 +811,6 @@ void pad_image(const T* src, int64_t rows, int64_t cols, int64_t C, const PadBox
   std::fill(buf + (b.top + rows) * pitch, buf + (b.top + rows + b.bottom) * pitch, T(0));
 }
 
-// rows x cols pixels of one channel vector, every tap inside the (padded) source:
-// y[i yrow + j ystep] = sum_k w_k x[i xrow + j xstep + base_k], K taps in registers. Unmasked,
-// the lanes of channels that do not use a tap are read too and multiplied by their zero weight
-// (exactly nothing unless a value read is inf or NaN; chk then turns NaN, and the caller does the
-// block again masked). chk gathers acc * 0 by a bitwise or, which keeps any NaN lane NaN without
-// a chain of additions through the loop.
-template <typename T, int K, bool MASKED>
-inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow, int64_t xstep,
-                          int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
-  using V = Vec<T>;
-  typename V::reg w[K > 0 ? K : 1];
-  int64_t base[K > 0 ? K : 1];
-  uint32_t m[K > 0 ? K : 1];
-  for (int k = 0; k < K; ++k) {
-    w[k] = V::load(rt[k].w);
-    base[k] = rt[k].base;
-    m[k] = rt[k].m;
-  }
-  const bool full = store_mask == all_lanes<V::N>();
-  const typename V::reg zero = V::zero();
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xr = x + i * xrow;
-    T* yr = y + i * yrow;
-    for (int64_t j = 0; j < cols; ++j) {
-      typename V::reg acc = V::zero();
-      for (int k = 0; k < K; ++k) {
-        const T* p = xr + base[k] + j * xstep;
-        acc = V::fma(w[k], MASKED ? V::loadz(m[k], p) : V::load(p), acc);
-      }
-      if (!MASKED) chk = V::orbits(chk, V::mul(acc, zero));
-      if (full) V::store(yr + j * ystep, acc);
-      else V::store(store_mask, yr + j * ystep, acc);
-    }
-  }
-}
-
-template <typename T, bool MASKED>
-inline void stencil_block_k(const T* x, T* y, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
-                            int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask, typename Vec<T>::reg& chk) {
-  with_tap_count(K, [&](auto k) { stencil_block<T, decltype(k)::value, MASKED>(x, y, rt, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk); });
-}
-
-template <typename T>
-inline void stencil_block_any(const T* x, T* y, const std::vector<RowTap<T>>& taps, int64_t rows, int64_t cols, int64_t xrow,
-                              int64_t xstep, int64_t yrow, int64_t ystep, uint32_t store_mask) {
-  const int K = static_cast<int>(taps.size());
-  typename Vec<T>::reg chk = Vec<T>::zero();
-  if (store_mask != all_lanes<Vec<T>::N>()) {  // a channel tail: lanes past the tensor's last channel
-    stencil_block_k<T, true>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
-    return;
-  }
-  stencil_block_k<T, false>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
-  const double c = lane_sum<T>(chk);
-  if (c != c) stencil_block_k<T, true>(x, y, taps.data(), K, rows, cols, xrow, xstep, yrow, ystep, store_mask, chk);
-}
-
 // The border the forward taps need: output (i, j) reads (i sh + ra, j sw + cb).
 template <typename T>
 PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
@@ -878,7 +835,8 @@ void stencil_forward_padded(const T* x, T* y, const Stencil<T>& st, const std::v
   pad_image<T>(x, H, W, C, b, buf);
   const T* origin = buf + (b.top * Wp + b.left) * C;
   for (int64_t v = 0; v < st.nv; ++v)
-    stencil_block_any<T>(origin, y + v * N, lists[v], Ho, Wo, sh * Wp * C, sw * C, Wo * C, C, lane_range<N>(0, C - v * N));
+    stencil_block_any<T>(origin, y + v * N, lists[v].data(), static_cast<int>(lists[v].size()), Ho, Wo, sh * Wp * C, sw * C,
+                         Wo * C, C, lane_range<N>(0, C - v * N));
 }
 
 // The border grad_output needs for the input gradient's taps (lists from input_grad_lists): input
@@ -917,43 +875,12 @@ void stencil_input_grad_padded(const T* g, T* gx, const Stencil<T>& st, const st
     for (int64_t cls = 0; cls < sw; ++cls) {
       const int64_t nr = rc < H ? (H - rc + sh - 1) / sh : 0, nk = cls < W ? (W - cls + sw - 1) / sw : 0;
       if (nr == 0 || nk == 0) continue;
-      for (int64_t v = 0; v < st.nv; ++v)
-        stencil_block_any<T>(origin, gx + (rc * W + cls) * C + v * N, lists[(rc * sw + cls) * st.nv + v], nr, nk, Wp * C, C,
-                             sh * W * C, sw * C, lane_range<N>(0, C - v * N));
-    }
-}
-
-// Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the padded
-// source: acc[k] += g[i grow + j C] * x[i xrow + j xstep + base_k]. MASKED (a channel tail): only
-// the lanes of existing channels are read.
-template <typename T, int K, bool MASKED>
-inline void correlate_block(const T* g, const T* x, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow,
-                            int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
-  using V = Vec<T>;
-  typename V::reg a[K > 0 ? K : 1];
-  int64_t base[K > 0 ? K : 1];
-  for (int k = 0; k < K; ++k) {
-    a[k] = acc[k];
-    base[k] = rt[k].base;
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xr = x + i * xrow;
-    const T* gr = g + i * grow;
-    for (int64_t j = 0; j < cols; ++j) {
-      const typename V::reg gv = MASKED ? V::loadz(lm, gr + j * C) : V::load(gr + j * C);
-      for (int k = 0; k < K; ++k) {
-        const T* p = xr + base[k] + j * xstep;
-        a[k] = V::fma(gv, MASKED ? V::loadz(lm, p) : V::load(p), a[k]);
+      for (int64_t v = 0; v < st.nv; ++v) {
+        const auto& taps = lists[(rc * sw + cls) * st.nv + v];
+        stencil_block_any<T>(origin, gx + (rc * W + cls) * C + v * N, taps.data(), static_cast<int>(taps.size()), nr, nk,
+                             Wp * C, C, sh * W * C, sw * C, lane_range<N>(0, C - v * N));
       }
     }
-  }
-  for (int k = 0; k < K; ++k) acc[k] = a[k];
-}
-
-template <typename T, bool MASKED>
-inline void correlate_block_k(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
-                              int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
-  with_tap_count(K, [&](auto k) { correlate_block<T, decltype(k)::value, MASKED>(g, x, rt, rows, cols, xrow, xstep, grow, C, lm, acc); });
 }
 
 // Shift-gradient correlations, channels_last, one image through the padded copy buf of its input
@@ -994,25 +921,38 @@ void stencil_correlate_padded(const T* g, const T* x, const Stencil<T>& st, cons
   }
 }
 
-// Shift-gradient correlations of pixels [j_lo, j_hi) of one output row and one channel vector:
-// acc[k] += g[j] * x[tap k of j], K taps at once (a compile-time count: accumulators in registers).
-template <typename T, int K>
-inline void correlate_run(const T* g, const T* x, const RowTap<T>* rt, int64_t j_lo, int64_t j_hi, int64_t xstep,
-                          int64_t C, typename Vec<T>::reg* acc) {
+// Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the source
+// (a run of a row between its side pixels, or a whole padded image): acc[k] += g[i grow + j C] *
+// x[i xrow + j xstep + base_k], K taps at once (a compile-time count: accumulators in registers).
+// MASKED (a channel tail): only the lanes of existing channels are read.
+template <typename T, int K, bool MASKED>
+inline void correlate_block(const T* g, const T* x, const RowTap<T>* rt, int64_t rows, int64_t cols, int64_t xrow,
+                            int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
   using V = Vec<T>;
   typename V::reg a[K > 0 ? K : 1];
-  for (int k = 0; k < K; ++k) a[k] = acc[k];
-  for (int64_t j = j_lo; j < j_hi; ++j) {
-    const typename V::reg gv = V::load(g + j * C);
-    for (int k = 0; k < K; ++k) a[k] = V::fma(gv, V::load(x + rt[k].base + j * xstep), a[k]);
+  int64_t base[K > 0 ? K : 1];
+  for (int k = 0; k < K; ++k) {
+    a[k] = acc[k];
+    base[k] = rt[k].base;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xr = x + i * xrow;
+    const T* gr = g + i * grow;
+    for (int64_t j = 0; j < cols; ++j) {
+      const typename V::reg gv = MASKED ? V::loadz(lm, gr + j * C) : V::load(gr + j * C);
+      for (int k = 0; k < K; ++k) {
+        const T* p = xr + base[k] + j * xstep;
+        a[k] = V::fma(gv, MASKED ? V::loadz(lm, p) : V::load(p), a[k]);
+      }
+    }
   }
   for (int k = 0; k < K; ++k) acc[k] = a[k];
 }
 
-template <typename T>
-inline void correlate_run_any(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t j_lo, int64_t j_hi,
-                              int64_t xstep, int64_t C, typename Vec<T>::reg* acc) {
-  with_tap_count(K, [&](auto k) { correlate_run<T, decltype(k)::value>(g, x, rt, j_lo, j_hi, xstep, C, acc); });
+template <typename T, bool MASKED>
+inline void correlate_block_k(const T* g, const T* x, const RowTap<T>* rt, int K, int64_t rows, int64_t cols, int64_t xrow,
+                              int64_t xstep, int64_t grow, int64_t C, uint32_t lm, typename Vec<T>::reg* acc) {
+  with_tap_count(K, [&](auto k) { correlate_block<T, decltype(k)::value, MASKED>(g, x, rt, rows, cols, xrow, xstep, grow, C, lm, acc); });
 }
 
 // Shift-gradient correlations, channels_last: for output rows [i0, i1) and every tap t,
@@ -1075,7 +1015,7 @@ void stencil_correlate_rows(const T* g, const T* x, const Stencil<T>& st, const 
         };
         for (int64_t j = 0; j < j_lo; ++j) edge(j);
         if (lm == all_lanes<N>()) {
-          correlate_run_any<T>(grow, xrow, rt, K, j_lo, j_hi, sw * C, C, a);
+          correlate_block_k<T, false>(grow + j_lo * C, xrow + j_lo * sw * C, rt, K, 1, j_hi - j_lo, 0, sw * C, 0, C, lm, a);
         } else {
           for (int64_t j = j_lo; j < j_hi; ++j) edge(j);
         }

@@ -1,6 +1,9 @@
 """Sweeps on a real Slurm scheduler: a one-node cluster started on this machine by
-scripts/slurm_node.sh (munge, slurmctld, slurmd; no accounting), jobs submitted through submitit:
-a sweep summarised, the preemption signal with its requeue, a hard cancel found through squeue."""
+scripts/slurm_node.sh (munge, slurmctld, slurmd), jobs submitted through submitit: a sweep
+summarised, the preemption signal with its requeue, a hard cancel found and resubmitted, a job
+preempted by the high-priority partition. Every test runs on two clusters: one without accounting
+whose preemption sends USR2 first (preempt_send_user_signal), and one with slurmdbd accounting
+(MariaDB) whose preemption sends only SIGTERM, as on clusters without that setting."""
 import json
 import os
 import shutil
@@ -18,17 +21,25 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_node.sh"
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+CLUSTERS = {"no-accounting,usr2": [], "accounting,sigterm": ["--accounting", "--term-preemption"]}
+
+
+@pytest.fixture(scope="module", params=list(CLUSTERS))
+def slurm(request, tmp_path_factory):
     if os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("slurmctld"):
         pytest.skip("a one-node Slurm needs root and Debian's packages (scripts/slurm_node.sh)")
     d = tmp_path_factory.mktemp("slurm")
-    res = subprocess.run(["bash", str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    res = subprocess.run(["bash", str(SCRIPT), "start", str(d), *CLUSTERS[request.param]], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     if res.returncode == 3:
         pytest.skip(f"munge and Slurm could not be installed here: {res.stdout[-500:]}")
     assert res.returncode == 0, res.stdout + res.stderr
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(d / "slurm.conf")
+    from asl_cli.experiments.sweeps import cluster
+
+    cluster._slurm_accounting.cache_clear()  # asked once per process: this cluster may differ from the last
+    assert cluster._slurm_accounting() == ("--accounting" in CLUSTERS[request.param])
     yield d
     subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=60)
     subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
@@ -50,6 +61,14 @@ def finished(run_dir: Path) -> bool:
 
 def squeue_state(jid: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def start_requeued_now(run_dir: Path) -> None:
+    """Slurm holds a requeued job for about two minutes before it may start again; this lets it
+    start now (nothing else changes: no call from the user resubmits it)."""
+    jid = job_id(run_dir)
+    wait_for(lambda: squeue_state(jid) == "PENDING" or finished(run_dir))
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True, timeout=60)
 
 
 SLURM = ["--executor", "slurm", "--cpus-per-task", "1", "cluster.mem_gb=1"]
@@ -79,6 +98,7 @@ def test_the_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path,
     run_dir = tmp_path / "r" / "base-seed0"
     wait_for(lambda: progress_step(run_dir) >= 30)
     subprocess.run(["scancel", "--signal=USR2", job_id(run_dir)], check=True, timeout=60)
+    start_requeued_now(run_dir)
     wait_for(lambda: finished(run_dir))  # the requeued job (Slurm holds it a while) ends the run
     code, out = invoke(*args)  # nothing to submit: the summary
     assert code == 0 and "submitted" not in out, out
@@ -106,3 +126,24 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_call_and_resumes(slurm, tmp_
     assert job_id(run_dir) != first and metric_steps(run_dir) == [400]
     shifts = pd.read_csv(run_dir / "shifts.csv")
     assert shifts.duplicated(["step", "layer", "channel"]).sum() == 0  # no step written twice
+
+
+def test_a_job_preempted_by_the_high_partition_resumes_by_itself(slurm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "quick", *LONG, *SLURM, "--root", "r", "--csv", "s.csv"]
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0 and "submitted as job" in out, out
+    run_dir = tmp_path / "r" / "base-seed0"
+    wait_for(lambda: progress_step(run_dir) >= 30)
+    # a job of the `high` partition that needs every CPU of the node: Slurm preempts (requeues) the run's job
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(os.cpu_count()), "--mem=256M", "-o", "/dev/null",
+                           "--wrap", "sleep 2"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    wait_for(lambda: squeue_state(high) == "")  # the high job ran and ended
+    start_requeued_now(run_dir)
+    wait_for(lambda: finished(run_dir))  # without any call from the user: the requeued job ends the run
+    code, out = invoke(*args)  # nothing to submit: the summary
+    assert code == 0 and "submitted" not in out, out
+    steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
+    assert steps[0] == 0 and steps[-1] == 400 and any(30 <= s < 400 for s in steps)  # saved when preempted
+    assert metric_steps(run_dir) == [400]
+    assert pd.read_csv(tmp_path / "s.csv")["seeds"].tolist() == [1]

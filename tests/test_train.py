@@ -120,6 +120,31 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(sf, sc[sc["step"].isin(sf["step"])].reset_index(drop=True))
 
 
+def test_a_schedulers_signals_together_still_checkpoint(tmp_path):
+    """Slurm preempts with USR2 then SIGTERM at once: the run still stops at a step with its
+    checkpoint (the first signal recorded), where a second Ctrl-C would stop it at once."""
+    run = tmp_path / "run"
+
+    def preempt_at_6(step, total, stats):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        train(tiny_cfg(run), callbacks=Callbacks(on_step=preempt_at_6), stop_signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR2))
+    assert info.value.signum == signal.SIGUSR2 and info.value.step in (6, 7)
+    assert ckpt_io.load(run, prefer="last")["step"] == info.value.step
+
+    def ctrl_c_twice(step, total, stats):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "twice"), callbacks=Callbacks(on_step=ctrl_c_twice))
+
+
 def test_corrupt_and_mismatched_checkpoints(tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(run, "train.iterations=4"))

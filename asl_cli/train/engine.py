@@ -80,7 +80,7 @@ def train(cfg: dict, resume: str | Path | None = None, init_from: str | Path | N
     """Trains per the resolved recipe `cfg`; returns a summary dict. Resuming reads the run
     folder's config.yaml and checkpoints/last.pt. The run folder is locked for the run's life.
     Any of `stop_signals` makes the run save a checkpoint at the next step and raise Interrupted
-    (which records the signal); a second one stops at once."""
+    (which records the signal); a second Ctrl-C stops at once."""
     lock = RunLock()  # acquired on the run folder once it is known
     undo: list[Callable[[], None]] = []  # what a start that fails must remove
     try:
@@ -301,14 +301,19 @@ class _Run:
 
 @contextlib.contextmanager
 def _stop_requests(signals: tuple, d):
-    """While the loop runs, each of `signals` asks it to stop at the next step (a second one
-    stops at once); the previous handlers come back afterwards."""
+    """While the loop runs, each of `signals` asks it to stop at the next step, and the first one
+    is recorded; a second SIGINT (Ctrl-C twice) stops at once. Any other signal after the first
+    only repeats the request: a scheduler sends several together (Slurm's preemption: USR2 then
+    SIGTERM to every process of the job) and the checkpoint must still be written before its
+    SIGKILL. The previous handlers come back afterwards."""
     stop = {"flag": False, "signum": None}
     old_handlers = {}
 
     def request_stop(signum, frame):
-        if stop["flag"]:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if stop["flag"]:
+            if signum == signal.SIGINT == stop["signum"]:  # Ctrl-C twice: stop now
+                raise KeyboardInterrupt
+            return
         stop["flag"], stop["signum"] = True, signum
 
     if d.main or d.world == 1:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str):
         params["mem_gb"] = res.mem_gb
     if res.partition:
         params["slurm_partition"] = res.partition
+    if kind == "slurm":  # requeued by a preemption even where the cluster's JobRequeue default is 0
+        params["slurm_additional_parameters"] = {"requeue": True}
     ex.update_parameters(**params)
     return ex
 
@@ -114,7 +117,15 @@ class TrainJob:
             return run_training(cfg, resume=resume, callbacks=callbacks, stop_signals=STOP_SIGNALS + (_preempt_signal(),))
         except Interrupted as e:
             if e.signum == _preempt_signal() and callable(requeue):
-                requeue(e.signum, None)  # exits this process; the requeued job resumes at e.step
+                import subprocess
+
+                try:
+                    requeue(e.signum, None)  # exits this process; the requeued job resumes at e.step
+                except subprocess.CalledProcessError:
+                    # `scontrol requeue` refused: a preemption in PreemptMode=REQUEUE, where Slurm
+                    # requeues the job itself (this one ends; the requeued one resumes at e.step)
+                    print(f"the job was not requeued by itself: Slurm requeues it (preempted); checkpoint at step {e.step}",
+                          file=sys.stderr, flush=True)
             raise
 
     def checkpoint(self, recipe: str, overrides: list[str], run_dir: str):

@@ -255,6 +255,11 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
                                  const Geometry& g, T* buf, double* corr) {                                  \
       NS::stencil_correlate_padded<T>(go, x, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, corr);     \
     }                                                                                                        \
+    static void backward_padded(const T* go, const T* x, T* gx, const Stencil& st, const Lists& gl, const Box& gb,    \
+                                const Lists& xl, const Box& xb, const Geometry& g, T* gbuf, T* xbuf, double* corr) { \
+      NS::stencil_backward_padded<T>(go, x, gx, st, gl, gb, xl, xb, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, gbuf, xbuf, \
+                                     corr);                                                                  \
+    }                                                                                                        \
     static void correlate_rows(const T* go, const T* x, const Stencil& st, const Lists& l, const Geometry& g,  \
                                int64_t i0, int64_t i1, double* corr) {                                       \
       NS::stencil_correlate_rows<T>(go, x, st, l, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, corr);            \
@@ -448,10 +453,27 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           return;
         }
         if (st.most <= kStencilTaps) {
-          // Small images: the input gradient of each image through a padded copy of its grad_output.
           const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
-          bool rows_input = want_input;
-          if (want_input) {
+          const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
+          std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * T_ * C) : 0, 0.0);
+          bool rows_input = want_input, rows_shift = want_shift;
+          if (want_input && want_shift) {
+            // both through padded copies, grad_output read once for both: each image's
+            // correlations into its first block's sums
+            const auto gb = K::input_grad_pad(st, lists, g), xb = K::forward_pad(st, g);
+            const int64_t ge = padded_elems<T>(gb, g.Ho, g.Wo, C), xe = padded_elems<T>(xb, g.H, g.W, C);
+            if (ge > 0 && xe > 0 && (ge + xe) * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes) {
+              const auto gl = K::input_grad_lists_pitch(st, gb.left + g.Wo + gb.right, g);
+              const auto xl = K::forward_lists_pitch(st, xb.left + g.W + xb.right, g);
+              for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
+                K::backward_padded(gp + n * Po * C, xp + n * P * C, op_ + n * P * C, st, gl, gb, xl, xb, g, buf, buf + ge,
+                                   &corr[n * blocks * T_ * C]);
+              });
+              rows_input = rows_shift = false;
+            }
+          }
+          // Small images: the input gradient of each image through a padded copy of its grad_output.
+          if (rows_input) {
             const auto box = K::input_grad_pad(st, lists, g);
             const int64_t elems = padded_elems<T>(box, g.Ho, g.Wo, C);
             if (elems > 0) {
@@ -462,12 +484,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
               rows_input = false;
             }
           }
-          const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
-          std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * T_ * C) : 0, 0.0);
           // Small images: each image's correlations through a padded copy of its input, into its
           // first block's sums.
-          bool rows_shift = want_shift;
-          if (want_shift) {
+          if (rows_shift) {
             const auto box = K::forward_pad(st, g);
             const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
             if (elems > 0) {

@@ -861,16 +861,13 @@ PadBox input_grad_pad(const std::vector<std::vector<RowTap<T>>>& lists, int64_t 
   return b;
 }
 
-// Input gradient, channels_last, one image through the padded copy buf of its grad_output; lists
-// from input_grad_lists with the padded width.
+// Input gradient, channels_last, one image from the padded copy of its grad_output (origin: output
+// pixel (0, 0), rows Wp pixels apart); lists from input_grad_lists with the padded width.
 template <typename T>
-void stencil_input_grad_padded(const T* g, T* gx, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
-                               const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
-                               int64_t sw, T* buf) {
+void stencil_input_grad_from_padded(const T* origin, int64_t Wp, T* gx, const Stencil<T>& st,
+                                    const std::vector<std::vector<RowTap<T>>>& lists, int64_t H, int64_t W, int64_t C,
+                                    int64_t sh, int64_t sw) {
   constexpr int N = Vec<T>::N;
-  const int64_t Wp = b.left + Wo + b.right;
-  pad_image<T>(g, Ho, Wo, C, b, buf);
-  const T* origin = buf + (b.top * Wp + b.left) * C;
   for (int64_t rc = 0; rc < sh; ++rc)
     for (int64_t cls = 0; cls < sw; ++cls) {
       const int64_t nr = rc < H ? (H - rc + sh - 1) / sh : 0, nk = cls < W ? (W - cls + sw - 1) / sw : 0;
@@ -883,42 +880,78 @@ void stencil_input_grad_padded(const T* g, T* gx, const Stencil<T>& st, const st
     }
 }
 
-// Shift-gradient correlations, channels_last, one image through the padded copy buf of its input
-// (lists from forward_lists with the padded width): corr[t * C + c] += sum over the image's pixels
-// of g[., c] * x[tap t of the pixel, c], a tap outside the image reading zero. The sums go to
-// double every 256 or so pixels, in a fixed order.
+// Input gradient, channels_last, one image through the padded copy buf of its grad_output.
 template <typename T>
-void stencil_correlate_padded(const T* g, const T* x, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
-                              const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
-                              int64_t sw, T* buf, double* corr) {
+void stencil_input_grad_padded(const T* g, T* gx, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                               const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
+                               int64_t sw, T* buf) {
+  const int64_t Wp = b.left + Wo + b.right;
+  pad_image<T>(g, Ho, Wo, C, b, buf);
+  stencil_input_grad_from_padded<T>(buf + (b.top * Wp + b.left) * C, Wp, gx, st, lists, H, W, C, sh, sw);
+}
+
+// Shift-gradient correlations, channels_last, one image from the padded copy of its input (xo:
+// input pixel (0, 0), rows Wp pixels apart; lists from forward_lists with the padded width) and
+// its grad_output g (rows gpitch pixels apart): corr[t * C + c] += sum over the image's pixels of
+// g[., c] * x[tap t of the pixel, c], a tap outside the image reading zero. The sums go to double
+// every 256 or so pixels, in a fixed order.
+template <typename T>
+void stencil_correlate_from_padded(const T* g, int64_t gpitch, const T* xo, int64_t Wp, const Stencil<T>& st,
+                                   const std::vector<std::vector<RowTap<T>>>& lists, int64_t C, int64_t Ho, int64_t Wo,
+                                   int64_t sh, int64_t sw, double* corr) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
-  const int64_t Wp = b.left + W + b.right;
-  pad_image<T>(x, H, W, C, b, buf);
-  const T* origin = buf + (b.top * Wp + b.left) * C;
   alignas(64) T tmp[N];
   const int64_t rows_per_flush = std::max<int64_t>(1, 256 / std::max<int64_t>(1, Wo));
   for (int64_t v = 0; v < st.nv; ++v) {
     const uint32_t lm = lane_range<N>(0, C - v * N);
     const auto& list = lists[v];
     const int K = static_cast<int>(list.size());
+    double* out[kMaxStencilTaps];  // where tap k's sums go
+    for (int k = 0; k < K; ++k) out[k] = corr + st.tap_index(list[k].row, list[k].col) * C + v * N;
+    const int lanes = static_cast<int>(std::min<int64_t>(N, C - v * N));
     reg acc[kMaxStencilTaps];
     for (int k = 0; k < K; ++k) acc[k] = V::zero();
     for (int64_t i0 = 0; i0 < Ho; i0 += rows_per_flush) {
       const int64_t rows = std::min(rows_per_flush, Ho - i0);
-      const T* gv = g + i0 * Wo * C + v * N;
-      const T* xv = origin + i0 * sh * Wp * C;
-      if (lm == all_lanes<N>()) correlate_block_k<T, false>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, Wo * C, C, lm, acc);
-      else correlate_block_k<T, true>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, Wo * C, C, lm, acc);
+      const T* gv = g + i0 * gpitch * C + v * N;
+      const T* xv = xo + i0 * sh * Wp * C;
+      if (lm == all_lanes<N>()) correlate_block_k<T, false>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, gpitch * C, C, lm, acc);
+      else correlate_block_k<T, true>(gv, xv, list.data(), K, rows, Wo, sh * Wp * C, sw * C, gpitch * C, C, lm, acc);
       for (int k = 0; k < K; ++k) {
         V::store(tmp, acc[k]);
-        double* out = corr + st.tap_index(list[k].row, list[k].col) * C + v * N;
-        for (int l = 0; l < N && v * N + l < C; ++l) out[l] += static_cast<double>(tmp[l]);
+        for (int l = 0; l < lanes; ++l) out[k][l] += static_cast<double>(tmp[l]);
         acc[k] = V::zero();
       }
     }
   }
+}
+
+// Shift-gradient correlations, channels_last, one image through the padded copy buf of its input.
+template <typename T>
+void stencil_correlate_padded(const T* g, const T* x, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
+                              const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
+                              int64_t sw, T* buf, double* corr) {
+  const int64_t Wp = b.left + W + b.right;
+  pad_image<T>(x, H, W, C, b, buf);
+  stencil_correlate_from_padded<T>(g, Wo, buf + (b.top * Wp + b.left) * C, Wp, st, lists, C, Ho, Wo, sh, sw, corr);
+}
+
+// Both gradients of one image, channels_last: its grad_output is read from memory once, into the
+// padded copy gbuf (border gb) that both the input gradient and the correlations read; its input
+// into xbuf (border xb).
+template <typename T>
+void stencil_backward_padded(const T* g, const T* x, T* gx, const Stencil<T>& st,
+                             const std::vector<std::vector<RowTap<T>>>& glists, const PadBox& gb,
+                             const std::vector<std::vector<RowTap<T>>>& xlists, const PadBox& xb, int64_t H, int64_t W,
+                             int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* gbuf, T* xbuf, double* corr) {
+  const int64_t Wg = gb.left + Wo + gb.right, Wx = xb.left + W + xb.right;
+  pad_image<T>(g, Ho, Wo, C, gb, gbuf);
+  const T* go = gbuf + (gb.top * Wg + gb.left) * C;
+  stencil_input_grad_from_padded<T>(go, Wg, gx, st, glists, H, W, C, sh, sw);
+  pad_image<T>(x, H, W, C, xb, xbuf);
+  stencil_correlate_from_padded<T>(go, Wg, xbuf + (xb.top * Wx + xb.left) * C, Wx, st, xlists, C, Ho, Wo, sh, sw, corr);
 }
 
 // Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the source

@@ -645,6 +645,9 @@ inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, i
   }
   const bool full = store_mask == all_lanes<V::N>();
   const typename V::reg zero = V::zero();
+  // chk in a register: the reference may alias y (a vector type may alias any), and kept there it
+  // would be stored and reloaded at every pixel, a chain through memory
+  typename V::reg c = chk;
   for (int64_t i = 0; i < rows; ++i) {
     const T* xr = x + i * xrow;
     T* yr = y + i * yrow;
@@ -654,11 +657,12 @@ inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, i
         const T* p = xr + base[k] + j * xstep;
         acc = V::fma(w[k], MASKED ? V::loadz(m[k], p) : V::load(p), acc);
       }
-      if (!MASKED) chk = V::orbits(chk, V::mul(acc, zero));
+      if (!MASKED) c = V::orbits(c, V::mul(acc, zero));
       if (full) V::store(yr + j * ystep, acc);
       else V::store(store_mask, yr + j * ystep, acc);
     }
   }
+  chk = c;
 }
 
 template <typename T, bool MASKED>

@@ -583,12 +583,13 @@ Stencil<T> make_stencil(const std::vector<ChanTaps<T>>& ch, int64_t H, int64_t W
 
 // One tap of a row for one channel vector: the element offset it reads at (relative to the row's
 // base, for output column 0), its column offset (for the bounds checks of the side columns), its
-// row offset, weights and mask.
+// row offset, weights, mask and index among the stencil's taps.
 template <typename T>
 struct RowTap {
   int64_t base, col, row;
   const T* w;
   uint32_t m;
+  int64_t tap;
 };
 
 constexpr int kMaxStencilTaps = 16;  // channels_last uses the stencil up to this many taps per vector
@@ -603,7 +604,7 @@ std::vector<std::vector<RowTap<T>>> forward_lists(const Stencil<T>& st, int64_t 
     for (size_t t = 0; t < st.taps.size(); ++t)
       if (st.mask(t, v))
         out[v].push_back({(st.taps[t].ra * W + st.taps[t].cb) * C + v * N, st.taps[t].cb, st.taps[t].ra,
-                          st.weights(t, v), st.mask(t, v)});
+                          st.weights(t, v), st.mask(t, v), static_cast<int64_t>(t)});
   return out;
 }
 
@@ -749,7 +750,8 @@ std::vector<std::vector<RowTap<T>>> input_grad_lists(const Stencil<T>& st, int64
           const int64_t ra = st.taps[t].ra, cb = st.taps[t].cb;
           if (!st.mask(t, v) || floor_div(ra - rc, sh) * sh != ra - rc || floor_div(cls - cb, sw) * sw != cls - cb) continue;
           const int64_t row = -floor_div(ra - rc, sh), col = floor_div(cls - cb, sw);
-          out[(rc * sw + cls) * st.nv + v].push_back({(row * Wo + col) * C + v * N, col, row, st.weights(t, v), st.mask(t, v)});
+          out[(rc * sw + cls) * st.nv + v].push_back({(row * Wo + col) * C + v * N, col, row, st.weights(t, v), st.mask(t, v),
+                                                             static_cast<int64_t>(t)});
         }
   return out;
 }
@@ -913,7 +915,7 @@ void stencil_correlate_from_padded(const T* g, int64_t gpitch, const T* xo, int6
     const auto& list = lists[v];
     const int K = static_cast<int>(list.size());
     double* out[kMaxStencilTaps];  // where tap k's sums go
-    for (int k = 0; k < K; ++k) out[k] = corr + st.tap_index(list[k].row, list[k].col) * C + v * N;
+    for (int k = 0; k < K; ++k) out[k] = corr + list[k].tap * C + v * N;
     const int lanes = static_cast<int>(std::min<int64_t>(N, C - v * N));
     reg acc[kMaxStencilTaps];
     for (int k = 0; k < K; ++k) acc[k] = V::zero();
@@ -1013,7 +1015,7 @@ void stencil_correlate_rows(const T* g, const T* x, const Stencil<T>& st, const 
     const auto& list = lists[v];
     // this vector's tap k is stencil tap index[k]
     std::vector<int64_t> index(list.size());
-    for (size_t k = 0; k < list.size(); ++k) index[k] = st.tap_index(list[k].row, list[k].col);
+    for (size_t k = 0; k < list.size(); ++k) index[k] = list[k].tap;
     reg acc[kMaxStencilTaps];  // (a std::vector of vector registers would not be aligned for them)
     for (size_t k = 0; k < list.size(); ++k) acc[k] = V::zero();
     auto flush = [&] {

@@ -74,6 +74,23 @@ def start_requeued_now(run_dir: Path) -> None:
 SLURM = ["--executor", "slurm", "--cpus-per-task", "1", "cluster.mem_gb=1"]
 
 
+def start_long_run(tmp_path: Path) -> tuple[list[str], Path]:
+    """A one-run sweep long enough to be caught mid-run, submitted and seen past step 30."""
+    args = ["sweep", "quick", *LONG, *SLURM, "--root", "r", "--csv", "s.csv"]
+    code, out = invoke(*args, "--no-wait")
+    assert code == 0 and "submitted as job" in out, out
+    run_dir = tmp_path / "r" / "base-seed0"
+    wait_for(lambda: progress_step(run_dir) >= 30)
+    return args, run_dir
+
+
+def assert_stopped_mid_run_and_finished(run_dir: Path) -> None:
+    """A checkpoint (with its shifts) mid-run, where the job was stopped, then the run to its end."""
+    steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
+    assert steps[0] == 0 and steps[-1] == 400 and any(30 <= s < 400 for s in steps)
+    assert metric_steps(run_dir) == [400]
+
+
 def test_a_sweep_on_slurm_is_summarised_then_reused(slurm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["sweep", "quick", *TINY, "--axis", "optim.lr=0.05,0.1", *SLURM, "--root", "r", "--csv", "s.csv"]
@@ -92,19 +109,13 @@ def test_a_sweep_on_slurm_is_summarised_then_reused(slurm, tmp_path, monkeypatch
 
 def test_the_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["sweep", "quick", *LONG, *SLURM, "--root", "r", "--csv", "s.csv"]
-    code, out = invoke(*args, "--no-wait")
-    assert code == 0 and "submitted as job" in out, out
-    run_dir = tmp_path / "r" / "base-seed0"
-    wait_for(lambda: progress_step(run_dir) >= 30)
+    args, run_dir = start_long_run(tmp_path)
     subprocess.run(["scancel", "--signal=USR2", job_id(run_dir)], check=True, timeout=60)
     start_requeued_now(run_dir)
     wait_for(lambda: finished(run_dir))  # the requeued job (Slurm holds it a while) ends the run
     code, out = invoke(*args)  # nothing to submit: the summary
     assert code == 0 and "submitted" not in out, out
-    steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
-    assert steps[0] == 0 and steps[-1] == 400 and any(30 <= s < 400 for s in steps)  # saved at the signal
-    assert metric_steps(run_dir) == [400]
+    assert_stopped_mid_run_and_finished(run_dir)
     assert "Requeued job" in "".join(p.read_text() for p in (tmp_path / "r" / ".jobs").glob("*_log.out"))
 
 
@@ -118,7 +129,7 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_call_and_resumes(slurm, tmp_
     first = job_id(run_dir)
     subprocess.run(["scancel", "--signal=KILL", "--full", first], check=True, timeout=60)
     wait_for(lambda: squeue_state(first) == "")
-    code, out = invoke(*args, "--status")  # no accounting here: squeue says the job is gone
+    code, out = invoke(*args, "--status")  # sacct (or, without accounting, squeue) says the job is gone
     assert code == 0 and "interrupted" in out, out
     code, out = invoke(*args, "--no-wait")
     assert code == 0 and "resubmitted, resuming" in out, out
@@ -130,11 +141,7 @@ def test_a_cancelled_job_is_resubmitted_by_the_next_call_and_resumes(slurm, tmp_
 
 def test_a_job_preempted_by_the_high_partition_resumes_by_itself(slurm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["sweep", "quick", *LONG, *SLURM, "--root", "r", "--csv", "s.csv"]
-    code, out = invoke(*args, "--no-wait")
-    assert code == 0 and "submitted as job" in out, out
-    run_dir = tmp_path / "r" / "base-seed0"
-    wait_for(lambda: progress_step(run_dir) >= 30)
+    args, run_dir = start_long_run(tmp_path)
     # a job of the `high` partition that needs every CPU of the node: Slurm preempts (requeues) the run's job
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(os.cpu_count()), "--mem=256M", "-o", "/dev/null",
                            "--wrap", "sleep 2"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
@@ -143,7 +150,5 @@ def test_a_job_preempted_by_the_high_partition_resumes_by_itself(slurm, tmp_path
     wait_for(lambda: finished(run_dir))  # without any call from the user: the requeued job ends the run
     code, out = invoke(*args)  # nothing to submit: the summary
     assert code == 0 and "submitted" not in out, out
-    steps = pd.read_csv(run_dir / "shifts.csv")["step"].unique().tolist()
-    assert steps[0] == 0 and steps[-1] == 400 and any(30 <= s < 400 for s in steps)  # saved when preempted
-    assert metric_steps(run_dir) == [400]
+    assert_stopped_mid_run_and_finished(run_dir)
     assert pd.read_csv(tmp_path / "s.csv")["seeds"].tolist() == [1]

@@ -14,7 +14,8 @@
 # with --term-preemption it sends only Slurm's default SIGTERM, as on clusters without that setting.
 # Without --accounting the cluster keeps no job accounting (sacct fails, as on many small
 # clusters); with it, a private MariaDB (DIR/mysql, 127.0.0.1 only) and slurmdbd keep it.
-# Needs root (apt-get, the daemons). Exits 3 when the packages cannot be installed.
+# Needs root (apt-get, the daemons). Exits 3 when the packages cannot be installed, 4 when
+# MariaDB cannot be started here (the daemons started so far are left to `stop`).
 set -euo pipefail
 USAGE="usage: scripts/slurm_node.sh start|stop [DIR] [--accounting] [--term-preemption]"
 CMD=${1:?$USAGE}
@@ -85,7 +86,7 @@ start_accounting() {
   local sock=$D/mysqld.sock
   if [ ! -d "$D/mysql/mysql" ]; then
     mariadb-install-db --user=root --datadir="$D/mysql" --auth-root-authentication-method=socket \
-      > "$D/mariadb-install.log" 2>&1 || { tail -n 20 "$D/mariadb-install.log"; exit 1; }
+      > "$D/mariadb-install.log" 2>&1 || { tail -n 20 "$D/mariadb-install.log"; echo "[slurm] no MariaDB data folder"; exit 4; }
   fi
   setsid mariadbd --user=root --datadir="$D/mysql" --socket="$sock" --port="$DB_PORT" --bind-address=127.0.0.1 \
     --pid-file="$D/mariadbd.pid" --log-error="$D/mariadbd.log" --innodb-buffer-pool-size=64M \
@@ -94,7 +95,7 @@ start_accounting() {
   mariadb --socket="$sock" -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
     CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'asl-slurm';
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" \
-    || { tail -n 20 "$D/mariadbd.log"; echo "[slurm] MariaDB did not start; log in $D/mariadbd.log"; exit 1; }
+    || { tail -n 20 "$D/mariadbd.log" 2>/dev/null; echo "[slurm] MariaDB did not start; log in $D/mariadbd.log"; exit 4; }
   cat > "$D/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 DbdHost=$HOST

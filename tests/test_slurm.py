@@ -31,8 +31,12 @@ def slurm(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     res = subprocess.run(["bash", str(SCRIPT), "start", str(d), *CLUSTERS[request.param]], capture_output=True, text=True,
                          timeout=HANG_GUARD_S)
+    if res.returncode != 0:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
     if res.returncode == 3:
         pytest.skip(f"munge and Slurm could not be installed here: {res.stdout[-500:]}")
+    if res.returncode == 4:
+        pytest.skip(f"the accounting database (MariaDB) could not be started here: {res.stdout[-500:]}")
     assert res.returncode == 0, res.stdout + res.stderr
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(d / "slurm.conf")

@@ -253,7 +253,7 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
     }                                                                                                        \
     static void correlate_padded(const T* go, const T* x, const Stencil& st, const Lists& l, const Box& b,     \
                                  const Geometry& g, T* buf, double* corr) {                                  \
-      NS::stencil_correlate_padded<T>(go, x, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, corr);     \
+      NS::stencil_correlate_padded<T>(go, g.Wo, x, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, corr); \
     }                                                                                                        \
     static void backward_padded(const T* go, const T* x, T* gx, const Stencil& st, const Lists& gl, const Box& gb,    \
                                 const Lists& xl, const Box& xb, const Geometry& g, T* gbuf, T* xbuf, double* corr) { \

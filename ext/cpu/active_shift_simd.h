@@ -934,14 +934,15 @@ void stencil_correlate_from_padded(const T* g, int64_t gpitch, const T* xo, int6
   }
 }
 
-// Shift-gradient correlations, channels_last, one image through the padded copy buf of its input.
+// Shift-gradient correlations, channels_last, one image through the padded copy buf of its input;
+// its grad_output g has rows gpitch pixels apart.
 template <typename T>
-void stencil_correlate_padded(const T* g, const T* x, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
-                              const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
-                              int64_t sw, T* buf, double* corr) {
+void stencil_correlate_padded(const T* g, int64_t gpitch, const T* x, const Stencil<T>& st,
+                              const std::vector<std::vector<RowTap<T>>>& lists, const PadBox& b, int64_t H, int64_t W,
+                              int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* buf, double* corr) {
   const int64_t Wp = b.left + W + b.right;
   pad_image<T>(x, H, W, C, b, buf);
-  stencil_correlate_from_padded<T>(g, Wo, buf + (b.top * Wp + b.left) * C, Wp, st, lists, C, Ho, Wo, sh, sw, corr);
+  stencil_correlate_from_padded<T>(g, gpitch, buf + (b.top * Wp + b.left) * C, Wp, st, lists, C, Ho, Wo, sh, sw, corr);
 }
 
 // Both gradients of one image, channels_last: its grad_output is read from memory once, into the
@@ -952,12 +953,9 @@ void stencil_backward_padded(const T* g, const T* x, T* gx, const Stencil<T>& st
                              const std::vector<std::vector<RowTap<T>>>& glists, const PadBox& gb,
                              const std::vector<std::vector<RowTap<T>>>& xlists, const PadBox& xb, int64_t H, int64_t W,
                              int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* gbuf, T* xbuf, double* corr) {
-  const int64_t Wg = gb.left + Wo + gb.right, Wx = xb.left + W + xb.right;
-  pad_image<T>(g, Ho, Wo, C, gb, gbuf);
-  const T* go = gbuf + (gb.top * Wg + gb.left) * C;
-  stencil_input_grad_from_padded<T>(go, Wg, gx, st, glists, H, W, C, sh, sw);
-  pad_image<T>(x, H, W, C, xb, xbuf);
-  stencil_correlate_from_padded<T>(go, Wg, xbuf + (xb.top * Wx + xb.left) * C, Wx, st, xlists, C, Ho, Wo, sh, sw, corr);
+  stencil_input_grad_padded<T>(g, gx, st, glists, gb, H, W, C, Ho, Wo, sh, sw, gbuf);
+  const int64_t Wg = gb.left + Wo + gb.right;
+  stencil_correlate_padded<T>(gbuf + (gb.top * Wg + gb.left) * C, Wg, x, st, xlists, xb, H, W, C, Ho, Wo, sh, sw, xbuf, corr);
 }
 
 // Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the source
@@ -1013,15 +1011,12 @@ void stencil_correlate_rows(const T* g, const T* x, const Stencil<T>& st, const 
   for (int64_t v = 0; v < st.nv; ++v) {
     const uint32_t lm = lane_range<N>(0, C - v * N);
     const auto& list = lists[v];
-    // this vector's tap k is stencil tap index[k]
-    std::vector<int64_t> index(list.size());
-    for (size_t k = 0; k < list.size(); ++k) index[k] = list[k].tap;
     reg acc[kMaxStencilTaps];  // (a std::vector of vector registers would not be aligned for them)
     for (size_t k = 0; k < list.size(); ++k) acc[k] = V::zero();
     auto flush = [&] {
       for (size_t k = 0; k < list.size(); ++k) {
         V::store(tmp, acc[k]);
-        double* out = corr + index[k] * C + v * N;
+        double* out = corr + list[k].tap * C + v * N;
         for (int l = 0; l < N && v * N + l < C; ++l) out[l] += static_cast<double>(tmp[l]);
         acc[k] = V::zero();
       }

@@ -351,7 +351,14 @@ void sample_plane(const T* src, T* out, const PlanePlan<T>& p) {
   using V = Vec<T>;
   using reg = typename V::reg;
   const reg w[4] = {V::set1(p.w[0]), V::set1(p.w[1]), V::set1(p.w[2]), V::set1(p.w[3])};
-  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) { store_vector<T>(out + e, om, blend4<T>(w, x)); });
+  // A vector short of the row's end is stored whole while it stays inside the plane: the lanes
+  // past the row belong to outputs stored later (AVX2's masked stores are slow).
+  const int64_t last_full = p.map.Ho * p.map.Wo - V::N;
+  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) {
+    const reg v = blend4<T>(w, x);
+    if (e <= last_full) V::store(out + e, v);
+    else store_vector<T>(out + e, om, v);
+  });
 }
 
 // The four correlations sum over (i, j) of g[i, j] * s[tap (a, b) of (i, j)] of one plane, for

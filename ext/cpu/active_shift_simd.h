@@ -416,7 +416,8 @@ void upsample2_plane(const T* g, T* gx, const PlaneMap& m, const T* wts) {
       for (int64_t q0 = qs; q0 < m.W; q0 += N) {
         const int64_t j0 = (q0 - m.offc) / 2;
         const typename V::reg d = V::dup_halfz(lane_range<N / 2>(-j0, m.Wo - j0), grow + j0);
-        if (q0 + N <= m.W) V::store(o + q0, V::mul(wp, d));
+        // whole while inside the plane: lanes past the row are stored again with the next row
+        if ((r * m.W + q0 + N) <= m.H * m.W) V::store(o + q0, V::mul(wp, d));
         else V::store(lane_range<N>(0, m.W - q0), o + q0, V::mul(wp, d));
       }
     } else {

@@ -455,19 +455,26 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
         if (st.most <= kStencilTaps) {
           const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
           const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
-          std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * T_ * C) : 0, 0.0);
+          // the correlations' sums: per image through the padded copies, per block of rows otherwise
+          int64_t sums = 1;  // sums per image
+          std::vector<double> corr;
+          const auto sums_per_image = [&](int64_t k) {
+            sums = k;
+            corr.assign(static_cast<size_t>(N * sums * T_ * C), 0.0);
+          };
           bool rows_input = want_input, rows_shift = want_shift;
           if (want_input && want_shift) {
             // both through padded copies, grad_output read once for both: each image's
-            // correlations into its first block's sums
+            // correlations into its sums
             const auto gb = K::input_grad_pad(st, lists, g), xb = K::forward_pad(st, g);
             const int64_t ge = padded_elems<T>(gb, g.Ho, g.Wo, C), xe = padded_elems<T>(xb, g.H, g.W, C);
             if (ge > 0 && xe > 0 && (ge + xe) * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes) {
               const auto gl = K::input_grad_lists_pitch(st, gb.left + g.Wo + gb.right, g);
               const auto xl = K::forward_lists_pitch(st, xb.left + g.W + xb.right, g);
+              sums_per_image(1);
               for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
                 K::backward_padded(gp + n * Po * C, xp + n * P * C, op_ + n * P * C, st, gl, gb, xl, xb, g, buf, buf + ge,
-                                   &corr[n * blocks * T_ * C]);
+                                   &corr[n * T_ * C]);
               });
               rows_input = rows_shift = false;
             }
@@ -484,15 +491,15 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
               rows_input = false;
             }
           }
-          // Small images: each image's correlations through a padded copy of its input, into its
-          // first block's sums.
+          // Small images: each image's correlations through a padded copy of its input.
           if (rows_shift) {
             const auto box = K::forward_pad(st, g);
             const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
             if (elems > 0) {
               const auto plists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
+              sums_per_image(1);
               for_each_image_with_scratch<T>(N, elems, [&](int64_t n, T* buf) {
-                K::correlate_padded(gp + n * Po * C, xp + n * P * C, st, plists, box, g, buf, &corr[n * blocks * T_ * C]);
+                K::correlate_padded(gp + n * Po * C, xp + n * P * C, st, plists, box, g, buf, &corr[n * T_ * C]);
               });
               rows_shift = false;
             }
@@ -500,6 +507,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           // Blocks of output rows [i0, i1) of larger images: their correlations and the
           // input-gradient rows [i0 * sh, i1 * sh) (the last block to the end of the image).
           const auto flists = rows_shift ? K::forward_lists(st, g) : typename K::Lists();
+          if (rows_shift) sums_per_image(blocks);
           at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
             for (int64_t u = b; u < e; ++u) {
               const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
@@ -511,15 +519,18 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             }
           });
           if (want_shift) {
-            // each channel's four taps among the stencil's, then its correlations summed over blocks
-            for (int64_t c = 0; c < C; ++c) {
-              int64_t idx[4];
-              for (int t4 = 0; t4 < 4; ++t4) idx[t4] = st.tap_index(ch[c].offr + (t4 >> 1), ch[c].offc + (t4 & 1));
-              for (int64_t n = 0; n < N; ++n) {
+            // each channel's four taps among the stencil's, then per image its correlations summed
+            // over the image's sums (images outermost: the sums are read in memory order)
+            std::vector<int64_t> idx(static_cast<size_t>(4 * C));
+            for (int64_t c = 0; c < C; ++c)
+              for (int t4 = 0; t4 < 4; ++t4) idx[4 * c + t4] = st.tap_index(ch[c].offr + (t4 >> 1), ch[c].offc + (t4 & 1));
+            for (int64_t n = 0; n < N; ++n) {
+              const double* cn = corr.data() + n * sums * T_ * C;
+              for (int64_t c = 0; c < C; ++c) {
                 double cc[4] = {0, 0, 0, 0};
-                for (int64_t blk = 0; blk < blocks; ++blk)
+                for (int64_t blk = 0; blk < sums; ++blk)
                   for (int t4 = 0; t4 < 4; ++t4)
-                    if (idx[t4] >= 0) cc[t4] += corr[((n * blocks + blk) * T_ + idx[t4]) * C + c];
+                    if (idx[4 * c + t4] >= 0) cc[t4] += cn[(blk * T_ + idx[4 * c + t4]) * C + c];
                 shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
               }
             }

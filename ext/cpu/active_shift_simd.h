@@ -33,6 +33,7 @@ struct Vec<float> {
   static reg set1(float v) { return _mm512_set1_ps(v); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static reg loadz(uint32_t m, const float* p) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p); }
+  static reg loadm(uint32_t m, const float* p) { return loadz(m, p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -58,6 +59,7 @@ struct Vec<double> {
   static reg set1(double v) { return _mm512_set1_pd(v); }
   static reg load(const double* p) { return _mm512_loadu_pd(p); }
   static reg loadz(uint32_t m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
+  static reg loadm(uint32_t m, const double* p) { return loadz(m, p); }
   static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
   static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
@@ -97,6 +99,7 @@ struct Vec<float> {
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static reg loadz(uint32_t m, const float* p) { return m == 0xFFu ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes32(m)); }
+  static reg loadm(uint32_t m, const float* p) { return _mm256_maskload_ps(p, lanes32(m)); }  // no branch
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -119,6 +122,7 @@ struct Vec<double> {
   static reg set1(double v) { return _mm256_set1_pd(v); }
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
   static reg loadz(uint32_t m, const double* p) { return m == 0xFu ? _mm256_loadu_pd(p) : _mm256_maskload_pd(p, lanes64(m)); }
+  static reg loadm(uint32_t m, const double* p) { return _mm256_maskload_pd(p, lanes64(m)); }
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
@@ -142,6 +146,7 @@ struct Vec {  // one lane: the kernels' scalar form
   static reg set1(T v) { return v; }
   static reg load(const T* p) { return *p; }
   static reg loadz(uint32_t m, const T* p) { return (m & 1u) ? *p : T(0); }
+  static reg loadm(uint32_t m, const T* p) { return loadz(m, p); }
   static void store(T* p, reg v) { *p = v; }
   static void store(uint32_t m, T* p, reg v) {
     if (m & 1u) *p = v;
@@ -200,6 +205,7 @@ struct PlanePlan {
   struct Lanes {
     std::vector<int64_t> c0;
     std::vector<uint32_t> m, out;
+    int64_t full_lo = 0, full_hi = 0;  // rows: the vectors [full_lo, full_hi) load and store whole
   };
   PlaneMap map;
   T w[4];
@@ -256,6 +262,16 @@ struct PlanePlan {
         m[2 * k + 1] = lane_range<N>(-c0[k] - N, pm.W - c0[k] - N);
       }
     }
+    // The masks are lane ranges cut by the row's two ends, so the vectors with every lane of
+    // every load and of the store inside are one run.
+    constexpr uint32_t full = all_lanes<N>();
+    auto whole = [&](int64_t k) { return m[2 * k] == full && m[2 * k + 1] == full && out[k] == full; };
+    int64_t lo = 0;
+    while (lo < nvec && !whole(lo)) ++lo;
+    int64_t hi = lo;
+    while (hi < nvec && whole(hi)) ++hi;
+    l->full_lo = lo;
+    l->full_hi = hi;
   }
   // The same offsets with other weights (another channel), sharing the tables.
   PlanePlan with_weights(const T* wts) const {
@@ -277,39 +293,66 @@ template <typename T, int SC>
 inline void column_taps(const T* row, uint32_t m0, uint32_t m1, typename Vec<T>::reg& t0, typename Vec<T>::reg& t1) {
   using V = Vec<T>;
   if constexpr (SC == 1) {
-    t0 = V::loadz(m0, row);
-    t1 = V::loadz(m1, row + 1);
+    t0 = V::loadm(m0, row);
+    t1 = V::loadm(m1, row + 1);
   } else {
-    V::deinterleave(V::loadz(m0, row), V::loadz(m1, row + V::N), t0, t1);
+    V::deinterleave(V::loadm(m0, row), V::loadm(m1, row + V::N), t0, t1);
   }
+}
+
+// A row of zeros, read in place of a source row outside the plane (n elements at least).
+template <typename T>
+inline const T* zero_row(int64_t n) {
+  thread_local std::vector<T> z;
+  if (static_cast<int64_t>(z.size()) < n) z.assign(static_cast<size_t>(n), T(0));
+  return z.data();
 }
 
 // Calls fn(e, om, taps) for every output vector of a plane: e its first output element, om its
-// lanes. The plan's arrays are read through restrict locals so that the stores fn makes do not
-// force them to be reloaded for every vector.
+// lanes. A source row outside the plane is read as a row of zeros, and the vectors inside both
+// ends of the rows ([full_lo, full_hi)) load and store whole, so the loop over them has no
+// branch. fn is taken and returned by value: its state is the loop's own (registers), which
+// the stores it makes cannot alias, and the plan's arrays are read through restrict locals for
+// the same reason.
 template <typename T, int SC, typename Fn>
-inline void for_each_vector_rows(const T* src, const PlanePlan<T>& p, const Fn& fn) {
+inline Fn for_each_vector_rows(const T* src, const PlanePlan<T>& p, Fn fn) {
   using V = Vec<T>;
+  constexpr int N = V::N;
   const int64_t H = p.map.H, W = p.map.W, Ho = p.map.Ho, Wo = p.map.Wo, sr = p.map.sr, offr = p.map.offr;
-  const int64_t nvec = p.vectors();
+  const int64_t nvec = p.vectors(), k_lo = p.lanes->full_lo, k_hi = p.lanes->full_hi;
   const int64_t* __restrict c0 = p.lanes->c0.data();
   const uint32_t* __restrict mk = p.lanes->m.data();
   const uint32_t* __restrict om = p.lanes->out.data();
+  const T* zeros = zero_row<T>(W + 2 * N + 2);
   for (int64_t i = 0; i < Ho; ++i) {
     const int64_t r = i * sr + offr;
-    const bool in0 = r >= 0 && r < H, in1 = r + 1 >= 0 && r + 1 < H;
-    const T* a = src + r * W;
-    for (int64_t k = 0; k < nvec; ++k) {
-      Taps<T> x{V::zero(), V::zero(), V::zero(), V::zero()};
-      if (in0) column_taps<T, SC>(a + c0[k], mk[2 * k], mk[2 * k + 1], x.x0, x.x1);
-      if (in1) column_taps<T, SC>(a + W + c0[k], mk[2 * k], mk[2 * k + 1], x.x2, x.x3);
-      fn(i * Wo + k * V::N, om[k], x);
+    const T* a = r >= 0 && r < H ? src + r * W : zeros;
+    const T* b = r + 1 >= 0 && r + 1 < H ? src + (r + 1) * W : zeros;
+    const int64_t e0 = i * Wo;
+    auto masked = [&](int64_t k) {
+      Taps<T> x;
+      column_taps<T, SC>(a + c0[k], mk[2 * k], mk[2 * k + 1], x.x0, x.x1);
+      column_taps<T, SC>(b + c0[k], mk[2 * k], mk[2 * k + 1], x.x2, x.x3);
+      fn(e0 + k * N, om[k], x);
+    };
+    for (int64_t k = 0; k < k_lo; ++k) masked(k);
+    for (int64_t k = k_lo; k < k_hi; ++k) {
+      Taps<T> x;
+      if constexpr (SC == 1) {
+        x = {V::load(a + c0[k]), V::load(a + c0[k] + 1), V::load(b + c0[k]), V::load(b + c0[k] + 1)};
+      } else {
+        V::deinterleave(V::load(a + c0[k]), V::load(a + c0[k] + N), x.x0, x.x1);
+        V::deinterleave(V::load(b + c0[k]), V::load(b + c0[k] + N), x.x2, x.x3);
+      }
+      fn(e0 + k * N, all_lanes<N>(), x);
     }
+    for (int64_t k = k_hi; k < nvec; ++k) masked(k);
   }
+  return fn;
 }
 
 template <typename T, typename Fn>
-inline void for_each_vector(const T* src, const PlanePlan<T>& p, const Fn& fn) {
+inline Fn for_each_vector(const T* src, const PlanePlan<T>& p, Fn fn) {
   using V = Vec<T>;
   constexpr int N = V::N;
   if (p.multi) {
@@ -319,13 +362,13 @@ inline void for_each_vector(const T* src, const PlanePlan<T>& p, const Fn& fn) {
     for (int64_t k = 0; k < nvec; ++k) {
       const T* base = src + k * N + shift;
       const uint32_t* m = mk + 4 * k;
-      const Taps<T> x{V::loadz(m[0], base), V::loadz(m[1], base + 1), V::loadz(m[2], base + W), V::loadz(m[3], base + W + 1)};
+      const Taps<T> x{V::loadm(m[0], base), V::loadm(m[1], base + 1), V::loadm(m[2], base + W), V::loadm(m[3], base + W + 1)};
       fn(k * N, om[k], x);
     }
-    return;
+    return fn;
   }
-  if (p.map.sc == 1) for_each_vector_rows<T, 1>(src, p, fn);
-  else for_each_vector_rows<T, 2>(src, p, fn);
+  if (p.map.sc == 1) return for_each_vector_rows<T, 1>(src, p, fn);
+  return for_each_vector_rows<T, 2>(src, p, fn);
 }
 
 template <typename T>
@@ -350,15 +393,21 @@ template <typename T>
 void sample_plane(const T* src, T* out, const PlanePlan<T>& p) {
   using V = Vec<T>;
   using reg = typename V::reg;
-  const reg w[4] = {V::set1(p.w[0]), V::set1(p.w[1]), V::set1(p.w[2]), V::set1(p.w[3])};
+  struct Blend {
+    reg w0, w1, w2, w3;
+    T* out;
+    int64_t last_full;
+    void operator()(int64_t e, uint32_t om, const Taps<T>& x) {
+      const reg w[4] = {w0, w1, w2, w3};
+      const reg v = blend4<T>(w, x);
+      if (om == all_lanes<V::N>() || e <= last_full) V::store(out + e, v);
+      else store_vector<T>(out + e, om, v);
+    }
+  };
   // A vector short of the row's end is stored whole while it stays inside the plane: the lanes
   // past the row belong to outputs stored later (AVX2's masked stores are slow).
-  const int64_t last_full = p.map.Ho * p.map.Wo - V::N;
-  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) {
-    const reg v = blend4<T>(w, x);
-    if (e <= last_full) V::store(out + e, v);
-    else store_vector<T>(out + e, om, v);
-  });
+  for_each_vector<T>(src, p, Blend{V::set1(p.w[0]), V::set1(p.w[1]), V::set1(p.w[2]), V::set1(p.w[3]), out,
+                                   p.map.Ho * p.map.Wo - V::N});
 }
 
 // The four correlations sum over (i, j) of g[i, j] * s[tap (a, b) of (i, j)] of one plane, for
@@ -368,23 +417,29 @@ void correlate_plane(const T* g, const T* src, const PlanePlan<T>& p, double* co
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
-  reg acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
-  int64_t since = 0;
-  for_each_vector<T>(src, p, [&](int64_t e, uint32_t om, const Taps<T>& x) {
-    const reg gv = om == all_lanes<N>() ? V::load(g + e) : V::loadz(om, g + e);
-    acc[0] = V::fma(gv, x.x0, acc[0]);
-    acc[1] = V::fma(gv, x.x1, acc[1]);
-    acc[2] = V::fma(gv, x.x2, acc[2]);
-    acc[3] = V::fma(gv, x.x3, acc[3]);
-    if (++since * N >= 512) {
-      for (int k = 0; k < 4; ++k) {
-        corr[k] += lane_sum<T>(acc[k]);
-        acc[k] = V::zero();
-      }
+  struct Correlate {
+    const T* g;
+    double* corr;
+    reg a0, a1, a2, a3;
+    int64_t since;
+    void operator()(int64_t e, uint32_t om, const Taps<T>& x) {
+      const reg gv = om == all_lanes<N>() ? V::load(g + e) : V::loadz(om, g + e);
+      a0 = V::fma(gv, x.x0, a0);
+      a1 = V::fma(gv, x.x1, a1);
+      a2 = V::fma(gv, x.x2, a2);
+      a3 = V::fma(gv, x.x3, a3);
+      if (++since * N >= 512) flush();
+    }
+    void flush() {
+      corr[0] += lane_sum<T>(a0);
+      corr[1] += lane_sum<T>(a1);
+      corr[2] += lane_sum<T>(a2);
+      corr[3] += lane_sum<T>(a3);
+      a0 = a1 = a2 = a3 = V::zero();
       since = 0;
     }
-  });
-  for (int k = 0; k < 4; ++k) corr[k] += lane_sum<T>(acc[k]);
+  };
+  for_each_vector<T>(src, p, Correlate{g, corr, V::zero(), V::zero(), V::zero(), V::zero(), 0}).flush();
 }
 
 // Input gradient at strides (2, 2): every input element takes at most one term, from the output

@@ -709,6 +709,9 @@ inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, i
   }
   const bool full = store_mask == all_lanes<V::N>();
   const typename V::reg zero = V::zero();
+  // channels_last rows of pixels C apart: from 16 float channels on, each vector a pass stores
+  // starts a new cache line, which is fetched about 2 KiB ahead so that the stores do not wait
+  const int64_t ahead = 2048 / (ystep * static_cast<int64_t>(sizeof(T))) + 1;
   // chk in a register: the reference may alias y (a vector type may alias any), and kept there it
   // would be stored and reloaded at every pixel, a chain through memory
   typename V::reg c = chk;
@@ -722,6 +725,7 @@ inline void stencil_block(const T* x, T* y, const RowTap<T>* rt, int64_t rows, i
         acc = V::fma(w[k], MASKED ? V::loadz(m[k], p) : V::load(p), acc);
       }
       if (!MASKED) c = V::orbits(c, V::mul(acc, zero));
+      if (!MASKED) __builtin_prefetch(yr + (j + ahead) * ystep, 1, 3);
       if (full) V::store(yr + j * ystep, acc);
       else V::store(store_mask, yr + j * ystep, acc);
     }

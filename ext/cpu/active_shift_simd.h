@@ -34,6 +34,7 @@ struct Vec<float> {
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   static reg loadz(uint32_t m, const float* p) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p); }
   static reg loadm(uint32_t m, const float* p) { return loadz(m, p); }
+  static reg loadand(uint32_t m, const float* p) { return loadz(m, p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -60,6 +61,7 @@ struct Vec<double> {
   static reg load(const double* p) { return _mm512_loadu_pd(p); }
   static reg loadz(uint32_t m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
   static reg loadm(uint32_t m, const double* p) { return loadz(m, p); }
+  static reg loadand(uint32_t m, const double* p) { return loadz(m, p); }
   static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
   static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
@@ -100,6 +102,8 @@ struct Vec<float> {
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   static reg loadz(uint32_t m, const float* p) { return m == 0xFFu ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes32(m)); }
   static reg loadm(uint32_t m, const float* p) { return _mm256_maskload_ps(p, lanes32(m)); }  // no branch
+  // all N lanes at p must be readable: a plain load, the lanes outside m then zeroed (faster)
+  static reg loadand(uint32_t m, const float* p) { return _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(lanes32(m))); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -123,6 +127,7 @@ struct Vec<double> {
   static reg load(const double* p) { return _mm256_loadu_pd(p); }
   static reg loadz(uint32_t m, const double* p) { return m == 0xFu ? _mm256_loadu_pd(p) : _mm256_maskload_pd(p, lanes64(m)); }
   static reg loadm(uint32_t m, const double* p) { return _mm256_maskload_pd(p, lanes64(m)); }
+  static reg loadand(uint32_t m, const double* p) { return _mm256_and_pd(_mm256_loadu_pd(p), _mm256_castsi256_pd(lanes64(m))); }
   static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
@@ -147,6 +152,7 @@ struct Vec {  // one lane: the kernels' scalar form
   static reg load(const T* p) { return *p; }
   static reg loadz(uint32_t m, const T* p) { return (m & 1u) ? *p : T(0); }
   static reg loadm(uint32_t m, const T* p) { return loadz(m, p); }
+  static reg loadand(uint32_t m, const T* p) { return loadz(m, p); }
   static void store(T* p, reg v) { *p = v; }
   static void store(uint32_t m, T* p, reg v) {
     if (m & 1u) *p = v;
@@ -205,7 +211,9 @@ struct PlanePlan {
   struct Lanes {
     std::vector<int64_t> c0;
     std::vector<uint32_t> m, out;
-    int64_t full_lo = 0, full_hi = 0;  // rows: the vectors [full_lo, full_hi) load and store whole
+    // rows: the vectors [full_lo, full_hi) load and store whole; multi: their loads lie inside
+    // the plane
+    int64_t full_lo = 0, full_hi = 0;
   };
   PlaneMap map;
   T w[4];
@@ -243,6 +251,14 @@ struct PlanePlan {
         m[4 * k + 3] = rm1 & c1m;
         out[k] = lane_range<N>(0, P - k * N);
       }
+      // the vectors whose four loads lie inside the plane: read whole, masked afterwards
+      const int64_t shift = pm.offr * W + pm.offc;
+      int64_t lo = 0;
+      while (lo < nvec && lo * N + shift < 0) ++lo;
+      int64_t hi = lo;
+      while (hi < nvec && hi * N + shift + W + 1 + N <= P) ++hi;
+      l->full_lo = lo;
+      l->full_hi = hi;
       return;
     }
     const int64_t nvec = (pm.Wo + N - 1) / N;
@@ -359,12 +375,17 @@ inline Fn for_each_vector(const T* src, const PlanePlan<T>& p, Fn fn) {
     const int64_t W = p.map.W, shift = p.map.offr * W + p.map.offc, nvec = p.vectors();
     const uint32_t* __restrict mk = p.lanes->m.data();
     const uint32_t* __restrict om = p.lanes->out.data();
-    for (int64_t k = 0; k < nvec; ++k) {
+    auto vec = [&](int64_t k, auto load) {
       const T* base = src + k * N + shift;
       const uint32_t* m = mk + 4 * k;
-      const Taps<T> x{V::loadm(m[0], base), V::loadm(m[1], base + 1), V::loadm(m[2], base + W), V::loadm(m[3], base + W + 1)};
-      fn(k * N, om[k], x);
-    }
+      fn(k * N, om[k], Taps<T>{load(m[0], base), load(m[1], base + 1), load(m[2], base + W), load(m[3], base + W + 1)});
+    };
+    const auto masked = [](uint32_t m, const T* q) { return V::loadm(m, q); };
+    const auto inside = [](uint32_t m, const T* q) { return V::loadand(m, q); };
+    const int64_t lo = p.lanes->full_lo, hi = p.lanes->full_hi;
+    for (int64_t k = 0; k < lo; ++k) vec(k, masked);
+    for (int64_t k = lo; k < hi; ++k) vec(k, inside);
+    for (int64_t k = hi; k < nvec; ++k) vec(k, masked);
     return fn;
   }
   if (p.map.sc == 1) return for_each_vector_rows<T, 1>(src, p, fn);

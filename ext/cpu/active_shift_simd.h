@@ -211,6 +211,8 @@ struct PlanePlan {
   struct Lanes {
     std::vector<int64_t> c0;
     std::vector<uint32_t> m, out;
+    std::vector<T> zeros;  // rows: read in place of a source row outside the plane (built once,
+                           // not looked up per plane in thread-local storage)
     // rows: the vectors [full_lo, full_hi) load and store whole; multi: their loads lie inside
     // the plane
     int64_t full_lo = 0, full_hi = 0;
@@ -262,6 +264,7 @@ struct PlanePlan {
       return;
     }
     const int64_t nvec = (pm.Wo + N - 1) / N;
+    l->zeros.assign(static_cast<size_t>(pm.W + 2 * N + 2), T(0));
     c0.resize(nvec);
     m.resize(2 * nvec);
     out.resize(nvec);
@@ -316,14 +319,6 @@ inline void column_taps(const T* row, uint32_t m0, uint32_t m1, typename Vec<T>:
   }
 }
 
-// A row of zeros, read in place of a source row outside the plane (n elements at least).
-template <typename T>
-inline const T* zero_row(int64_t n) {
-  thread_local std::vector<T> z;
-  if (static_cast<int64_t>(z.size()) < n) z.assign(static_cast<size_t>(n), T(0));
-  return z.data();
-}
-
 // Calls fn(e, om, taps) for every output vector of a plane: e its first output element, om its
 // lanes. A source row outside the plane is read as a row of zeros, and the vectors inside both
 // ends of the rows ([full_lo, full_hi)) load and store whole, so the loop over them has no
@@ -339,7 +334,7 @@ inline Fn for_each_vector_rows(const T* src, const PlanePlan<T>& p, Fn fn) {
   const int64_t* __restrict c0 = p.lanes->c0.data();
   const uint32_t* __restrict mk = p.lanes->m.data();
   const uint32_t* __restrict om = p.lanes->out.data();
-  const T* zeros = zero_row<T>(W + 2 * N + 2);
+  const T* zeros = p.lanes->zeros.data();
   for (int64_t i = 0; i < Ho; ++i) {
     const int64_t r = i * sr + offr;
     const T* a = r >= 0 && r < H ? src + r * W : zeros;

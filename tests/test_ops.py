@@ -680,7 +680,8 @@ torch.manual_seed(0)
 pair = lambda v: [v, v] if isinstance(v, int) else list(v)
 cases = [(2, 3, 7, 9, 1, 0, 1.5), (3, 5, 8, 5, 2, 1, 2.5), (2, 4, 6, 6, 1, 2, 1.0), (1, 2, 4, 6, 1, 0, 12.0),
          (1, 3, 11, 3, (2, 1), (0, 1), 1.7), (2, 16, 8, 12, 1, 0, 2.0), (2, 64, 8, 8, 1, 0, 1.0), (2, 32, 16, 16, 2, 0, 1.0),
-         (1, 20, 33, 37, 1, 0, 3.0), (2, 16, 12, 8, 3, 1, 1.0), (2, 17, 4, 4, 1, 0, 1.0), (2, 40, 9, 9, 1, 0, 4.0)]
+         (1, 20, 33, 37, 1, 0, 3.0), (2, 16, 12, 8, 3, 1, 1.0), (2, 17, 4, 4, 1, 0, 1.0), (2, 40, 9, 9, 1, 0, 4.0),
+         (2, 24, 8, 8, 2, 0, 3.0), (2, 64, 8, 8, 2, 1, 1.0)]
 for N, C, H, W, st, pd, sc in cases:
     for dt in (torch.float32, torch.float64):
         x = torch.randn(N, C, H, W, dtype=dt)
@@ -706,6 +707,37 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
                          env={**os.environ, "ASL_CPU_SIMD": simd})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("H, W", [(8, 8), (7, 7), (6, 10), (1, 1), (2, 32), (4, 16), (8, 5), (1, 64), (9, 7)])
+def test_stride_two_small_planes_match_the_reference(H, W):
+    """At stride 2, planes of at most 64 floats with at most 16 outputs (8 x 8 -> 4 x 4) take each
+    tap of the whole output as one permute across the plane's four AVX-512 vectors: values and
+    both gradients against the reference at shifts within a pixel, across the image and beyond
+    it, an integer shift, padding 0 and 1, an inf reaching only the outputs that tap it, and
+    channels_last (through the same planes) equal to NCHW bit for bit."""
+    for padding in (0, 1):
+        for scale in (0.9, 2.5, 12.0):
+            x = torch.randn(3, 24, H, W)
+            x[1, 2, H // 2, W // 2] = float("inf")
+            s = rand_shift(24, scale, torch.float32)
+            s[0] = torch.tensor([1.0, -1.0])
+            args = ([2, 2], [padding, padding])
+            y = torch.ops.asl.active_shift(x, s, *args)
+            r = reference_active_shift(x.double(), s.double(), 2, padding)
+            assert torch.equal(torch.isinf(y), torch.isinf(r)) and torch.equal(torch.isnan(y), torch.isnan(r))
+            finite = torch.isfinite(r)
+            torch.testing.assert_close(y.double()[finite], r[finite], atol=1e-5, rtol=1e-5)
+            x[1, 2, H // 2, W // 2] = 0.5
+            g = torch.randn_like(y)
+            gi, gs = torch.ops.asl.active_shift_backward(g, x, s, *args)
+            rgi, rgs = ref_grads(x.double(), s.double(), 2, padding, g.double())
+            torch.testing.assert_close(gi.double(), rgi, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gs.double(), rgs, atol=1e-3, rtol=1e-4)
+            xc, gc = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+            gic, _ = torch.ops.asl.active_shift_backward(gc, xc, s, *args)
+            assert torch.equal(torch.ops.asl.active_shift(xc, s, *args), torch.ops.asl.active_shift(x, s, *args))
+            assert torch.equal(gic, gi), (H, W, padding, scale)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

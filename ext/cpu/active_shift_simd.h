@@ -8,7 +8,8 @@
 // bit. Taps outside the image are never read: vector loads at the borders are masked.
 //
 // NCHW: each (n, c) plane is blended row by row straight from the input (planes narrower than a
-// vector are taken several rows per vector); the shift gradient sums grad_output times each tap
+// vector are taken several rows per vector; at stride 2, AVX-512 takes planes of up to 64 floats
+// whole, each tap of the output one permute); the shift gradient sums grad_output times each tap
 // (four correlations) while the plane is in cache. channels_last: each output pixel's C channels
 // are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
 // depthwise stencil, weights zero for channels that do not use an offset), so no transpose is
@@ -180,15 +181,31 @@ constexpr uint32_t all_lanes() {
   return static_cast<uint32_t>((uint64_t{1} << N) - 1);
 }
 
-// Sum of a vector's lanes in lane order, in double.
+// Sum of a vector's lanes in double, in a fixed order: the two halves' lanes pairwise, then a
+// tree (a few instructions; a sum in lane order is a chain of N dependent additions, and the
+// correlations of a small plane waited on four of them).
 template <typename T>
 inline double lane_sum(typename Vec<T>::reg v) {
-  constexpr int N = Vec<T>::N;
-  alignas(64) T tmp[N];
-  Vec<T>::store(tmp, v);
-  double s = 0;
-  for (int l = 0; l < N; ++l) s += static_cast<double>(tmp[l]);
-  return s;
+#if ASL_SIMD == 2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  } else {
+    return _mm512_reduce_add_pd(v);
+  }
+#elif ASL_SIMD == 1
+  __m256d s;
+  if constexpr (std::is_same_v<T, float>) {
+    s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  } else {
+    s = v;
+  }
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#else
+  return static_cast<double>(v);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,6 +220,22 @@ inline double lane_sum(typename Vec<T>::reg v) {
 //  - multi (planes no wider than a vector, see PlaneMap::multi_row): several whole rows per
 //    vector; vector k (flat outputs k N ...) loads from k N + offr W + offc (+1, +W, +W+1) with
 //    masks m[4k .. 4k + 3].
+// Planes that fit in four AVX-512 vectors of floats whose outputs fit in one, at stride 2 (8 x 8 ->
+// 4 x 4): each tap of the whole output is one permute across the four vectors, where the row
+// loops would make every output row a quarter-filled vector with four masked loads.
+template <typename T>
+constexpr bool whole_plane_type() {
+#if ASL_SIMD == 2
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+template <typename T>
+bool whole_plane(const PlaneMap& m) {
+  return whole_plane_type<T>() && m.sr == 2 && m.sc == 2 && m.H * m.W > 0 && m.H * m.W <= 64 && m.Ho * m.Wo <= 16;
+}
+
 template <typename T>
 struct PlanePlan {
   static constexpr int N = Vec<T>::N;
@@ -216,18 +249,42 @@ struct PlanePlan {
     // rows: the vectors [full_lo, full_hi) load and store whole; multi: their loads lie inside
     // the plane
     int64_t full_lo = 0, full_hi = 0;
+    // whole (see whole_plane): tap k of output lane o is input element fidx[16 k + o] (lanes in
+    // fm[k]); input element 16 j + l takes the term of output gidx[16 j + l] by tap gtap[16 j + l]
+    // (lanes in gm[j]; at stride 2 an input takes at most one term)
+    std::vector<int32_t> fidx, gidx, gtap;
+    uint32_t fm[4] = {}, gm[4] = {};
   };
   PlaneMap map;
   T w[4];
-  bool multi = false;
+  bool multi = false, whole = false;
   std::shared_ptr<const Lanes> lanes;
 
   PlanePlan() = default;
   PlanePlan(const PlaneMap& pm, const T* wts) : map(pm) {
     std::copy(wts, wts + 4, w);
     multi = pm.multi_row<N>();
+    whole = whole_plane<T>(pm);
     auto l = std::make_shared<Lanes>();
     lanes = l;
+    if (whole) {
+      l->fidx.assign(4 * 16, 0);
+      l->gidx.assign(4 * 16, 0);
+      l->gtap.assign(4 * 16, 0);
+      for (int k = 0; k < 4; ++k)
+        for (int64_t i = 0; i < pm.Ho; ++i)
+          for (int64_t j = 0; j < pm.Wo; ++j) {
+            const int64_t r = i * 2 + pm.offr + (k >> 1), c = j * 2 + pm.offc + (k & 1), o = i * pm.Wo + j;
+            if (r < 0 || r >= pm.H || c < 0 || c >= pm.W) continue;
+            const int64_t e = r * pm.W + c;
+            l->fidx[16 * k + o] = static_cast<int32_t>(e);
+            l->fm[k] |= 1u << o;
+            l->gidx[e] = static_cast<int32_t>(o);
+            l->gtap[e] = k;
+            l->gm[e / 16] |= 1u << (e % 16);
+          }
+      return;
+    }
     std::vector<int64_t>& c0 = l->c0;
     std::vector<uint32_t>& m = l->m;
     std::vector<uint32_t>& out = l->out;
@@ -551,10 +608,64 @@ void correlate_plane_scalar(const T* g, const T* src, const PlaneMap& m, double*
   }
 }
 
+#if ASL_SIMD == 2
+// Whole planes (see whole_plane), AVX-512 floats.
+struct WholePlane {
+  __m512 x[4];  // the plane, zeros past its end
+  // tap k of every output: lanes outside the source zero
+  __m512 tap(const PlanePlan<float>::Lanes& l, int k) const {
+    const __m512i idx = _mm512_loadu_si512(l.fidx.data() + 16 * k);
+    const __mmask16 m = static_cast<__mmask16>(l.fm[k]);
+    const __mmask16 hi = _mm512_mask_cmpge_epi32_mask(m, idx, _mm512_set1_epi32(32));
+    const __m512 a = _mm512_maskz_permutex2var_ps(m, x[0], idx, x[1]);
+    const __m512 b = _mm512_maskz_permutex2var_ps(m, x[2], idx, x[3]);
+    return _mm512_mask_blend_ps(hi, a, b);
+  }
+  WholePlane(const float* src, int64_t P) {
+    for (int v = 0; v < 4; ++v)
+      x[v] = 16 * v < P ? Vec<float>::loadz(lane_range<16>(0, P - 16 * v), src + 16 * v) : _mm512_setzero_ps();
+  }
+};
+
+inline void whole_forward(const float* src, float* out, const PlanePlan<float>& p) {
+  const PlanePlan<float>::Lanes& l = *p.lanes;
+  const WholePlane x(src, p.map.H * p.map.W);
+  __m512 acc = _mm512_mul_ps(_mm512_set1_ps(p.w[0]), x.tap(l, 0));
+  for (int k = 1; k < 4; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(p.w[k]), x.tap(l, k), acc);
+  Vec<float>::store(lane_range<16>(0, p.map.Ho * p.map.Wo), out, acc);
+}
+
+// Each input element's one term at stride 2: its tap's weight times its output's gradient.
+inline void whole_input_grad(const float* g, float* gx, const PlanePlan<float>& p) {
+  const PlanePlan<float>::Lanes& l = *p.lanes;
+  const int64_t P = p.map.H * p.map.W;
+  const __m512 gv = Vec<float>::loadz(lane_range<16>(0, p.map.Ho * p.map.Wo), g);
+  const __m512 wv = _mm512_maskz_loadu_ps(0xF, p.w);
+  for (int v = 0; 16 * v < P; ++v) {
+    const __m512 t = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(l.gm[v]), _mm512_loadu_si512(l.gidx.data() + 16 * v), gv);
+    const __m512 w = _mm512_permutexvar_ps(_mm512_loadu_si512(l.gtap.data() + 16 * v), wv);
+    Vec<float>::store(lane_range<16>(0, P - 16 * v), gx + 16 * v, _mm512_mul_ps(w, t));
+  }
+}
+
+// corr[k] = the sum over the outputs of g times tap k, each product rounded to float, summed in
+// double by lane_sum.
+inline void whole_correlations(const float* g, const float* src, const PlanePlan<float>& p, double* corr) {
+  const PlanePlan<float>::Lanes& l = *p.lanes;
+  const WholePlane x(src, p.map.H * p.map.W);
+  const __m512 gv = Vec<float>::loadz(lane_range<16>(0, p.map.Ho * p.map.Wo), g);
+  for (int k = 0; k < 4; ++k) corr[k] += lane_sum<float>(_mm512_mul_ps(gv, x.tap(l, k)));
+}
+#endif
+
 // One channel's forward plane, input-gradient plane and shift-gradient correlations, with the
 // plans of the forward sampling (fw) and, at stride 1, of the input gradient's (gr).
 template <typename T>
 void forward_plane(const T* x, T* y, const PlanePlan<T>& fw) {
+#if ASL_SIMD == 2
+  if constexpr (whole_plane_type<T>())
+    if (fw.whole) return whole_forward(x, y, fw);
+#endif
   if (fw.map.vectorized()) sample_plane<T>(x, y, fw);
   else sample_plane_scalar<T>(x, y, fw.map, fw.w);
 }
@@ -579,6 +690,10 @@ template <typename T>
 void input_grad_plane(const T* g, T* gx, const PlanePlan<T>& fw, const PlanePlan<T>& gr) {
   const PlaneMap& m = fw.map;
   if (m.sr == 1 && m.sc == 1) return sample_plane<T>(g, gx, gr);
+#if ASL_SIMD == 2
+  if constexpr (whole_plane_type<T>())
+    if (fw.whole) return whole_input_grad(g, gx, fw);
+#endif
   if (m.sr == 2 && m.sc == 2 && Vec<T>::N >= 2) return upsample2_plane<T>(g, gx, m, fw.w);
   transposed_plane_scalar<T>(g, gx, m, fw.w);
 }
@@ -586,6 +701,10 @@ void input_grad_plane(const T* g, T* gx, const PlanePlan<T>& fw, const PlanePlan
 template <typename T>
 void correlations_plane(const T* g, const T* x, const PlanePlan<T>& fw, double* corr) {
   corr[0] = corr[1] = corr[2] = corr[3] = 0;
+#if ASL_SIMD == 2
+  if constexpr (whole_plane_type<T>())
+    if (fw.whole) return whole_correlations(g, x, fw, corr);
+#endif
   if (fw.map.vectorized()) correlate_plane<T>(g, x, fw, corr);
   else correlate_plane_scalar<T>(g, x, fw.map, corr);
 }

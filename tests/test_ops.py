@@ -681,7 +681,7 @@ pair = lambda v: [v, v] if isinstance(v, int) else list(v)
 cases = [(2, 3, 7, 9, 1, 0, 1.5), (3, 5, 8, 5, 2, 1, 2.5), (2, 4, 6, 6, 1, 2, 1.0), (1, 2, 4, 6, 1, 0, 12.0),
          (1, 3, 11, 3, (2, 1), (0, 1), 1.7), (2, 16, 8, 12, 1, 0, 2.0), (2, 64, 8, 8, 1, 0, 1.0), (2, 32, 16, 16, 2, 0, 1.0),
          (1, 20, 33, 37, 1, 0, 3.0), (2, 16, 12, 8, 3, 1, 1.0), (2, 17, 4, 4, 1, 0, 1.0), (2, 40, 9, 9, 1, 0, 4.0),
-         (2, 24, 8, 8, 2, 0, 3.0), (2, 64, 8, 8, 2, 1, 1.0)]
+         (2, 24, 8, 8, 2, 0, 3.0), (2, 64, 8, 8, 2, 1, 1.0), (1, 32, 7, 9, (2, 1), 1, 1.0)]
 for N, C, H, W, st, pd, sc in cases:
     for dt in (torch.float32, torch.float64):
         x = torch.randn(N, C, H, W, dtype=dt)
@@ -738,6 +738,43 @@ def test_stride_two_small_planes_match_the_reference(H, W):
             gic, _ = torch.ops.asl.active_shift_backward(gc, xc, s, *args)
             assert torch.equal(torch.ops.asl.active_shift(xc, s, *args), torch.ops.asl.active_shift(x, s, *args))
             assert torch.equal(gic, gi), (H, W, padding, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, (2, 1)])
+def test_channels_last_shifts_within_a_pixel(stride, dtype):
+    """channels_last with every channel vector's integer offsets within two adjacent values per
+    axis (shifts within a pixel, channels a multiple of the vector): each lane blends its own four
+    taps at column stride 1 (forward, stride-1 input gradient, correlations). Values and both
+    gradients against the reference at odd sizes and paddings, integer shifts among them, the
+    forward and input gradient equal to NCHW's bit for bit, and an inf reaching only the
+    outputs that tap it."""
+    sp = [stride, stride] if isinstance(stride, int) else list(stride)
+    for N, C, H, W, pad in [(2, 32, 7, 9, 0), (1, 16, 12, 5, 1), (2, 64, 8, 8, 0), (1, 48, 3, 3, 2), (1, 16, 1, 1, 0)]:
+        x = torch.randn(N, C, H, W, dtype=dtype)
+        s = torch.rand(C, 2, dtype=dtype) * 2 - 1
+        s[1] = torch.tensor([1.0, 0.0])
+        s[2] = torch.tensor([-1.0, -1.0])
+        x[0, 3, H // 2, W // 2] = float("inf")
+        xc = x.contiguous(memory_format=torch.channels_last)
+        args = (sp, [pad, pad])
+        y = torch.ops.asl.active_shift(xc, s, *args)
+        r = reference_active_shift(x.double(), s.double(), sp, pad)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(torch.isinf(y), torch.isinf(r)) and torch.equal(torch.isnan(y), torch.isnan(r))
+        assert torch.equal(y, torch.ops.asl.active_shift(x, s, *args))
+        finite = torch.isfinite(r)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(y.double()[finite], r[finite], **tol)
+        x[0, 3, H // 2, W // 2] = 0.25
+        xc = x.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(y.shape, dtype=dtype)
+        gi, gs = torch.ops.asl.active_shift_backward(g.contiguous(memory_format=torch.channels_last), xc, s, *args)
+        rgi, rgs = ref_grads(x.double(), s.double(), sp, pad, g.double())
+        torch.testing.assert_close(gi.double(), rgi, **tol)
+        gtol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gs.double(), rgs, **gtol)
+        assert torch.equal(gi, torch.ops.asl.active_shift_backward(g, x, s, *args)[0]), (N, C, H, W, pad)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -222,6 +222,18 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
     static Lists input_grad_lists(const Stencil& st, const Geometry& g) {                                    \
       return NS::input_grad_lists<T>(st, g.Wo, g.C, g.sh, g.sw);                                             \
     }                                                                                                        \
+    static void quad_forward_rows(const T* x, T* y, const Stencil& st, const Geometry& g, int64_t i0, int64_t i1, \
+                                  const T* zeros) {                                                          \
+      NS::quad_sample_rows<T>(x, y, st.fq, g.H, g.W, g.C, g.Wo, g.sh, i0, i1, zeros);                        \
+    }                                                                                                        \
+    static void quad_correlate_rows(const T* go, const T* x, const Stencil& st, const Geometry& g, int64_t i0,  \
+                                    int64_t i1, const T* zeros, double* corr) {                              \
+      NS::quad_correlate_rows<T>(go, x, st.fq, g.H, g.W, g.C, g.Wo, g.sh, i0, i1, zeros, corr);              \
+    }                                                                                                        \
+    static void quad_input_grad_rows(const T* go, T* gx, const Stencil& st, const Geometry& g, int64_t r0,     \
+                                     int64_t r1, const T* zeros) {                                           \
+      NS::quad_sample_rows<T>(go, gx, st.gq, g.Ho, g.Wo, g.C, g.W, 1, r0, r1, zeros);                        \
+    }                                                                                                        \
     static void forward_rows(const T* x, T* y, const Stencil& st, const Lists& l, const Geometry& g, int64_t i0, \
                              int64_t i1) {                                                                   \
       NS::stencil_forward_rows<T>(x, y, st, l, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1);                     \
@@ -331,12 +343,17 @@ int64_t padded_elems(const Box& b, int64_t rows, int64_t cols, int64_t C) {
   return n * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes ? n : -1;
 }
 
-// Calls fn(n, buf) for every image n in parallel, buf a scratch of elems elements per task.
+// Calls fn(n, buf) for every image n in parallel, buf a scratch of elems elements per task that
+// starts on a 64-byte boundary: with channels a multiple of a vector, no vector load from it then
+// straddles two cache lines (malloc aligns to 16 bytes; aligned, the stencils of 128x16x32x32
+// channels_last ran 12-15% faster).
 template <typename T, typename Fn>
 void for_each_image_with_scratch(int64_t N, int64_t elems, const Fn& fn) {
   at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> buf(static_cast<size_t>(elems));
-    for (int64_t n = b; n < e; ++n) fn(n, buf.data());
+    std::vector<T> buf(static_cast<size_t>(elems) + 64 / sizeof(T));
+    const uintptr_t at = reinterpret_cast<uintptr_t>(buf.data());
+    T* p = buf.data() + (64 - at % 64) % 64 / sizeof(T);
+    for (int64_t n = b; n < e; ++n) fn(n, p);
   });
 }
 
@@ -361,6 +378,17 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
     with_kernels<T>([&](auto k) {
       using K = decltype(k);
       const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+      if (g.channels_last && st.quad_ok && g.sw == 1) {
+        const std::vector<T> zeros(static_cast<size_t>(g.W * C), T(0));
+        const int64_t blocks = row_blocks(g.Ho);
+        at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+          for (int64_t u = b; u < e; ++u) {
+            const int64_t n = u / blocks, i0 = (u % blocks) * kRowBlock;
+            K::quad_forward_rows(xp + n * P * C, yp + n * Po * C, st, g, i0, std::min(g.Ho, i0 + kRowBlock), zeros.data());
+          }
+        });
+        return;
+      }
       if (g.channels_last && st.most <= kStencilTaps) {
         const auto box = K::forward_pad(st, g);
         const int64_t elems = padded_elems<T>(box, g.H, g.W, C);
@@ -453,7 +481,37 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           return;
         }
         if (st.most <= kStencilTaps) {
-          const auto lists = want_input ? K::input_grad_lists(st, g) : typename K::Lists();
+          // shifts within a pixel: each lane's own four taps (see quad_row), for the stride-1 input
+          // gradient and the correlations at column stride 1, both per block of output rows (the
+          // block's grad_output read from cache the second time)
+          const bool quad_input = want_input && st.quad_ok && g.sh == 1 && g.sw == 1;
+          const bool quad_shift = want_shift && st.quad_ok && g.sw == 1;
+          if (quad_input || quad_shift) {
+            const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
+            const int64_t blocks = row_blocks(g.Ho);
+            std::vector<double> sums(quad_shift ? static_cast<size_t>(N * blocks * 4 * C) : 0, 0.0);  // (n, block, tap, c)
+            at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+              for (int64_t u = b; u < e; ++u) {
+                const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
+                if (quad_input) {
+                  const int64_t r0 = std::min(g.H, i0), r1 = blk + 1 == blocks ? g.H : std::min(g.H, i1);
+                  K::quad_input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, g, r0, r1, zeros.data());
+                }
+                if (quad_shift)
+                  K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &sums[u * 4 * C]);
+              }
+            });
+            if (quad_shift)
+              for (int64_t n = 0; n < N; ++n)
+                for (int64_t c = 0; c < C; ++c) {
+                  double cc[4] = {0, 0, 0, 0};
+                  for (int64_t blk = 0; blk < blocks; ++blk)
+                    for (int k = 0; k < 4; ++k) cc[k] += sums[((n * blocks + blk) * 4 + k) * C + c];
+                  shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
+                }
+          }
+          const bool stencil_input = want_input && !quad_input, stencil_shift = want_shift && !quad_shift;
+          const auto lists = stencil_input ? K::input_grad_lists(st, g) : typename K::Lists();
           const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
           // the correlations' sums: per image through the padded copies, per block of rows otherwise
           int64_t sums = 1;  // sums per image
@@ -462,8 +520,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             sums = k;
             corr.assign(static_cast<size_t>(N * sums * T_ * C), 0.0);
           };
-          bool rows_input = want_input, rows_shift = want_shift;
-          if (want_input && want_shift) {
+          bool rows_input = stencil_input, rows_shift = stencil_shift;
+          if (stencil_input && stencil_shift) {
             // both through padded copies, grad_output read once for both: each image's
             // correlations into its sums
             const auto gb = K::input_grad_pad(st, lists, g), xb = K::forward_pad(st, g);
@@ -518,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
               if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
             }
           });
-          if (want_shift) {
+          if (stencil_shift) {
             // each channel's four taps among the stencil's, then per image its correlations summed
             // over the image's sums (images outermost: the sums are read in memory order)
             std::vector<int64_t> idx(static_cast<size_t>(4 * C));

@@ -10,8 +10,9 @@
 // NCHW: each (n, c) plane is blended row by row straight from the input (planes narrower than a
 // vector are taken several rows per vector; at stride 2, AVX-512 takes planes of up to 64 floats
 // whole, each tap of the output one permute); the shift gradient sums grad_output times each tap
-// (four correlations) while the plane is in cache. channels_last: each output pixel's C channels
-// are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
+// (four correlations) while the plane is in cache. channels_last, shifts within a pixel: each
+// lane blends its own four taps from the pixels around it (see quad_row). Otherwise each output
+// pixel's C channels are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
 // depthwise stencil, weights zero for channels that do not use an offset), so no transpose is
 // needed; when the channels' offsets are too many for that to pay, images are transposed to
 // planes and the NCHW kernels run on them.

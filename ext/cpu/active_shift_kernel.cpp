@@ -362,6 +362,19 @@ constexpr int64_t kRowBlock = 8;
 
 int64_t row_blocks(int64_t rows) { return (rows + kRowBlock - 1) / kRowBlock; }
 
+// Calls fn(u, n, i0, i1, last) in parallel for every block of output rows [i0, i1) of every image
+// n: unit u = n row_blocks(Ho) + the block's index, last when it is the image's last block.
+template <typename Fn>
+void for_each_row_block(int64_t N, int64_t Ho, const Fn& fn) {
+  const int64_t blocks = row_blocks(Ho);
+  at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock;
+      fn(u, n, i0, std::min(Ho, i0 + kRowBlock), blk + 1 == blocks);
+    }
+  });
+}
+
 at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
                             at::IntArrayRef padding) {
   const Geometry g = prepare(input_, shift, stride, padding, "active_shift");
@@ -380,12 +393,8 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
       const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
       if (g.channels_last && st.quad_ok && g.sw == 1) {
         const std::vector<T> zeros(static_cast<size_t>(g.W * C), T(0));
-        const int64_t blocks = row_blocks(g.Ho);
-        at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
-          for (int64_t u = b; u < e; ++u) {
-            const int64_t n = u / blocks, i0 = (u % blocks) * kRowBlock;
-            K::quad_forward_rows(xp + n * P * C, yp + n * Po * C, st, g, i0, std::min(g.Ho, i0 + kRowBlock), zeros.data());
-          }
+        for_each_row_block(N, g.Ho, [&](int64_t, int64_t n, int64_t i0, int64_t i1, bool) {
+          K::quad_forward_rows(xp + n * P * C, yp + n * Po * C, st, g, i0, i1, zeros.data());
         });
         return;
       }
@@ -400,12 +409,8 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
           return;
         }
         const auto lists = K::forward_lists(st, g);
-        const int64_t blocks = row_blocks(g.Ho);
-        at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
-          for (int64_t u = b; u < e; ++u) {
-            const int64_t n = u / blocks, i0 = (u % blocks) * kRowBlock;
-            K::forward_rows(xp + n * P * C, yp + n * Po * C, st, lists, g, i0, std::min(g.Ho, i0 + kRowBlock));
-          }
+        for_each_row_block(N, g.Ho, [&](int64_t, int64_t n, int64_t i0, int64_t i1, bool) {
+          K::forward_rows(xp + n * P * C, yp + n * Po * C, st, lists, g, i0, i1);
         });
         return;
       }
@@ -490,16 +495,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
             const int64_t blocks = row_blocks(g.Ho);
             std::vector<double> sums(quad_shift ? static_cast<size_t>(N * blocks * 4 * C) : 0, 0.0);  // (n, block, tap, c)
-            at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
-              for (int64_t u = b; u < e; ++u) {
-                const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
-                if (quad_input) {
-                  const int64_t r0 = std::min(g.H, i0), r1 = blk + 1 == blocks ? g.H : std::min(g.H, i1);
-                  K::quad_input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, g, r0, r1, zeros.data());
-                }
-                if (quad_shift)
-                  K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &sums[u * 4 * C]);
+            for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
+              if (quad_input) {
+                const int64_t r0 = std::min(g.H, i0), r1 = last ? g.H : std::min(g.H, i1);
+                K::quad_input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, g, r0, r1, zeros.data());
               }
+              if (quad_shift)
+                K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &sums[u * 4 * C]);
             });
             if (quad_shift)
               for (int64_t n = 0; n < N; ++n)
@@ -511,6 +513,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
                 }
           }
           const bool stencil_input = want_input && !quad_input, stencil_shift = want_shift && !quad_shift;
+          if (!stencil_input && !stencil_shift) return;
           const auto lists = stencil_input ? K::input_grad_lists(st, g) : typename K::Lists();
           const int64_t blocks = row_blocks(g.Ho), T_ = static_cast<int64_t>(st.taps.size());
           // the correlations' sums: per image through the padded copies, per block of rows otherwise
@@ -566,15 +569,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           // input-gradient rows [i0 * sh, i1 * sh) (the last block to the end of the image).
           const auto flists = rows_shift ? K::forward_lists(st, g) : typename K::Lists();
           if (rows_shift) sums_per_image(blocks);
-          at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
-            for (int64_t u = b; u < e; ++u) {
-              const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock, i1 = std::min(g.Ho, i0 + kRowBlock);
-              if (rows_input) {
-                const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = blk + 1 == blocks ? g.H : std::min(g.H, i1 * g.sh);
-                K::input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, lists, g, r0, r1);
-              }
-              if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
+          for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
+            if (rows_input) {
+              const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = last ? g.H : std::min(g.H, i1 * g.sh);
+              K::input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, lists, g, r0, r1);
             }
+            if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
           });
           if (stencil_shift) {
             // each channel's four taps among the stencil's, then per image its correlations summed

@@ -734,7 +734,7 @@ struct Stencil {
   int most = 0;  // the most taps any channel vector uses
   // When every channel vector's channels take at most two adjacent integer offsets per axis
   // (shifts within a pixel) and the channels fill whole vectors, each lane picks its own four
-  // taps by blends (see quad_rows): per vector, the smallest offsets and the lanes one past
+  // taps by blends (see quad_row): per vector, the smallest offsets and the lanes one past
   // them, and the weights w[(v 4 + k) N + lane] of tap k; fq samples the forward pass, gq the
   // stride-1 input gradient (grad_output at the mirrored offsets, the weights reversed).
   struct Quad {

@@ -1,6 +1,9 @@
 """The fused training BatchNorm-ReLU operator against the reference, and BatchNormReLU2d against
 nn.BatchNorm2d + nn.ReLU."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,10 +12,13 @@ from torch import nn
 from asl_cli.nn import BatchNormReLU2d, fuse_bn_relu
 from asl_cli.ops import reference_batch_norm_relu, reference_batch_norm_relu_backward
 from asl_cli.ops import backends
+from conftest import HANG_GUARD_S
 
 compiled = pytest.mark.skipif(backends()["cpu"] != "compiled C++", reason="needs the compiled CPU extension")
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
-SHAPES = [(4, 16, 8, 8), (2, 5, 7, 3), (3, 24, 1, 1), (1, 8, 33, 17)]
+# channels: 16, 32, 48 and 80 take the channels_last AVX-512 loops (whole vectors, 80 in a chunk of
+# four and one of one) where the CPU has them; 5, 24 and 8 the others
+SHAPES = [(4, 16, 8, 8), (2, 5, 7, 3), (3, 24, 1, 1), (1, 8, 33, 17), (2, 32, 5, 7), (3, 48, 3, 3), (2, 80, 4, 5)]
 
 
 def inputs(shape, dtype=torch.float32, fmt=torch.contiguous_format, seed=0):
@@ -43,6 +49,32 @@ def test_forward_and_backward_match_the_reference(shape, fmt, dtype):
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, **tol)
     assert got[0].is_contiguous(memory_format=fmt)
+
+
+@compiled
+@pytest.mark.parametrize("simd", ["scalar", "avx2"])
+def test_lower_instruction_sets_match_the_reference(simd):
+    """ASL_CPU_SIMD below avx512 turns the channels_last AVX-512 loops off: the loops every CPU runs
+    then give the same values as the reference at channel counts that would take them."""
+    script = r"""
+import torch
+from asl_cli.ops import reference_batch_norm_relu, reference_batch_norm_relu_backward
+torch.manual_seed(0)
+for shape in [(2, 16, 5, 7), (2, 80, 4, 5)]:
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1]) * 0.5
+    got = torch.ops.asl.batch_norm_relu(x, w, b, 1e-5)
+    want = reference_batch_norm_relu(x, w, b, 1e-5)
+    g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    got += torch.ops.asl.batch_norm_relu_backward(g, x, w, b, got[1], got[2])
+    want += reference_batch_norm_relu_backward(g, x, w, b, got[1], got[2])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                         env={**os.environ, "ASL_CPU_SIMD": simd})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS)

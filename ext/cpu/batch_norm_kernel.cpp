@@ -14,7 +14,14 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define ASL_BN_AVX512 1
+#endif
 
 namespace asl {
 namespace {
@@ -27,10 +34,133 @@ inline acc_t affine(acc_t x, acc_t a, acc_t b) {
   return x * a + b;
 }
 
+// channels_last float rows with C a multiple of 16 on CPUs with AVX-512: the loops below reload
+// each channel's coefficients from memory for every vector of values, so they are bound by loads
+// (in the backward six of them for one vector of input and one of grad_output); here a block of
+// rows runs with the coefficients of up to 64 channels held in registers. Each channel's sums are
+// still added row by row in acc_t, and relu's argument is fma(x, a, b) in the forward and in the
+// backward's mask alike.
+#ifdef ASL_BN_AVX512
+#define ASL_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+
+namespace rows512 {
+
+// Calls body(std::integral_constant<int, nv>(), c0) for channels [c0, c0 + 16 nv) in chunks of
+// at most four vectors.
+template <typename Body>
+inline void by_chunks(int64_t C, const Body& body) {
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    switch (std::min<int64_t>(4, (C - c0) / 16)) {
+      case 4: body(std::integral_constant<int, 4>(), c0); break;
+      case 3: body(std::integral_constant<int, 3>(), c0); break;
+      case 2: body(std::integral_constant<int, 2>(), c0); break;
+      default: body(std::integral_constant<int, 1>(), c0); break;
+    }
+  }
+}
+
+template <int NV>
+ASL_TARGET_AVX512 inline void moments(const float* __restrict x, int64_t rows, int64_t C, const float* pivot,
+                                      float* s1, float* s2) {
+  __m512 p[NV], a1[NV], a2[NV];
+  for (int v = 0; v < NV; ++v)
+    p[v] = _mm512_loadu_ps(pivot + 16 * v), a1[v] = _mm512_loadu_ps(s1 + 16 * v), a2[v] = _mm512_loadu_ps(s2 + 16 * v);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + r * C + 16 * v), p[v]);
+      a1[v] = _mm512_add_ps(a1[v], d);
+      a2[v] = _mm512_fmadd_ps(d, d, a2[v]);
+    }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s1 + 16 * v, a1[v]), _mm512_storeu_ps(s2 + 16 * v, a2[v]);
+}
+
+// The lanes of u above 0 (not a NaN), where relu passes u (or its gradient) on.
+ASL_TARGET_AVX512 inline __mmask16 positive(__m512 u) { return _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GT_OQ); }
+
+template <int NV>
+ASL_TARGET_AVX512 inline void forward(const float* __restrict x, float* __restrict y, int64_t rows, int64_t C,
+                                      const float* a, const float* b) {
+  __m512 va[NV], vb[NV];
+  for (int v = 0; v < NV; ++v) va[v] = _mm512_loadu_ps(a + 16 * v), vb[v] = _mm512_loadu_ps(b + 16 * v);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 u = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * C + 16 * v), va[v], vb[v]);
+      _mm512_storeu_ps(y + r * C + 16 * v, _mm512_maskz_mov_ps(positive(u), u));
+    }
+}
+
+// grad_output where relu's argument is positive, else 0.
+ASL_TARGET_AVX512 inline __m512 masked_grad(__m512 x, __m512 g, __m512 a, __m512 b) {
+  return _mm512_maskz_mov_ps(positive(_mm512_fmadd_ps(x, a, b)), g);
+}
+
+template <int NV>
+ASL_TARGET_AVX512 inline void grad_sums(const float* __restrict g, const float* __restrict x, int64_t rows, int64_t C,
+                                        const float* a, const float* b, const float* mean, float* s1, float* s2) {
+  __m512 va[NV], vb[NV], vm[NV], a1[NV], a2[NV];
+  for (int v = 0; v < NV; ++v) {
+    va[v] = _mm512_loadu_ps(a + 16 * v), vb[v] = _mm512_loadu_ps(b + 16 * v), vm[v] = _mm512_loadu_ps(mean + 16 * v);
+    a1[v] = _mm512_loadu_ps(s1 + 16 * v), a2[v] = _mm512_loadu_ps(s2 + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 xv = _mm512_loadu_ps(x + r * C + 16 * v);
+      const __m512 gy = masked_grad(xv, _mm512_loadu_ps(g + r * C + 16 * v), va[v], vb[v]);
+      a1[v] = _mm512_add_ps(a1[v], gy);
+      a2[v] = _mm512_fmadd_ps(gy, _mm512_sub_ps(xv, vm[v]), a2[v]);
+    }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s1 + 16 * v, a1[v]), _mm512_storeu_ps(s2 + 16 * v, a2[v]);
+}
+
+template <int NV>
+ASL_TARGET_AVX512 inline void input_grad(const float* __restrict g, const float* __restrict x, float* __restrict gx,
+                                         int64_t rows, int64_t C, const float* a, const float* b, const float* mean,
+                                         const float* k, const float* q, const float* r0) {
+  __m512 va[NV], vb[NV], vm[NV], vk[NV], vq[NV], vr[NV];
+  for (int v = 0; v < NV; ++v) {
+    va[v] = _mm512_loadu_ps(a + 16 * v), vb[v] = _mm512_loadu_ps(b + 16 * v), vm[v] = _mm512_loadu_ps(mean + 16 * v);
+    vk[v] = _mm512_loadu_ps(k + 16 * v), vq[v] = _mm512_loadu_ps(q + 16 * v), vr[v] = _mm512_loadu_ps(r0 + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 xv = _mm512_loadu_ps(x + r * C + 16 * v);
+      const __m512 gy = masked_grad(xv, _mm512_loadu_ps(g + r * C + 16 * v), va[v], vb[v]);
+      _mm512_storeu_ps(gx + r * C + 16 * v, _mm512_fmadd_ps(vk[v], gy, _mm512_fmadd_ps(_mm512_sub_ps(xv, vm[v]), vq[v], vr[v])));
+    }
+}
+
+}  // namespace rows512
+#endif
+
+// Whether channels_last float rows of C channels take the rows512 loops: C a multiple of 16 on a
+// CPU with AVX-512 (ASL_CPU_SIMD=avx2|scalar turns them off, as for the active shift, to test
+// the other loops).
+template <typename T>
+bool rows_avx512(int64_t C) {
+#ifdef ASL_BN_AVX512
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    const char* want = std::getenv("ASL_CPU_SIMD");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           (want == nullptr || std::string(want) == "avx512");
+  }();
+  return std::is_same_v<T, float> && C % 16 == 0 && cpu;
+#else
+  (void)C;
+  return false;
+#endif
+}
+
 // channels_last: s1[c] += sum(x - pivot[c]), s2[c] += sum((x - pivot[c])^2) over `rows` rows of C.
 template <typename T, typename acc_t>
 ASL_MULTIVERSION void moments_rows(const T* __restrict x, int64_t rows, int64_t C, const acc_t* __restrict pivot,
                                    acc_t* __restrict s1, acc_t* __restrict s2) {
+#ifdef ASL_BN_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>)
+    if (rows_avx512<T>(C))
+      return rows512::by_chunks(C, [&](auto nv, int64_t c0) { rows512::moments<decltype(nv)::value>(x + c0, rows, C, pivot + c0, s1 + c0, s2 + c0); });
+#endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t d = static_cast<acc_t>(x[r * C + c]) - pivot[c];
@@ -45,6 +175,11 @@ template <typename T, typename acc_t>
 ASL_MULTIVERSION void grad_sums_rows(const T* __restrict g, const T* __restrict x, int64_t rows, int64_t C,
                                      const acc_t* __restrict a, const acc_t* __restrict b,
                                      const acc_t* __restrict mean, acc_t* __restrict s1, acc_t* __restrict s2) {
+#ifdef ASL_BN_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>)
+    if (rows_avx512<T>(C))
+      return rows512::by_chunks(C, [&](auto nv, int64_t c0) { rows512::grad_sums<decltype(nv)::value>(g + c0, x + c0, rows, C, a + c0, b + c0, mean + c0, s1 + c0, s2 + c0); });
+#endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xv = static_cast<acc_t>(x[r * C + c]);
@@ -59,6 +194,11 @@ ASL_MULTIVERSION void grad_sums_rows(const T* __restrict g, const T* __restrict 
 template <typename T, typename acc_t>
 ASL_MULTIVERSION void forward_rows(const T* __restrict x, T* __restrict y, int64_t rows, int64_t C,
                                    const acc_t* __restrict a, const acc_t* __restrict b) {
+#ifdef ASL_BN_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>)
+    if (rows_avx512<T>(C))
+      return rows512::by_chunks(C, [&](auto nv, int64_t c0) { rows512::forward<decltype(nv)::value>(x + c0, y + c0, rows, C, a + c0, b + c0); });
+#endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = affine(static_cast<acc_t>(x[r * C + c]), a[c], b[c]);
@@ -71,6 +211,11 @@ ASL_MULTIVERSION void input_grad_rows(const T* __restrict g, const T* __restrict
                                       int64_t C, const acc_t* __restrict a, const acc_t* __restrict b,
                                       const acc_t* __restrict mean, const acc_t* __restrict k,
                                       const acc_t* __restrict q, const acc_t* __restrict r0) {
+#ifdef ASL_BN_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>)
+    if (rows_avx512<T>(C))
+      return rows512::by_chunks(C, [&](auto nv, int64_t c0) { rows512::input_grad<decltype(nv)::value>(g + c0, x + c0, gx + c0, rows, C, a + c0, b + c0, mean + c0, k + c0, q + c0, r0 + c0); });
+#endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xv = static_cast<acc_t>(x[r * C + c]);

@@ -741,11 +741,12 @@ def test_stride_two_small_planes_match_the_reference(H, W):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("stride", [1, (2, 1)])
+@pytest.mark.parametrize("stride", [1, 2, (2, 1), (1, 2)])
 def test_channels_last_shifts_within_a_pixel(stride, dtype):
     """channels_last with every channel vector's integer offsets within two adjacent values per
     axis (shifts within a pixel, channels a multiple of the vector): each lane blends its own four
-    taps at column stride 1 (forward, stride-1 input gradient, correlations). Values and both
+    taps at column stride 1 and 2 (forward; input gradient at strides 1 and 2, where each lane
+    takes one tap; correlations at column stride 1). Values and both
     gradients against the reference at odd sizes and paddings, integer shifts among them, the
     forward and input gradient equal to NCHW's bit for bit, and an inf reaching only the
     outputs that tap it."""

@@ -11,7 +11,8 @@
 // vector are taken several rows per vector; at stride 2, AVX-512 takes planes of up to 64 floats
 // whole, each tap of the output one permute); the shift gradient sums grad_output times each tap
 // (four correlations) while the plane is in cache. channels_last, shifts within a pixel: each
-// lane blends its own four taps from the pixels around it (see quad_row). Otherwise each output
+// lane blends its own four taps from the pixels around it (see quad_row; at stride 2 the input
+// gradient takes each lane's one tap, see quad_input_grad_s2_rows). Otherwise each output
 // pixel's C channels are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
 // depthwise stencil, weights zero for channels that do not use an offset), so no transpose is
 // needed; when the channels' offsets are too many for that to pay, images are transposed to
@@ -1082,25 +1083,28 @@ PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64
   return b;
 }
 
-// channels_last at column stride 1 with a stencil's quads (quad_ok): output row i of one channel
-// vector, each lane's own four taps of output pixel j passed to fn(j, x00, x01, x10, x11). The
-// taps are picked by blends from the pixels of rows r0..r0 + 1 + DR and columns c0..c0 + 1 + DC
-// around the output (r0, c0 the vector's smallest offsets; lanes rm one row further, cm one
-// column further), and the blends of a column are reused by the next pixel: three loads and
-// five blends a pixel where the stencil makes nine loads and nine multiply-adds, and no lane
-// reads another channel's tap (so no non-finite check either). Taps outside the image read
-// zeros: rows outside point at `zeros` (W C values), columns outside are zero vectors. x is the
-// vector's first channel of the source (H x W x C), source rows i sh + r0 ...
-template <typename T, bool DR, bool DC, typename Fn>
+// channels_last at column stride SW (1 or 2) with a stencil's quads (quad_ok): output row i of one
+// channel vector, each lane's own four taps of output pixel j passed to fn(j, x00, x01, x10, x11).
+// The taps are picked by blends from the pixels of rows r0..r0 + 1 + DR and columns
+// c0..c0 + 1 + DC around the output (r0, c0 the vector's smallest offsets; lanes rm one row
+// further, cm one column further), and at stride 1 the blends of a column are reused by the
+// next pixel: three loads and five blends a pixel where the stencil makes nine loads and nine
+// multiply-adds (at stride 2 twice the loads and blends), and no lane reads another channel's tap
+// (so no non-finite check either). Taps outside the image read zeros: rows outside point at
+// `zeros` (W C values), columns outside are zero vectors. x is the vector's first channel of the
+// source (H x W x C), source rows i sh + r0 ...
+template <typename T, bool DR, bool DC, int SW, typename Fn>
 inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
                      int64_t sh, int64_t i, const T* zeros, Fn& fn) {
   using V = Vec<T>;
   using reg = typename V::reg;
+  static_assert(SW == 1 || SW == 2, "column stride 1 or 2");
   const uint32_t rm = q.rm, cm = q.cm;
-  // output j's new column c0 + j + 1 + DC lies inside the image for j in [j_lo, j_hi)
+  // output j's new columns, lead + SW j - (SW - 1) to lead + SW j, lie inside the image for j in
+  // [j_lo, j_hi)
   const int64_t lead = q.c0 + 1 + DC;
-  const int64_t j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, -lead));
-  const int64_t j_hi = std::max(j_lo, std::min<int64_t>(Wo, W - lead));
+  const int64_t j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, -floor_div(lead - SW + 1, SW)));
+  const int64_t j_hi = std::max(j_lo, std::min<int64_t>(Wo, floor_div(W - 1 - lead, SW) + 1));
   const T* rows[3];
   for (int t = 0; t < 3; ++t) {
     const int64_t r = i * sh + q.r0 + t;
@@ -1126,10 +1130,12 @@ inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, 
     bottom = DR ? V::blend(rm, A1, A2) : A1;
   };
   if (DC) column(q.c0, false, x00, x10);
-  column(q.c0 + DC, false, x00, x10);
+  if (SW == 1) column(q.c0 + DC, false, x00, x10);
   const auto pixel = [&](int64_t j, bool inside) {
     reg x01, x11;
-    column(lead + j, inside, x01, x11);
+    // at column stride 2 the left taps are new too (the pixels share no column of taps)
+    if (SW == 2) column(lead + 2 * j - 1, inside, x00, x10);
+    column(lead + SW * j, inside, x01, x11);
     fn(j, x00, x01, x10, x11);
     x00 = x01, x10 = x11;
   };
@@ -1148,12 +1154,23 @@ inline void with_quad(const Q& q, const Body& body) {
   else body(std::false_type(), std::false_type());
 }
 
+// quad_row<T, DR, DC, SW> for a quad's spreads and column stride sw (1 or 2).
+template <typename T, typename Fn>
+inline void quad_row_any(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
+                         int64_t sh, int64_t sw, int64_t i, const T* zeros, Fn& fn) {
+  with_quad(q, [&](auto dr, auto dc) {
+    constexpr bool DR = decltype(dr)::value, DC = decltype(dc)::value;
+    if (sw == 2) quad_row<T, DR, DC, 2>(x, q, H, W, C, Wo, sh, i, zeros, fn);
+    else quad_row<T, DR, DC, 1>(x, q, H, W, C, Wo, sh, i, zeros, fn);
+  });
+}
+
 // Output rows [i0, i1) of every channel vector: y = W0 x00 + W1 x01 + W2 x10 + W3 x11, NCHW's
 // order. Source x (H x W x C), output y (rows of Wo pixels). The forward pass (fq), and at
 // stride 1 the input gradient (gq on grad_output).
 template <typename T>
 void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, int64_t H, int64_t W, int64_t C,
-                      int64_t Wo, int64_t sh, int64_t i0, int64_t i1, const T* zeros) {
+                      int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1, const T* zeros) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1174,9 +1191,7 @@ void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, 
         __builtin_prefetch(yr + (j + ahead) * C, 1, 3);
         V::store(yr + j * C, acc);
       };
-      with_quad(qs.q[v], [&](auto dr, auto dc) {
-        quad_row<T, decltype(dr)::value, decltype(dc)::value>(x + v * N, qs.q[v], H, W, C, Wo, sh, i, zeros + v * N, store);
-      });
+      quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, store);
     }
 }
 
@@ -1213,16 +1228,75 @@ void quad_correlate_rows(const T* g, const T* x, const typename Stencil<T>::Quad
         a2 = V::fma(gv, x10, a2);
         a3 = V::fma(gv, x11, a3);
       };
-      with_quad(qs.q[v], [&](auto dr, auto dc) {
-        quad_row<T, decltype(dr)::value, decltype(dc)::value>(x + v * N, qs.q[v], H, W, C, Wo, sh, i, zeros + v * N,
-                                                               accumulate);
-      });
+      quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, 1, i, zeros + v * N, accumulate);
       V::store(sv, a0), V::store(sv + N, a1), V::store(sv + 2 * N, a2), V::store(sv + 3 * N, a3);
     }
     since += Wo;
     if (since >= 256) flush(), since = 0;
   }
   if (since) flush();
+}
+
+// The input gradient at stride 2 with a stencil's forward quads: input rows [r0, r1) of gx
+// (H x W x C) from g (Ho x Wo x C). At stride 2 one tap of one output reaches each input pixel of
+// a channel: for input (r, c) and offsets (offr, offc), tap a = (r - offr) mod 2 of output row
+// (r - offr - a) / 2, and likewise b and the column. So each lane takes one product: the
+// grad_output of its own output pixel, picked by blends from at most two rows and two columns,
+// times the weight of its tap, which depends on the parities of r - r0 and c - c0 alone (rows
+// outside point at `zeros`, Wo C values; columns outside are zero vectors).
+template <typename T>
+void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadSet& fq, int64_t Ho, int64_t Wo,
+                             int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* zeros) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  constexpr int N = V::N;
+  const int64_t nv = static_cast<int64_t>(fq.q.size());
+  // wp[((v 2 + pu) 2 + pv) N + lane]: the weight of the tap that input rows of parity pu
+  // (of r - r0) and columns of parity pv (of c - c0) take, tap (a, b) = (pu ^ rm, pv ^ cm)
+  std::vector<T> wp(static_cast<size_t>(nv * 4 * N));
+  for (int64_t v = 0; v < nv; ++v)
+    for (int pu = 0; pu < 2; ++pu)
+      for (int pv = 0; pv < 2; ++pv)
+        for (int l = 0; l < N; ++l) {
+          const int a = pu ^ static_cast<int>((fq.q[v].rm >> l) & 1u), b = pv ^ static_cast<int>((fq.q[v].cm >> l) & 1u);
+          wp[((v * 2 + pu) * 2 + pv) * N + l] = fq.w[(v * 4 + 2 * a + b) * N + l];
+        }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t v = 0; v < nv; ++v) {
+      const auto& q = fq.q[v];
+      const uint32_t rm = q.rm, cm = q.cm;
+      // lanes rm read output row m - 1 when r - r0 = 2 m is even, row m otherwise
+      const int64_t u = r - q.r0, m = floor_div(u, 2);
+      const int pu = static_cast<int>(u - 2 * m);
+      const auto row = [&](int64_t i) { return i >= 0 && i < Ho ? g + i * Wo * C + v * N : zeros + v * N; };
+      const T* ga = row(m);
+      const T* gb = pu == 0 ? row(m - 1) : ga;
+      const reg w0 = V::load(wp.data() + ((v * 2 + pu) * 2) * N), w1 = V::load(wp.data() + ((v * 2 + pu) * 2 + 1) * N);
+      // each lane's grad_output at output column n (zero outside)
+      const auto column = [&](int64_t n, bool inside) {
+        if (!inside && (n < 0 || n >= Wo)) return V::zero();
+        const reg a = V::load(ga + n * C);
+        return pu == 0 ? V::blend(rm, a, V::load(gb + n * C)) : a;
+      };
+      T* out = gx + r * W * C + v * N;
+      // input column c = c0 + 2 n (lanes cm: output column n - 1) and c0 + 2 n + 1 (column n)
+      const int64_t n_lo = floor_div(-q.c0, 2), n_hi = floor_div(W - 1 - q.c0, 2);
+      reg prev = column(n_lo - 1, false);
+      const auto pair = [&](int64_t n, bool inside) {
+        const reg cur = column(n, inside);
+        const int64_t c = q.c0 + 2 * n;
+        if (inside || c >= 0) V::store(out + c * C, V::mul(w0, V::blend(cm, cur, prev)));
+        if (inside || c + 1 < W) V::store(out + (c + 1) * C, V::mul(w1, cur));
+        prev = cur;
+      };
+      // pairs n whose output column n and both input columns lie inside
+      const int64_t in_lo = std::max<int64_t>({n_lo, 0, -floor_div(q.c0, 2)});
+      const int64_t in_hi = std::max(in_lo, std::min<int64_t>({n_hi + 1, Wo, floor_div(W - 2 - q.c0, 2) + 1}));
+      int64_t n = n_lo;
+      for (; n < in_lo; ++n) pair(n, false);
+      for (; n < in_hi; ++n) pair(n, true);
+      for (; n <= n_hi; ++n) pair(n, false);
+    }
 }
 
 // Forward, channels_last, one image through its padded copy buf; lists from forward_lists with the

@@ -4,6 +4,8 @@ of about eight, no ReLU mask kept) and is the plain pair everywhere else.
 
 `fuse_bn_relu(model)` turns every BatchNorm2d that a ReLU follows in an nn.Sequential into a
 `BatchNormReLU2d` (same parameters, buffers and state-dict keys; the ReLU becomes an Identity).
+`bn_relu_shift(norm, shift, x)` runs such a layer and the ActiveShift2d after it as one
+`batch_norm_relu_shift` call where that is fused.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.asl.batch_norm_relu)
+from .shift import ActiveShift2d
 
-__all__ = ["BatchNormReLU2d", "fuse_bn_relu"]
+__all__ = ["BatchNormReLU2d", "bn_relu_shift", "fuse_bn_relu"]
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -30,6 +33,11 @@ class BatchNormReLU2d(nn.BatchNorm2d):
         if not self._fused(x):
             return torch.relu(super().forward(x))
         out, mean, invstd = torch.ops.asl.batch_norm_relu(x, self.weight, self.bias, self.eps)
+        self._track(x, mean, invstd)
+        return out
+
+    def _track(self, x: Tensor, mean: Tensor, invstd: Tensor) -> None:
+        """The running statistics' update from a fused call's batch statistics, as nn.BatchNorm2d's."""
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -38,7 +46,24 @@ class BatchNormReLU2d(nn.BatchNorm2d):
                 var = (invstd.pow(-2) - self.eps) * (M / max(M - 1, 1))  # unbiased, as nn.BatchNorm2d keeps it
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_(var.to(self.running_var.dtype), m)
-        return out
+
+
+def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:
+    """shift(norm(x)): one `batch_norm_relu_shift` call when norm is a BatchNormReLU2d (alone, or
+    followed by an Identity in an nn.Sequential, as fuse_bn_relu leaves it) that takes its fused
+    path and shift an ActiveShift2d; otherwise the two modules in turn. The same parameters,
+    running statistics and result either way; fused, relu(norm(x)) is neither written nor kept
+    for the backward (on the CPU in channels_last with shifts within a pixel)."""
+    bn = norm
+    if isinstance(norm, nn.Sequential) and len(norm) == 2 and isinstance(norm[1], nn.Identity):
+        bn = norm[0]
+    if not (isinstance(bn, BatchNormReLU2d) and type(shift) is ActiveShift2d and bn._fused(x)
+            and shift.shift.device == x.device):
+        return shift(norm(x))
+    out, mean, invstd = torch.ops.asl.batch_norm_relu_shift(x, bn.weight, bn.bias, bn.eps, shift.shift,
+                                                            list(shift.stride), list(shift.padding))
+    bn._track(x, mean, invstd)
+    return out
 
 
 def fuse_bn_relu(model: nn.Module) -> int:

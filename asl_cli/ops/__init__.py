@@ -14,17 +14,20 @@ Modules, in the order they register:
   autograd         reverse and forward mode, torch.func batching rules
   flops            formulas for torch.utils.flop_counter
   batch_norm_relu  the fused BatchNorm-ReLU training operator
+  batch_norm_relu_shift  a block's BatchNorm-ReLU and active shift in training as one operator
   functional       `active_shift` and `shift_conv1x1`, the functions to call
 """
 from __future__ import annotations
 
 from . import library
-from . import fake, autograd, flops, batch_norm_relu  # noqa: F401  (registration)
+from . import fake, autograd, flops, batch_norm_relu, batch_norm_relu_shift  # noqa: F401  (registration)
 from .batch_norm_relu import reference_batch_norm_relu, reference_batch_norm_relu_backward
+from .batch_norm_relu_shift import reference_batch_norm_relu_shift
 from .checks import output_size
 from .functional import active_shift, shift_conv1x1
 from .library import FALLBACK_SCHEMAS, backends
 from .reference import grid_sample_shift, reference_active_shift
 
 __all__ = ["active_shift", "shift_conv1x1", "reference_active_shift", "backends", "output_size", "grid_sample_shift",
-           "reference_batch_norm_relu", "reference_batch_norm_relu_backward", "FALLBACK_SCHEMAS"]
+           "reference_batch_norm_relu", "reference_batch_norm_relu_backward", "reference_batch_norm_relu_shift",
+           "FALLBACK_SCHEMAS"]

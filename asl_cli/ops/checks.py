@@ -143,6 +143,22 @@ def check_batch_norm_backward(grad: Tensor, input: Tensor, weight: Tensor, bias:
     torch._check_with(ValueError, grad.shape == input.shape and grad.device == input.device,
                       lambda: f"{op}: grad_output must have the input's shape {tuple(input.shape)} on {input.device}, "
                               f"got {tuple(grad.shape)} on {grad.device}")
+    check_batch_norm_stats(op, input, mean, invstd)
+
+
+def check_batch_norm_relu_shift(input: Tensor, weight: Tensor, bias: Tensor, eps: float, shift: Tensor, stride, padding,
+                                grad: Tensor | None = None, mean: Tensor | None = None, invstd: Tensor | None = None) -> None:
+    """batch_norm_relu_shift's checks (ext/cpu/active_shift_kernel.cpp), or with grad, mean and
+    invstd its backward's: the BatchNorm's, the statistics', then the shift's and grad_output's."""
+    op = "batch_norm_relu_shift" if grad is None else "batch_norm_relu_shift_backward"
+    check_batch_norm(op, input, weight, bias, eps)
+    if grad is not None:
+        check_batch_norm_stats(op, input, mean, invstd)
+    check_args(op, input, shift, stride, padding, grad)
+
+
+def check_batch_norm_stats(op: str, input: Tensor, mean: Tensor, invstd: Tensor) -> None:
+    """The saved statistics: (C) on the input's device, in its accumulation dtype."""
     C, acc = input.shape[1], accumulation_dtype(input.dtype)
     for t, name in ((mean, "mean"), (invstd, "invstd")):
         torch._check_with(ValueError, t.dim() == 1 and t.shape[0] == C and t.device == input.device,

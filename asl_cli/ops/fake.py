@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import library  # noqa: F401  (the operators must be declared first)
-from .checks import (accumulation_dtype, check_args, check_batch_norm, check_batch_norm_backward, check_conv1x1,
-                     check_pointwise, check_scale_bias, memory_format, output_shape)
+from .checks import (accumulation_dtype, check_args, check_batch_norm, check_batch_norm_backward,
+                     check_batch_norm_relu_shift, check_conv1x1, check_pointwise, check_scale_bias, memory_format,
+                     output_shape)
 
 
 @torch.library.register_fake("asl::active_shift")
@@ -63,3 +64,19 @@ def _batch_norm_relu(input, weight, bias, eps):
 def _batch_norm_relu_backward(grad, input, weight, bias, mean, invstd):
     check_batch_norm_backward(grad, input, weight, bias, mean, invstd)
     return torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight), torch.empty_like(bias)
+
+
+@torch.library.register_fake("asl::batch_norm_relu_shift")
+def _batch_norm_relu_shift(input, weight, bias, eps, shift, stride, padding):
+    check_batch_norm_relu_shift(input, weight, bias, eps, shift, stride, padding)
+    shape = output_shape(input, input.shape[1], stride, padding)
+    stats = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
+    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format(input))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("asl::batch_norm_relu_shift_backward")
+def _batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shift, stride, padding):
+    check_batch_norm_relu_shift(input, weight, bias, 0.0, shift, stride, padding, grad, mean, invstd)
+    return (torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight), torch.empty_like(bias),
+            shift.new_empty(shift.shape))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nn import ActiveShift2d, grouped_shift
+from ..nn import ActiveShift2d, bn_relu_shift, grouped_shift
 from ..ops import active_shift
 
 SPATIAL = {
@@ -52,7 +52,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.preact(x)
-        out = self.conv2(self.spatial(self.bn1(self.conv1(pre))))
+        out = self.conv2(bn_relu_shift(self.bn1, self.spatial, self.conv1(pre)))  # spatial(bn1(.)), fused where it can be
         return out + (self.shortcut(pre) if self.shortcut is not None else x)
 
 

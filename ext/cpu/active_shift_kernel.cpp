@@ -4,6 +4,7 @@
 // (ASL_CPU_SIMD=avx512|avx2|scalar picks another, for tests). Work is split over (n, c) planes
 // (NCHW) or over blocks of rows of each image (channels_last); the shift gradient is summed per
 // plane or block and then over them in a fixed order, so it does not depend on the thread count.
+#include "batch_norm_parts.h"
 #include "plane_sampling.h"
 
 #include <ATen/ATen.h>
@@ -223,12 +224,16 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
       return NS::input_grad_lists<T>(st, g.Wo, g.C, g.sh, g.sw);                                             \
     }                                                                                                        \
     static void quad_forward_rows(const T* x, T* y, const Stencil& st, const Geometry& g, int64_t i0, int64_t i1, \
-                                  const T* zeros) {                                                          \
-      NS::quad_sample_rows<T>(x, y, st.fq, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, zeros);                  \
+                                  const T* zeros, const T* ab = nullptr) {                                   \
+      NS::quad_sample_rows<T>(x, y, st.fq, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, zeros, ab);              \
     }                                                                                                        \
     static void quad_correlate_rows(const T* go, const T* x, const Stencil& st, const Geometry& g, int64_t i0,  \
-                                    int64_t i1, const T* zeros, double* corr) {                              \
-      NS::quad_correlate_rows<T>(go, x, st.fq, g.H, g.W, g.C, g.Wo, g.sh, i0, i1, zeros, corr);              \
+                                    int64_t i1, const T* zeros, double* corr, const T* ab = nullptr) {       \
+      NS::quad_correlate_rows<T>(go, x, st.fq, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, zeros, corr, ab);    \
+    }                                                                                                        \
+    static void bn_relu_sums_rows(const T* ga, const T* x, const Geometry& g, int64_t r0, int64_t r1, const T* ab, \
+                                  const T* mean, double* out) {                                              \
+      NS::bn_relu_sums_rows<T>(ga, x, g.W, g.C, r0, r1, ab, mean, out);                                      \
     }                                                                                                        \
     static void quad_input_grad_rows(const T* go, T* gx, const Stencil& st, const Geometry& g, int64_t r0,     \
                                      int64_t r1, const T* zeros) {                                           \
@@ -251,8 +256,8 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
       return NS::forward_lists<T>(st, pitch, g.C);                                                           \
     }                                                                                                        \
     static void forward_padded(const T* x, T* y, const Stencil& st, const Lists& l, const Box& b, const Geometry& g, \
-                               T* buf) {                                                                     \
-      NS::stencil_forward_padded<T>(x, y, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf);             \
+                               T* buf, const T* ab = nullptr) {                                              \
+      NS::stencil_forward_padded<T>(x, y, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, ab);         \
     }                                                                                                        \
     static Box input_grad_pad(const Stencil& st, const Lists& l, const Geometry& g) {                        \
       return NS::input_grad_pad<T>(l, st.nv, g.H, g.W, g.Ho, g.Wo, g.sh, g.sw);                               \
@@ -269,9 +274,10 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
       NS::stencil_correlate_padded<T>(go, g.Wo, x, st, l, b, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, buf, corr); \
     }                                                                                                        \
     static void backward_padded(const T* go, const T* x, T* gx, const Stencil& st, const Lists& gl, const Box& gb,    \
-                                const Lists& xl, const Box& xb, const Geometry& g, T* gbuf, T* xbuf, double* corr) { \
+                                const Lists& xl, const Box& xb, const Geometry& g, T* gbuf, T* xbuf, double* corr, \
+                                const T* ab = nullptr) {                                                     \
       NS::stencil_backward_padded<T>(go, x, gx, st, gl, gb, xl, xb, g.H, g.W, g.C, g.Ho, g.Wo, g.sh, g.sw, gbuf, xbuf, \
-                                     corr);                                                                  \
+                                     corr, ab);                                                              \
     }                                                                                                        \
     static void correlate_rows(const T* go, const T* x, const Stencil& st, const Lists& l, const Geometry& g,  \
                                int64_t i0, int64_t i1, double* corr) {                                       \
@@ -440,6 +446,38 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
   return out;
 }
 
+// Each image's shift gradient, partial[(n, c)] = (alpha, beta), from the stencil's correlations
+// corr[(n, sum, tap, c)] (`sums` per image): each channel's four taps among the stencil's, summed
+// over the image's sums (images outermost: the sums are read in memory order).
+template <typename St, typename T>
+void stencil_shift_grad(const St& st, const std::vector<ChanTaps<T>>& ch, const std::vector<double>& corr, int64_t N,
+                        int64_t sums, int64_t C, std::vector<double>& partial) {
+  const int64_t T_ = static_cast<int64_t>(st.taps.size());
+  std::vector<int64_t> idx(static_cast<size_t>(4 * C));
+  for (int64_t c = 0; c < C; ++c)
+    for (int t4 = 0; t4 < 4; ++t4) idx[4 * c + t4] = st.tap_index(ch[c].offr + (t4 >> 1), ch[c].offc + (t4 & 1));
+  for (int64_t n = 0; n < N; ++n) {
+    const double* cn = corr.data() + n * sums * T_ * C;
+    for (int64_t c = 0; c < C; ++c) {
+      double cc[4] = {0, 0, 0, 0};
+      for (int64_t blk = 0; blk < sums; ++blk)
+        for (int t4 = 0; t4 < 4; ++t4)
+          if (idx[4 * c + t4] >= 0) cc[t4] += cn[(blk * T_ + idx[4 * c + t4]) * C + c];
+      shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
+    }
+  }
+}
+
+// The shift gradient (C, 2) in shift's dtype from each image's (n, c) -> (alpha, beta), summed over
+// the images in order.
+at::Tensor shift_grad_total(const std::vector<double>& partial, int64_t N, int64_t C, const at::Tensor& shift) {
+  at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
+  double* tp = total.data_ptr<double>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < 2 * C; ++k) tp[k] += partial[n * 2 * C + k];
+  return total.to(shift.scalar_type());
+}
+
 // Both gradients, or one of them (the other comes back undefined). NCHW: each plane's input
 // gradient and shift-gradient correlations while the plane is in cache; channels_last: the same
 // per block of rows of an image. The shift gradient is summed per plane or block, then in a fixed
@@ -579,23 +617,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             }
             if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
           });
-          if (stencil_shift) {
-            // each channel's four taps among the stencil's, then per image its correlations summed
-            // over the image's sums (images outermost: the sums are read in memory order)
-            std::vector<int64_t> idx(static_cast<size_t>(4 * C));
-            for (int64_t c = 0; c < C; ++c)
-              for (int t4 = 0; t4 < 4; ++t4) idx[4 * c + t4] = st.tap_index(ch[c].offr + (t4 >> 1), ch[c].offc + (t4 & 1));
-            for (int64_t n = 0; n < N; ++n) {
-              const double* cn = corr.data() + n * sums * T_ * C;
-              for (int64_t c = 0; c < C; ++c) {
-                double cc[4] = {0, 0, 0, 0};
-                for (int64_t blk = 0; blk < sums; ++blk)
-                  for (int t4 = 0; t4 < 4; ++t4)
-                    if (idx[4 * c + t4] >= 0) cc[t4] += cn[(blk * T_ + idx[4 * c + t4]) * C + c];
-                shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
-              }
-            }
-          }
+          if (stencil_shift) stencil_shift_grad(st, ch, corr, N, sums, C, partial);
           return;
         }
         // many distinct offsets: each image through planes
@@ -628,15 +650,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
   } else if (want_input) {
     gx.zero_();
   }
-  at::Tensor gs;
-  if (want_shift) {
-    at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
-    double* tp = total.data_ptr<double>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < 2 * C; ++k) tp[k] += partial[n * 2 * C + k];
-    gs = total.to(shift.scalar_type());
-  }
-  return {gx, gs};
+  return {gx, want_shift ? shift_grad_total(partial, N, C, shift) : at::Tensor()};
 }
 
 at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& shift,
@@ -655,6 +669,163 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cpu(const at::Tensor& g
   return backward_cpu(grad, input, shift, stride, padding, true, true, "active_shift_backward");
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Training: active_shift(relu(batch_norm(input))), a block's BatchNorm-ReLU and its shift, in one
+// operator. channels_last with shifts within a pixel at stride 1 or 2 (both axes alike): the
+// forward applies the BatchNorm and its ReLU to each pixel as it reads it (BnRelu in quad_row), so
+// relu(batch_norm(input)) is neither written nor read back; the backward recomputes it the same
+// way for the correlations, and sums the BatchNorm backward's per-channel sums over the shift's
+// input gradient while its rows are in cache, so of the BatchNorm backward only the pass that
+// writes grad_input is left. Elsewhere the two operators run in turn (the backward recomputing
+// relu(batch_norm(input)) first).
+// ---------------------------------------------------------------------------------------------
+
+// How the fused kernels take a call: blended rows (shifts within a pixel; the backward at equal
+// strides of 1 or 2), through the padded copies (stencils of cache-sized images, the padded copy
+// of the input transformed as it is made), or not at all (the two operators in turn).
+enum class Fused { none, quad, padded };
+
+template <typename K, typename T>
+Fused fused_bn_shift_path(const Geometry& g, const typename K::Stencil& st, const std::vector<ChanTaps<T>>& ch,
+                          bool backward) {
+  if (!g.channels_last || g.N == 0 || g.H == 0 || g.W == 0 || any_non_finite(ch)) return Fused::none;
+  if (st.quad_ok && (backward ? g.sh == g.sw && g.sh <= 2 : g.sw <= 2)) return Fused::quad;
+  if (st.most > kStencilTaps) return Fused::none;
+  const int64_t xe = padded_elems<T>(K::forward_pad(st, g), g.H, g.W, g.C);
+  if (xe <= 0) return Fused::none;
+  if (!backward) return Fused::padded;
+  const auto gb = K::input_grad_pad(st, K::input_grad_lists(st, g), g);
+  const int64_t ge = padded_elems<T>(gb, g.Ho, g.Wo, g.C);
+  return ge > 0 && (ge + xe) * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes ? Fused::padded : Fused::none;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_cpu(const at::Tensor& input_, const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps,
+                                                                         const at::Tensor& shift, at::IntArrayRef stride,
+                                                                         at::IntArrayRef padding) {
+  const char* op = "batch_norm_relu_shift";
+  bn::check_training(input_, weight, bias, op);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  const Geometry g = prepare(input_, shift, stride, padding, op);
+  const at::Tensor input = input_.contiguous(g.format());
+  auto [mean, invstd] = bn::batch_stats(input, eps);
+  const at::Tensor ab = bn::affine(weight, bias, mean, invstd);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_shift_cpu", [&] {
+    using T = scalar_t;
+    const auto ch = channel_taps<T>(shift, g);
+    with_kernels<T>([&](auto k) {
+      using K = decltype(k);
+      const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+      const Fused path = fused_bn_shift_path<K, T>(g, st, ch, false);
+      if (path == Fused::none) return;
+      const int64_t C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
+      out = at::empty({g.N, C, g.Ho, g.Wo}, input.options().memory_format(g.format()));
+      const T* xp = input.const_data_ptr<T>();
+      T* yp = out.data_ptr<T>();
+      const T* abp = ab.const_data_ptr<T>();
+      if (path == Fused::quad) {
+        const std::vector<T> zeros(static_cast<size_t>(g.W * C), T(0));
+        for_each_row_block(g.N, g.Ho, [&](int64_t, int64_t n, int64_t i0, int64_t i1, bool) {
+          K::quad_forward_rows(xp + n * P * C, yp + n * Po * C, st, g, i0, i1, zeros.data(), abp);
+        });
+        return;
+      }
+      const auto box = K::forward_pad(st, g);
+      const auto lists = K::forward_lists_pitch(st, box.left + g.W + box.right, g);
+      for_each_image_with_scratch<T>(g.N, padded_elems<T>(box, g.H, g.W, C), [&](int64_t n, T* buf) {
+        K::forward_padded(xp + n * P * C, yp + n * Po * C, st, lists, box, g, buf, abp);
+      });
+    });
+  });
+  if (!out.defined()) out = active_shift_cpu(bn::relu_affine(input, ab), shift, stride, padding);
+  return {out, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& shift, at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  const char* op = "batch_norm_relu_shift_backward";
+  bn::check_training(input_, weight, bias, op);
+  bn::check_stats(input_, mean, invstd, op);
+  const Geometry g = prepare(input_, shift, stride, padding, op, &grad_);
+  const at::Tensor input = input_.contiguous(g.format());
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
+  const at::Tensor ab = bn::affine(weight, bias, mean, invstd);
+  at::Tensor ga, gs;
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_shift_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto ch = channel_taps<T>(shift, g);
+    with_kernels<T>([&](auto k) {
+      using K = decltype(k);
+      const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+      const Fused path = fused_bn_shift_path<K, T>(g, st, ch, true);
+      if (path == Fused::none) return;
+      const int64_t N = g.N, C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
+      ga = at::empty(input.sizes(), input.options().memory_format(g.format()));  // grad of relu(batch_norm(input))
+      const T* gp = grad.const_data_ptr<T>();
+      const T* xp = input.const_data_ptr<T>();
+      T* gap = ga.data_ptr<T>();
+      const T* abp = ab.const_data_ptr<T>();
+      const at::Tensor mean_c = mean.contiguous();
+      const T* mp = mean_c.const_data_ptr<T>();
+      std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0), bsum;  // bsum: per unit, the BatchNorm sums (2, c)
+      if (path == Fused::quad) {
+        // per unit (image, block of output rows): the correlations (tap, c), then the input
+        // gradient's rows and their BatchNorm sums
+        const int64_t blocks = row_blocks(g.Ho);
+        const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
+        std::vector<double> corr(static_cast<size_t>(N * blocks * 4 * C), 0.0);
+        bsum.assign(static_cast<size_t>(N * blocks * 2 * C), 0.0);
+        for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
+          K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &corr[u * 4 * C], abp);
+          const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = last ? g.H : std::min(g.H, i1 * g.sh);
+          K::quad_input_grad_rows(gp + n * Po * C, gap + n * P * C, st, g, r0, r1, zeros.data());
+          K::bn_relu_sums_rows(gap + n * P * C, xp + n * P * C, g, r0, r1, abp, mp, &bsum[u * 2 * C]);
+        });
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t c = 0; c < C; ++c) {
+            double cc[4] = {0, 0, 0, 0};
+            for (int64_t blk = 0; blk < blocks; ++blk)
+              for (int t = 0; t < 4; ++t) cc[t] += corr[((n * blocks + blk) * 4 + t) * C + c];
+            shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
+          }
+      } else {
+        // per image through the padded copies (the input's transformed), then its BatchNorm sums
+        const auto lists = K::input_grad_lists(st, g);
+        const auto gb = K::input_grad_pad(st, lists, g), xb = K::forward_pad(st, g);
+        const int64_t ge = padded_elems<T>(gb, g.Ho, g.Wo, C), xe = padded_elems<T>(xb, g.H, g.W, C);
+        const auto gl = K::input_grad_lists_pitch(st, gb.left + g.Wo + gb.right, g);
+        const auto xl = K::forward_lists_pitch(st, xb.left + g.W + xb.right, g);
+        const int64_t T_ = static_cast<int64_t>(st.taps.size());
+        std::vector<double> corr(static_cast<size_t>(N * T_ * C), 0.0);
+        bsum.assign(static_cast<size_t>(N * 2 * C), 0.0);
+        for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
+          K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gb, xl, xb, g, buf, buf + ge,
+                             &corr[n * T_ * C], abp);
+          K::bn_relu_sums_rows(gap + n * P * C, xp + n * P * C, g, 0, g.H, abp, mp, &bsum[n * 2 * C]);
+        });
+        stencil_shift_grad(st, ch, corr, N, 1, C, partial);
+      }
+      gs = shift_grad_total(partial, N, C, shift);
+      sums.assign(static_cast<size_t>(2 * C), 0.0);
+      const int64_t units = static_cast<int64_t>(bsum.size()) / (2 * C);
+      for (int64_t u = 0; u < units; ++u)
+        for (int64_t k2 = 0; k2 < 2 * C; ++k2) sums[k2] += bsum[u * 2 * C + k2];
+    });
+  });
+  if (!ga.defined()) {
+    auto [gi, gsh] = backward_cpu(grad, bn::relu_affine(input, ab), shift, stride, padding, true, true, op);
+    auto [gx, gw, gb] = bn::backward(gi, input, weight, bias, mean, invstd);
+    return {gx, gw, gb, gsh};
+  }
+  auto [gx, gw, gb] = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sums);
+  return {gx, gw, gb, gs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(asl, CPU, m) {
@@ -662,6 +833,8 @@ TORCH_LIBRARY_IMPL(asl, CPU, m) {
   m.impl("active_shift_grad_input", &active_shift_grad_input_cpu);
   m.impl("active_shift_grad_shift", &active_shift_grad_shift_cpu);
   m.impl("active_shift_backward", &active_shift_backward_cpu);
+  m.impl("batch_norm_relu_shift", &batch_norm_relu_shift_cpu);
+  m.impl("batch_norm_relu_shift_backward", &batch_norm_relu_shift_backward_cpu);
 }
 
 }  // namespace shift_cpu

@@ -43,6 +43,10 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  // g where u > 0, else 0 (a NaN u gives 0)
+  static reg where_positive(reg u, reg g) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, zero(), _CMP_GT_OQ), g); }
   static reg orbits(reg a, reg b) { return _mm512_or_ps(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -71,6 +75,9 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
+  static reg where_positive(reg u, reg g) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(u, zero(), _CMP_GT_OQ), g); }
   static reg orbits(reg a, reg b) { return _mm512_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
@@ -114,6 +121,9 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg where_positive(reg u, reg g) { return _mm256_and_ps(g, _mm256_cmp_ps(u, zero(), _CMP_GT_OQ)); }
   static reg orbits(reg a, reg b) { return _mm256_or_ps(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xD8));
@@ -139,6 +149,9 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static reg where_positive(reg u, reg g) { return _mm256_and_pd(g, _mm256_cmp_pd(u, zero(), _CMP_GT_OQ)); }
   static reg orbits(reg a, reg b) { return _mm256_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = _mm256_permute4x64_pd(_mm256_unpacklo_pd(lo, hi), 0xD8);
@@ -167,6 +180,9 @@ struct Vec {  // one lane: the kernels' scalar form
   }
   static reg mul(reg a, reg b) { return a * b; }
   static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
+  static reg add(reg a, reg b) { return a + b; }
+  static reg sub(reg a, reg b) { return a - b; }
+  static reg where_positive(reg u, reg g) { return u > T(0) ? g : T(0); }
   static reg orbits(reg a, reg b) { return a + b; }  // one lane: a sum keeps a NaN as well
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
     even = lo;
@@ -1056,15 +1072,26 @@ struct PadBox {
   int64_t top = 0, bottom = 0, left = 0, right = 0;
 };
 
-// src (rows x cols x C) into buf ((top + rows + bottom) x (left + cols + right) x C), zeros around.
+// src (rows x cols x C) into buf ((top + rows + bottom) x (left + cols + right) x C), zeros around;
+// with ab = (a[C], b[C]) each value x of channel c as relu(fma(x, a[c], b[c])) (BnRelu's value).
 template <typename T>
-void pad_image(const T* src, int64_t rows, int64_t cols, int64_t C, const PadBox& b, T* buf) {
+void pad_image(const T* src, int64_t rows, int64_t cols, int64_t C, const PadBox& b, T* buf, const T* ab = nullptr) {
   const int64_t pitch = (b.left + cols + b.right) * C;
   std::fill(buf, buf + b.top * pitch, T(0));
   for (int64_t r = 0; r < rows; ++r) {
     T* d = buf + (b.top + r) * pitch;
     std::fill(d, d + b.left * C, T(0));
-    std::memcpy(d + b.left * C, src + r * cols * C, sizeof(T) * static_cast<size_t>(cols * C));
+    if (ab == nullptr) {
+      std::memcpy(d + b.left * C, src + r * cols * C, sizeof(T) * static_cast<size_t>(cols * C));
+    } else {
+      const T* s = src + r * cols * C;
+      T* o = d + b.left * C;
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t c = 0; c < C; ++c) {
+          const T u = std::fma(s[j * C + c], ab[c], ab[C + c]);
+          o[j * C + c] = u > T(0) ? u : T(0);
+        }
+    }
     std::fill(d + (b.left + cols) * C, d + pitch, T(0));
   }
   std::fill(buf + (b.top + rows) * pitch, buf + (b.top + rows + b.bottom) * pitch, T(0));
@@ -1093,9 +1120,9 @@ PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64
 // (so no non-finite check either). Taps outside the image read zeros: rows outside point at
 // `zeros` (W C values), columns outside are zero vectors. x is the vector's first channel of the
 // source (H x W x C), source rows i sh + r0 ...
-template <typename T, bool DR, bool DC, int SW, typename Fn>
+template <typename T, bool DR, bool DC, int SW, typename Fn, typename Tf>
 inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
-                     int64_t sh, int64_t i, const T* zeros, Fn& fn) {
+                     int64_t sh, int64_t i, const T* zeros, Fn& fn, const Tf& tf) {
   using V = Vec<T>;
   using reg = typename V::reg;
   static_assert(SW == 1 || SW == 2, "column stride 1 or 2");
@@ -1106,9 +1133,11 @@ inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, 
   const int64_t j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, -floor_div(lead - SW + 1, SW)));
   const int64_t j_hi = std::max(j_lo, std::min<int64_t>(Wo, floor_div(W - 1 - lead, SW) + 1));
   const T* rows[3];
+  bool inside_row[3];
   for (int t = 0; t < 3; ++t) {
     const int64_t r = i * sh + q.r0 + t;
-    rows[t] = r >= 0 && r < H ? x + r * W * C : zeros;
+    inside_row[t] = r >= 0 && r < H;
+    rows[t] = inside_row[t] ? x + r * W * C : zeros;
   }
   const T* a = rows[0];
   const T* b = rows[1];
@@ -1119,9 +1148,9 @@ inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, 
   const auto column = [&](int64_t qc, bool inside, reg& top, reg& bottom) {
     reg na = V::zero(), nb = V::zero(), nc = V::zero();
     if (inside || (qc >= 0 && qc < W)) {
-      na = V::load(a + qc * C);
-      nb = V::load(b + qc * C);
-      if (DR) nc = V::load(c + qc * C);
+      na = tf(V::load(a + qc * C), inside_row[0]);
+      nb = tf(V::load(b + qc * C), inside_row[1]);
+      if (DR) nc = tf(V::load(c + qc * C), inside_row[2]);
     }
     const reg A0 = DC ? V::blend(cm, la, na) : na, A1 = DC ? V::blend(cm, lb, nb) : nb;
     const reg A2 = DR ? (DC ? V::blend(cm, lc, nc) : nc) : A1;
@@ -1154,15 +1183,39 @@ inline void with_quad(const Q& q, const Body& body) {
   else body(std::false_type(), std::false_type());
 }
 
+// The pixels a quad row reads, as they are (Plain), or as relu(x a + b) with per-channel a, b
+// (BnRelu: a BatchNorm and its ReLU applied on the fly; taps outside the image stay zero).
+template <typename T>
+struct Plain {
+  typename Vec<T>::reg operator()(typename Vec<T>::reg v, bool) const { return v; }
+};
+template <typename T>
+struct BnRelu {
+  typename Vec<T>::reg a, b;
+  typename Vec<T>::reg operator()(typename Vec<T>::reg v, bool inside) const {
+    if (!inside) return v;
+    const typename Vec<T>::reg u = Vec<T>::fma(v, a, b);
+    return Vec<T>::where_positive(u, u);
+  }
+};
+
 // quad_row<T, DR, DC, SW> for a quad's spreads and column stride sw (1 or 2).
-template <typename T, typename Fn>
+template <typename T, typename Fn, typename Tf = Plain<T>>
 inline void quad_row_any(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
-                         int64_t sh, int64_t sw, int64_t i, const T* zeros, Fn& fn) {
+                         int64_t sh, int64_t sw, int64_t i, const T* zeros, Fn& fn, const Tf& tf = Tf()) {
   with_quad(q, [&](auto dr, auto dc) {
     constexpr bool DR = decltype(dr)::value, DC = decltype(dc)::value;
-    if (sw == 2) quad_row<T, DR, DC, 2>(x, q, H, W, C, Wo, sh, i, zeros, fn);
-    else quad_row<T, DR, DC, 1>(x, q, H, W, C, Wo, sh, i, zeros, fn);
+    if (sw == 2) quad_row<T, DR, DC, 2>(x, q, H, W, C, Wo, sh, i, zeros, fn, tf);
+    else quad_row<T, DR, DC, 1>(x, q, H, W, C, Wo, sh, i, zeros, fn, tf);
   });
+}
+
+// The transform of channel vector v's pixels: Plain, or BnRelu with ab = (a[C], b[C]).
+template <typename T, typename Body>
+inline void with_transform(const T* ab, int64_t C, int64_t v, const Body& body) {
+  using V = Vec<T>;
+  if (ab == nullptr) body(Plain<T>());
+  else body(BnRelu<T>{V::load(ab + v * V::N), V::load(ab + C + v * V::N)});
 }
 
 // Output rows [i0, i1) of every channel vector: y = W0 x00 + W1 x01 + W2 x10 + W3 x11, NCHW's
@@ -1170,7 +1223,8 @@ inline void quad_row_any(const T* x, const typename Stencil<T>::Quad& q, int64_t
 // stride 1 the input gradient (gq on grad_output).
 template <typename T>
 void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, int64_t H, int64_t W, int64_t C,
-                      int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1, const T* zeros) {
+                      int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1, const T* zeros,
+                      const T* ab = nullptr) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1191,7 +1245,9 @@ void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, 
         __builtin_prefetch(yr + (j + ahead) * C, 1, 3);
         V::store(yr + j * C, acc);
       };
-      quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, store);
+      with_transform<T>(ab, C, v, [&](const auto& tf) {
+        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, store, tf);
+      });
     }
 }
 
@@ -1201,7 +1257,8 @@ void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, 
 // pixels or so and at the end, so the order depends on the shapes alone.
 template <typename T>
 void quad_correlate_rows(const T* g, const T* x, const typename Stencil<T>::QuadSet& qs, int64_t H, int64_t W, int64_t C,
-                         int64_t Wo, int64_t sh, int64_t i0, int64_t i1, const T* zeros, double* corr) {
+                         int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1, const T* zeros, double* corr,
+                         const T* ab = nullptr) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1228,7 +1285,9 @@ void quad_correlate_rows(const T* g, const T* x, const typename Stencil<T>::Quad
         a2 = V::fma(gv, x10, a2);
         a3 = V::fma(gv, x11, a3);
       };
-      quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, 1, i, zeros + v * N, accumulate);
+      with_transform<T>(ab, C, v, [&](const auto& tf) {
+        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, accumulate, tf);
+      });
       V::store(sv, a0), V::store(sv + N, a1), V::store(sv + 2 * N, a2), V::store(sv + 3 * N, a3);
     }
     since += Wo;
@@ -1299,15 +1358,45 @@ void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadS
     }
 }
 
+// The BatchNorm-ReLU backward's sums over rows [r0, r1) of an image (W x C, channels_last): with
+// gy = ga where relu's argument x a + b is positive (else 0), out[c] += sum gy and
+// out[C + c] += sum gy (x - mean), summed in T lanes row by row, then added in double.
+template <typename T>
+void bn_relu_sums_rows(const T* ga, const T* x, int64_t W, int64_t C, int64_t r0, int64_t r1, const T* ab,
+                       const T* mean, double* out) {
+  using V = Vec<T>;
+  using reg = typename V::reg;
+  constexpr int N = V::N;
+  alignas(64) T l1[N], l2[N];
+  for (int64_t v = 0; v * N < C; ++v) {
+    const uint32_t lm = lane_range<N>(0, C - v * N);  // a channel tail: only its lanes are read
+    const reg a = V::loadz(lm, ab + v * N), b = V::loadz(lm, ab + C + v * N), m = V::loadz(lm, mean + v * N);
+    reg s1 = V::zero(), s2 = V::zero();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gr = ga + r * W * C + v * N;
+      const T* xr = x + r * W * C + v * N;
+      for (int64_t j = 0; j < W; ++j) {
+        const reg xv = V::loadz(lm, xr + j * C);
+        const reg gy = V::where_positive(V::fma(xv, a, b), V::loadz(lm, gr + j * C));  // the forward's relu mask
+        s1 = V::add(s1, gy);
+        s2 = V::fma(gy, V::sub(xv, m), s2);
+      }
+    }
+    V::store(l1, s1), V::store(l2, s2);
+    for (int l = 0; l < N && v * N + l < C; ++l)
+      out[v * N + l] += static_cast<double>(l1[l]), out[C + v * N + l] += static_cast<double>(l2[l]);
+  }
+}
+
 // Forward, channels_last, one image through its padded copy buf; lists from forward_lists with the
 // padded width.
 template <typename T>
 void stencil_forward_padded(const T* x, T* y, const Stencil<T>& st, const std::vector<std::vector<RowTap<T>>>& lists,
                             const PadBox& b, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t sh,
-                            int64_t sw, T* buf) {
+                            int64_t sw, T* buf, const T* ab = nullptr) {
   constexpr int N = Vec<T>::N;
   const int64_t Wp = b.left + W + b.right;
-  pad_image<T>(x, H, W, C, b, buf);
+  pad_image<T>(x, H, W, C, b, buf, ab);
   const T* origin = buf + (b.top * Wp + b.left) * C;
   for (int64_t v = 0; v < st.nv; ++v)
     stencil_block_any<T>(origin, y + v * N, lists[v].data(), static_cast<int>(lists[v].size()), Ho, Wo, sh * Wp * C, sw * C,
@@ -1408,9 +1497,10 @@ void stencil_correlate_from_padded(const T* g, int64_t gpitch, const T* xo, int6
 template <typename T>
 void stencil_correlate_padded(const T* g, int64_t gpitch, const T* x, const Stencil<T>& st,
                               const std::vector<std::vector<RowTap<T>>>& lists, const PadBox& b, int64_t H, int64_t W,
-                              int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* buf, double* corr) {
+                              int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* buf, double* corr,
+                              const T* ab = nullptr) {
   const int64_t Wp = b.left + W + b.right;
-  pad_image<T>(x, H, W, C, b, buf);
+  pad_image<T>(x, H, W, C, b, buf, ab);
   stencil_correlate_from_padded<T>(g, gpitch, buf + (b.top * Wp + b.left) * C, Wp, st, lists, C, Ho, Wo, sh, sw, corr);
 }
 
@@ -1421,10 +1511,12 @@ template <typename T>
 void stencil_backward_padded(const T* g, const T* x, T* gx, const Stencil<T>& st,
                              const std::vector<std::vector<RowTap<T>>>& glists, const PadBox& gb,
                              const std::vector<std::vector<RowTap<T>>>& xlists, const PadBox& xb, int64_t H, int64_t W,
-                             int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* gbuf, T* xbuf, double* corr) {
+                             int64_t C, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw, T* gbuf, T* xbuf, double* corr,
+                             const T* ab = nullptr) {
   stencil_input_grad_padded<T>(g, gx, st, glists, gb, H, W, C, Ho, Wo, sh, sw, gbuf);
   const int64_t Wg = gb.left + Wo + gb.right;
-  stencil_correlate_padded<T>(gbuf + (gb.top * Wg + gb.left) * C, Wg, x, st, xlists, xb, H, W, C, Ho, Wo, sh, sw, xbuf, corr);
+  stencil_correlate_padded<T>(gbuf + (gb.top * Wg + gb.left) * C, Wg, x, st, xlists, xb, H, W, C, Ho, Wo, sh, sw, xbuf, corr,
+                              ab);
 }
 
 // Shift-gradient sums over rows x cols pixels of one channel vector, every tap inside the source

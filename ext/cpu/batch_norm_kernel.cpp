@@ -5,6 +5,7 @@
 // writes relu(x * a + b); backward one pass for the two per-channel sums and one that writes the
 // input gradient. The ReLU's mask is recomputed from the input in the backward (it reads the input
 // anyway), so neither the output nor a mask is kept for it.
+#include "batch_norm_parts.h"
 #include "plane_sampling.h"
 
 #include <ATen/ATen.h>
@@ -348,6 +349,26 @@ void elementwise(int64_t N, int64_t C, int64_t P, bool channels_last, const Rows
   });
 }
 
+// The per-channel a, b of relu(x * a + b): a = weight * invstd, b = bias - mean * a.
+template <typename acc_t>
+void affine_coefficients(const acc_t* w, const acc_t* bi, const acc_t* mean, const acc_t* invstd, int64_t C,
+                         std::vector<acc_t>& a, std::vector<acc_t>& b) {
+  a.resize(static_cast<size_t>(C));
+  b.resize(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = w[c] * invstd[c];
+    b[c] = bi[c] - mean[c] * a[c];
+  }
+}
+
+at::MemoryFormat format_of(const at::Tensor& input) {
+  return use_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace
+
+namespace bn {
+
 void check_training(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
   TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
@@ -363,35 +384,25 @@ void check_training(const at::Tensor& input, const at::Tensor& weight, const at:
                     ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
 }
 
-// The per-channel a, b of relu(x * a + b): a = weight * invstd, b = bias - mean * a.
-template <typename acc_t>
-void affine_coefficients(const acc_t* w, const acc_t* bi, const acc_t* mean, const acc_t* invstd, int64_t C,
-                         std::vector<acc_t>& a, std::vector<acc_t>& b) {
-  a.resize(static_cast<size_t>(C));
-  b.resize(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    a[c] = w[c] * invstd[c];
-    b[c] = bi[c] - mean[c] * a[c];
+void check_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd, const char* op) {
+  const int64_t C = input.size(1);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {invstd, "invstd"}}) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C && t.device() == input.device(), op, ": ", name, " must be (",
+                      C, ") on ", input.device(), ", got ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Tensor& input_, const at::Tensor& weight,
-                                                                   const at::Tensor& bias, double eps) {
-  const char* op = "batch_norm_relu";
-  check_training(input_, weight, bias, op);
-  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
-  const bool cl = use_channels_last(input_);
-  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor input = input_.contiguous(format);
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double eps) {
+  const bool cl = use_channels_last(input);
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
   const auto acc_type = at::toOpMathType(input.scalar_type());
   at::Tensor mean = at::empty({C}, input.options().dtype(acc_type)), invstd = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_stats_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
     const T* xp = input.const_data_ptr<T>();
-    T* yp = out.data_ptr<T>();
     // Sums of x - pivot (the channel's first value) rather than of x: no cancellation in the
     // variance when a channel's mean is large against its spread.
     std::vector<acc_t> pivot(static_cast<size_t>(C));
@@ -412,43 +423,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Ten
       mp[c] = static_cast<acc_t>(pivot[c] + d);
       ip[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     }
+  });
+  return {mean, invstd};
+}
+
+at::Tensor affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  const auto acc_type = mean.scalar_type();
+  const int64_t C = mean.size(0);
+  at::Tensor ab = at::empty({2 * C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "batch_norm_affine_cpu", [&] {
+    using acc_t = scalar_t;
     const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
+    const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
     std::vector<acc_t> a, b;
-    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), mp, ip, C, a, b);
+    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
+                        is.const_data_ptr<acc_t>(), C, a, b);
+    std::copy(a.begin(), a.end(), ab.data_ptr<acc_t>());
+    std::copy(b.begin(), b.end(), ab.data_ptr<acc_t>() + C);
+  });
+  return ab;
+}
+
+at::Tensor relu_affine(const at::Tensor& input, const at::Tensor& ab) {
+  const auto format = format_of(input);
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(format));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_apply_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* xp = input.const_data_ptr<T>();
+    T* yp = out.data_ptr<T>();
+    const acc_t* a = ab.const_data_ptr<acc_t>();
+    const acc_t* b = a + C;
     elementwise(
-        N, C, P, cl,
-        [&](int64_t r0, int64_t rows) { forward_rows<T, acc_t>(xp + r0 * C, yp + r0 * C, rows, C, a.data(), b.data()); },
+        N, C, P, cl, [&](int64_t r0, int64_t rows) { forward_rows<T, acc_t>(xp + r0 * C, yp + r0 * C, rows, C, a, b); },
         [&](int64_t n, int64_t c) {
           const int64_t i = (n * C + c) * P;
           forward_run<T, acc_t>(xp + i, yp + i, P, a[c], b[c]);
         });
   });
-  return {out, mean, invstd};
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
-    const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& invstd) {
-  const char* op = "batch_norm_relu_backward";
-  check_training(input_, weight, bias, op);
-  TORCH_CHECK_VALUE(grad_.sizes() == input_.sizes() && grad_.device() == input_.device(), op,
-                    ": grad_output must have the input's shape ", input_.sizes(), " on ", input_.device(), ", got ",
-                    grad_.sizes(), " on ", grad_.device());
-  const int64_t C = input_.size(1);
-  const auto acc_type = at::toOpMathType(input_.scalar_type());
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {invstd, "invstd"}}) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C && t.device() == input_.device(), op, ": ", name, " must be (",
-                      C, ") on ", input_.device(), ", got ", t.sizes(), " on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == acc_type, op, ": ", name, " must be ", acc_type, ", got ", t.scalar_type());
-  }
-  const bool cl = use_channels_last(input_);
-  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor input = input_.contiguous(format);
-  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(format);
-  const int64_t N = input.size(0), P = input.size(2) * input.size(3);
-  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
+                                                                    const at::Tensor& weight, const at::Tensor& bias,
+                                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                                    const std::vector<double>& sums) {
+  const bool cl = use_channels_last(input);
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format_of(input)));
   at::Tensor gw = at::empty({C}, weight.options()), gb = at::empty({C}, bias.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_input_grad_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
     const T* gp = grad.const_data_ptr<T>();
@@ -461,15 +488,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
     const acc_t* wp = w.const_data_ptr<acc_t>();
     std::vector<acc_t> a, b;
     affine_coefficients(wp, bi.const_data_ptr<acc_t>(), mp, ip, C, a, b);
-    const auto sums = channel_sums<acc_t>(
-        N, C, P, cl,
-        [&](int64_t r0, int64_t rows, acc_t* s1, acc_t* s2) {
-          grad_sums_rows<T, acc_t>(gp + r0 * C, xp + r0 * C, rows, C, a.data(), b.data(), mp, s1, s2);
-        },
-        [&](int64_t n, int64_t c, int64_t j, int64_t len, acc_t* o) {
-          const int64_t i = (n * C + c) * P + j;
-          grad_sums_run<T, acc_t>(gp + i, xp + i, len, a[c], b[c], mp[c], o);
-        });
     // gx = weight * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)), xhat = (x - mean) * invstd,
     // written as k * gy + (x - mean) * q + r0 with per-channel k, q, r0.
     const double M = static_cast<double>(N * P);
@@ -497,6 +515,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
         });
   });
   return {gx, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_, const at::Tensor& input_,
+                                                        const at::Tensor& weight, const at::Tensor& bias,
+                                                        const at::Tensor& mean, const at::Tensor& invstd) {
+  const auto format = format_of(input_);
+  const at::Tensor input = input_.contiguous(format);
+  const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(format);
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* gp = grad.const_data_ptr<T>();
+    const T* xp = input.const_data_ptr<T>();
+    const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+    const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
+    std::vector<acc_t> a, b;
+    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), mp, invstd_c.const_data_ptr<acc_t>(), C,
+                        a, b);
+    sums = channel_sums<acc_t>(
+        N, C, P, cl,
+        [&](int64_t r0, int64_t rows, acc_t* s1, acc_t* s2) {
+          grad_sums_rows<T, acc_t>(gp + r0 * C, xp + r0 * C, rows, C, a.data(), b.data(), mp, s1, s2);
+        },
+        [&](int64_t n, int64_t c, int64_t j, int64_t len, acc_t* o) {
+          const int64_t i = (n * C + c) * P + j;
+          grad_sums_run<T, acc_t>(gp + i, xp + i, len, a[c], b[c], mp[c], o);
+        });
+  });
+  return input_grad_from_sums(grad, input, weight, bias, mean, invstd, sums);
+}
+
+}  // namespace bn
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Tensor& input_, const at::Tensor& weight,
+                                                                   const at::Tensor& bias, double eps) {
+  const char* op = "batch_norm_relu";
+  bn::check_training(input_, weight, bias, op);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  const at::Tensor input = input_.contiguous(format_of(input_));
+  auto [mean, invstd] = bn::batch_stats(input, eps);
+  return {bn::relu_affine(input, bn::affine(weight, bias, mean, invstd)), mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  const char* op = "batch_norm_relu_backward";
+  bn::check_training(input, weight, bias, op);
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.device() == input.device(), op,
+                    ": grad_output must have the input's shape ", input.sizes(), " on ", input.device(), ", got ",
+                    grad.sizes(), " on ", grad.device());
+  bn::check_stats(input, mean, invstd, op);
+  return bn::backward(grad, input, weight, bias, mean, invstd);
 }
 
 }  // namespace

@@ -1,0 +1,40 @@
+// The parts of the CPU BatchNorm-ReLU kernels (batch_norm_kernel.cpp) that the fused
+// BatchNorm-ReLU-shift kernels (active_shift_kernel.cpp) share: the checks, the batch's
+// statistics, relu's per-channel coefficients and the backward's second pass.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace asl {
+namespace bn {
+
+// Throws for what batch_norm_relu rejects (named as `op`).
+void check_training(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op);
+// Throws unless mean and invstd are (C) in input's accumulation dtype, on its device.
+void check_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd, const char* op);
+// The batch's (mean, invstd) per channel of input (contiguous in its memory format), in the
+// accumulation dtype; the sums are in a fixed order, whatever the number of threads.
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double eps);
+// relu(x a + b)'s coefficients as one (2C) tensor in the accumulation dtype: a = weight invstd,
+// then b = bias - mean a.
+at::Tensor affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd);
+// relu(input a + b) per channel, ab as from affine: batch_norm_relu's output (input contiguous in
+// its memory format, the result in the same).
+at::Tensor relu_affine(const at::Tensor& input, const at::Tensor& ab);
+// (grad_input, grad_weight, grad_bias) from grad_output and the backward's per-channel sums
+// (sum gy, then sum gy (x - mean); gy = grad_output where relu's argument is positive). grad and
+// input contiguous in input's memory format.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
+                                                                    const at::Tensor& weight, const at::Tensor& bias,
+                                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                                    const std::vector<double>& sums);
+// batch_norm_relu_backward, arguments already checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& input,
+                                                        const at::Tensor& weight, const at::Tensor& bias,
+                                                        const at::Tensor& mean, const at::Tensor& invstd);
+
+}  // namespace bn
+}  // namespace asl

@@ -232,13 +232,13 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
       NS::quad_correlate_rows<T>(go, x, st.fq, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, zeros, corr, ab);    \
     }                                                                                                        \
     static void bn_relu_sums_rows(const T* ga, const T* x, const Geometry& g, int64_t r0, int64_t r1, const T* ab, \
-                                  const T* mean, double* out) {                                              \
-      NS::bn_relu_sums_rows<T>(ga, x, g.W, g.C, r0, r1, ab, mean, out);                                      \
+                                  const T* mean, double* out, int64_t ga_row0 = 0) {                         \
+      NS::bn_relu_sums_rows<T>(ga, x, g.W, g.C, r0, r1, ab, mean, out, ga_row0);                             \
     }                                                                                                        \
     static void quad_input_grad_rows(const T* go, T* gx, const Stencil& st, const Geometry& g, int64_t r0,     \
-                                     int64_t r1, const T* zeros) {                                           \
-      if (g.sh == 2) NS::quad_input_grad_s2_rows<T>(go, gx, st.fq, g.Ho, g.Wo, g.C, g.H, g.W, r0, r1, zeros);  \
-      else NS::quad_sample_rows<T>(go, gx, st.gq, g.Ho, g.Wo, g.C, g.W, 1, 1, r0, r1, zeros);                \
+                                     int64_t r1, const T* zeros, int64_t gx_row0 = 0) {                      \
+      if (g.sh == 2) NS::quad_input_grad_s2_rows<T>(go, gx, st.fq, g.Ho, g.Wo, g.C, g.H, g.W, r0, r1, zeros, gx_row0); \
+      else NS::quad_sample_rows<T>(go, gx, st.gq, g.Ho, g.Wo, g.C, g.W, 1, 1, r0, r1, zeros, nullptr, gx_row0); \
     }                                                                                                        \
     static void forward_rows(const T* x, T* y, const Stencil& st, const Lists& l, const Geometry& g, int64_t i0, \
                              int64_t i1) {                                                                   \
@@ -380,6 +380,27 @@ void for_each_row_block(int64_t N, int64_t Ho, const Fn& fn) {
       fn(u, n, i0, std::min(Ho, i0 + kRowBlock), blk + 1 == blocks);
     }
   });
+}
+
+// for_each_row_block with fn(u, n, i0, i1, last, buf), buf a scratch of elems elements per task.
+template <typename T, typename Fn>
+void for_each_row_block_with_scratch(int64_t N, int64_t Ho, int64_t elems, const Fn& fn) {
+  const int64_t blocks = row_blocks(Ho);
+  at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> buf(static_cast<size_t>(elems));
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock;
+      fn(u, n, i0, std::min(Ho, i0 + kRowBlock), blk + 1 == blocks, buf.data());
+    }
+  });
+}
+
+// The sum over units of per-unit sums s[(u, k)], k < 2C, in unit order.
+std::vector<double> sum_units(const std::vector<double>& s, int64_t C) {
+  std::vector<double> total(static_cast<size_t>(2 * C), 0.0);
+  for (size_t u = 0; u < s.size() / static_cast<size_t>(2 * C); ++u)
+    for (int64_t k = 0; k < 2 * C; ++k) total[k] += s[u * 2 * C + k];
+  return total;
 }
 
 at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, at::IntArrayRef stride,
@@ -754,8 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
   const at::Tensor input = input_.contiguous(g.format());
   const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(g.format());
   const at::Tensor ab = bn::affine(weight, bias, mean, invstd);
-  at::Tensor ga, gs;
-  std::vector<double> sums;
+  at::Tensor gx, gw, gb, gs;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_shift_backward_cpu", [&] {
     using T = scalar_t;
     const auto ch = channel_taps<T>(shift, g);
@@ -765,26 +785,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
       const Fused path = fused_bn_shift_path<K, T>(g, st, ch, true);
       if (path == Fused::none) return;
       const int64_t N = g.N, C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
-      ga = at::empty(input.sizes(), input.options().memory_format(g.format()));  // grad of relu(batch_norm(input))
       const T* gp = grad.const_data_ptr<T>();
       const T* xp = input.const_data_ptr<T>();
-      T* gap = ga.data_ptr<T>();
       const T* abp = ab.const_data_ptr<T>();
       const at::Tensor mean_c = mean.contiguous();
       const T* mp = mean_c.const_data_ptr<T>();
       std::vector<double> partial(static_cast<size_t>(N * C * 2), 0.0), bsum;  // bsum: per unit, the BatchNorm sums (2, c)
       if (path == Fused::quad) {
-        // per unit (image, block of output rows): the correlations (tap, c), then the input
-        // gradient's rows and their BatchNorm sums
+        // Per block of output rows, the correlations (tap, c), then the shift's input gradient
+        // for the block's input rows and, while they are in cache, their BatchNorm sums. At stride
+        // 1 those rows are written out and the BatchNorm's last pass reads them back; at stride 2,
+        // where they are four times grad_output's size, they go to a scratch in cache and the last
+        // pass computes them again from grad_output (measured in a training step of asnet20_16x1:
+        // stride 2 128x32x32x32 9.0 -> 7.6 ms, stride 1 128x16x32x32 5.0 -> 5.7 ms).
+        const bool recompute = g.sh == 2;
         const int64_t blocks = row_blocks(g.Ho);
         const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
         std::vector<double> corr(static_cast<size_t>(N * blocks * 4 * C), 0.0);
         bsum.assign(static_cast<size_t>(N * blocks * 2 * C), 0.0);
-        for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
+        const auto rows_of = [&](int64_t i0, int64_t i1, bool last) {
+          return std::make_pair(std::min(g.H, i0 * g.sh), last ? g.H : std::min(g.H, i1 * g.sh));
+        };
+        const int64_t most_rows = std::min(g.H, kRowBlock * g.sh + g.H - std::min(g.H, (g.Ho - 1) * g.sh));
+        const int64_t scratch = recompute ? most_rows * g.W * C : 0;
+        at::Tensor ga;  // the shift's input gradient, when written out
+        if (!recompute) ga = at::empty(input.sizes(), input.options().memory_format(g.format()));
+        T* gap = recompute ? nullptr : ga.data_ptr<T>();
+        for_each_row_block_with_scratch<T>(N, g.Ho, scratch, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last, T* buf) {
           K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &corr[u * 4 * C], abp);
-          const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = last ? g.H : std::min(g.H, i1 * g.sh);
-          K::quad_input_grad_rows(gp + n * Po * C, gap + n * P * C, st, g, r0, r1, zeros.data());
-          K::bn_relu_sums_rows(gap + n * P * C, xp + n * P * C, g, r0, r1, abp, mp, &bsum[u * 2 * C]);
+          const auto [r0, r1] = rows_of(i0, i1, last);
+          T* rows = recompute ? buf : gap + (n * P + r0 * g.W) * C;  // input row r0 on
+          K::quad_input_grad_rows(gp + n * Po * C, rows, st, g, r0, r1, zeros.data(), r0);
+          K::bn_relu_sums_rows(rows, xp + n * P * C, g, r0, r1, abp, mp, &bsum[u * 2 * C], r0);
         });
         for (int64_t n = 0; n < N; ++n)
           for (int64_t c = 0; c < C; ++c) {
@@ -793,36 +825,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
               for (int t = 0; t < 4; ++t) cc[t] += corr[((n * blocks + blk) * 4 + t) * C + c];
             shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
           }
+        if (!recompute) {
+          std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
+        } else {
+          at::Tensor kqr;
+          std::tie(kqr, gw, gb) = bn::grad_coefficients(input, weight, mean, invstd, sum_units(bsum, C));
+          gx = at::empty(input.sizes(), input.options().memory_format(g.format()));
+          T* gxp = gx.data_ptr<T>();
+          const T* kp = kqr.const_data_ptr<T>();
+          for_each_row_block_with_scratch<T>(N, g.Ho, scratch, [&](int64_t, int64_t n, int64_t i0, int64_t i1, bool last, T* buf) {
+            const auto [r0, r1] = rows_of(i0, i1, last);
+            K::quad_input_grad_rows(gp + n * Po * C, buf, st, g, r0, r1, zeros.data(), r0);
+            bn::input_grad_rows(buf, xp + (n * P + r0 * g.W) * C, gxp + (n * P + r0 * g.W) * C, (r1 - r0) * g.W, C, abp, mp,
+                                kp);
+          });
+        }
       } else {
         // per image through the padded copies (the input's transformed), then its BatchNorm sums
+        const at::Tensor ga = at::empty(input.sizes(), input.options().memory_format(g.format()));  // grad of the shift's input
+        T* gap = ga.data_ptr<T>();
         const auto lists = K::input_grad_lists(st, g);
-        const auto gb = K::input_grad_pad(st, lists, g), xb = K::forward_pad(st, g);
-        const int64_t ge = padded_elems<T>(gb, g.Ho, g.Wo, C), xe = padded_elems<T>(xb, g.H, g.W, C);
-        const auto gl = K::input_grad_lists_pitch(st, gb.left + g.Wo + gb.right, g);
-        const auto xl = K::forward_lists_pitch(st, xb.left + g.W + xb.right, g);
+        const auto gbox = K::input_grad_pad(st, lists, g), xbox = K::forward_pad(st, g);
+        const int64_t ge = padded_elems<T>(gbox, g.Ho, g.Wo, C), xe = padded_elems<T>(xbox, g.H, g.W, C);
+        const auto gl = K::input_grad_lists_pitch(st, gbox.left + g.Wo + gbox.right, g);
+        const auto xl = K::forward_lists_pitch(st, xbox.left + g.W + xbox.right, g);
         const int64_t T_ = static_cast<int64_t>(st.taps.size());
         std::vector<double> corr(static_cast<size_t>(N * T_ * C), 0.0);
         bsum.assign(static_cast<size_t>(N * 2 * C), 0.0);
         for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
-          K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gb, xl, xb, g, buf, buf + ge,
+          K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gbox, xl, xbox, g, buf, buf + ge,
                              &corr[n * T_ * C], abp);
           K::bn_relu_sums_rows(gap + n * P * C, xp + n * P * C, g, 0, g.H, abp, mp, &bsum[n * 2 * C]);
         });
         stencil_shift_grad(st, ch, corr, N, 1, C, partial);
+        std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
       }
       gs = shift_grad_total(partial, N, C, shift);
-      sums.assign(static_cast<size_t>(2 * C), 0.0);
-      const int64_t units = static_cast<int64_t>(bsum.size()) / (2 * C);
-      for (int64_t u = 0; u < units; ++u)
-        for (int64_t k2 = 0; k2 < 2 * C; ++k2) sums[k2] += bsum[u * 2 * C + k2];
     });
   });
-  if (!ga.defined()) {
+  if (!gx.defined()) {
     auto [gi, gsh] = backward_cpu(grad, bn::relu_affine(input, ab), shift, stride, padding, true, true, op);
-    auto [gx, gw, gb] = bn::backward(gi, input, weight, bias, mean, invstd);
-    return {gx, gw, gb, gsh};
+    std::tie(gx, gw, gb) = bn::backward(gi, input, weight, bias, mean, invstd);
+    gs = gsh;
   }
-  auto [gx, gw, gb] = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sums);
   return {gx, gw, gb, gs};
 }
 

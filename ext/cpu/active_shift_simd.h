@@ -1219,12 +1219,12 @@ inline void with_transform(const T* ab, int64_t C, int64_t v, const Body& body) 
 }
 
 // Output rows [i0, i1) of every channel vector: y = W0 x00 + W1 x01 + W2 x10 + W3 x11, NCHW's
-// order. Source x (H x W x C), output y (rows of Wo pixels). The forward pass (fq), and at
-// stride 1 the input gradient (gq on grad_output).
+// order. Source x (H x W x C), output y (rows of Wo pixels, its first row being row y_row0). The
+// forward pass (fq), and at stride 1 the input gradient (gq on grad_output). ab: see BnRelu.
 template <typename T>
 void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, int64_t H, int64_t W, int64_t C,
                       int64_t Wo, int64_t sh, int64_t sw, int64_t i0, int64_t i1, const T* zeros,
-                      const T* ab = nullptr) {
+                      const T* ab = nullptr, int64_t y_row0 = 0) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1236,7 +1236,7 @@ void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::QuadSet& qs, 
     for (int64_t v = 0; v < nv; ++v) {
       const T* wq = qs.w.data() + v * 4 * N;
       const reg w0 = V::load(wq), w1 = V::load(wq + N), w2 = V::load(wq + 2 * N), w3 = V::load(wq + 3 * N);
-      T* yr = y + i * Wo * C + v * N;
+      T* yr = y + (i - y_row0) * Wo * C + v * N;
       auto store = [&](int64_t j, reg x00, reg x01, reg x10, reg x11) {
         reg acc = V::mul(w0, x00);
         acc = V::fma(w1, x01, acc);
@@ -1297,7 +1297,7 @@ void quad_correlate_rows(const T* g, const T* x, const typename Stencil<T>::Quad
 }
 
 // The input gradient at stride 2 with a stencil's forward quads: input rows [r0, r1) of gx
-// (H x W x C) from g (Ho x Wo x C). At stride 2 one tap of one output reaches each input pixel of
+// (rows of W x C from row gx_row0) from g (Ho x Wo x C). At stride 2 one tap of one output reaches each input pixel of
 // a channel: for input (r, c) and offsets (offr, offc), tap a = (r - offr) mod 2 of output row
 // (r - offr - a) / 2, and likewise b and the column. So each lane takes one product: the
 // grad_output of its own output pixel, picked by blends from at most two rows and two columns,
@@ -1305,7 +1305,8 @@ void quad_correlate_rows(const T* g, const T* x, const typename Stencil<T>::Quad
 // outside point at `zeros`, Wo C values; columns outside are zero vectors).
 template <typename T>
 void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadSet& fq, int64_t Ho, int64_t Wo,
-                             int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* zeros) {
+                             int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* zeros,
+                             int64_t gx_row0 = 0) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1337,7 +1338,7 @@ void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadS
         const reg a = V::load(ga + n * C);
         return pu == 0 ? V::blend(rm, a, V::load(gb + n * C)) : a;
       };
-      T* out = gx + r * W * C + v * N;
+      T* out = gx + (r - gx_row0) * W * C + v * N;
       // input column c = c0 + 2 n (lanes cm: output column n - 1) and c0 + 2 n + 1 (column n)
       const int64_t n_lo = floor_div(-q.c0, 2), n_hi = floor_div(W - 1 - q.c0, 2);
       reg prev = column(n_lo - 1, false);
@@ -1358,12 +1359,13 @@ void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadS
     }
 }
 
-// The BatchNorm-ReLU backward's sums over rows [r0, r1) of an image (W x C, channels_last): with
+// The BatchNorm-ReLU backward's sums over rows [r0, r1) of an image (W x C, channels_last; ga's
+// first row is row ga_row0): with
 // gy = ga where relu's argument x a + b is positive (else 0), out[c] += sum gy and
 // out[C + c] += sum gy (x - mean), summed in T lanes row by row, then added in double.
 template <typename T>
 void bn_relu_sums_rows(const T* ga, const T* x, int64_t W, int64_t C, int64_t r0, int64_t r1, const T* ab,
-                       const T* mean, double* out) {
+                       const T* mean, double* out, int64_t ga_row0 = 0) {
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
@@ -1373,7 +1375,7 @@ void bn_relu_sums_rows(const T* ga, const T* x, int64_t W, int64_t C, int64_t r0
     const reg a = V::loadz(lm, ab + v * N), b = V::loadz(lm, ab + C + v * N), m = V::loadz(lm, mean + v * N);
     reg s1 = V::zero(), s2 = V::zero();
     for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = ga + r * W * C + v * N;
+      const T* gr = ga + (r - ga_row0) * W * C + v * N;
       const T* xr = x + r * W * C + v * N;
       for (int64_t j = 0; j < W; ++j) {
         const reg xv = V::loadz(lm, xr + j * C);

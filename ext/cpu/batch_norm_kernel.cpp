@@ -466,34 +466,27 @@ at::Tensor relu_affine(const at::Tensor& input, const at::Tensor& ab) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
-                                                                    const at::Tensor& weight, const at::Tensor& bias,
-                                                                    const at::Tensor& mean, const at::Tensor& invstd,
-                                                                    const std::vector<double>& sums) {
-  const bool cl = use_channels_last(input);
-  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_coefficients(const at::Tensor& input, const at::Tensor& weight,
+                                                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                                                 const std::vector<double>& sums) {
+  const int64_t C = input.size(1);
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format_of(input)));
-  at::Tensor gw = at::empty({C}, weight.options()), gb = at::empty({C}, bias.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_input_grad_cpu", [&] {
+  at::Tensor kqr = at::empty({3 * C}, mean.options().dtype(acc_type));
+  at::Tensor gw = at::empty({C}, weight.options()), gb = at::empty({C}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_grad_coefficients_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
-    const T* gp = grad.const_data_ptr<T>();
-    const T* xp = input.const_data_ptr<T>();
-    T* op_ = gx.data_ptr<T>();
-    const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();  // held: the pointers outlive the call
-    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
-    const acc_t* ip = invstd_c.const_data_ptr<acc_t>();
-    const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
+    const at::Tensor w = weight.to(acc_type).contiguous(), is_ = invstd.contiguous();
     const acc_t* wp = w.const_data_ptr<acc_t>();
-    std::vector<acc_t> a, b;
-    affine_coefficients(wp, bi.const_data_ptr<acc_t>(), mp, ip, C, a, b);
-    // gx = weight * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)), xhat = (x - mean) * invstd,
-    // written as k * gy + (x - mean) * q + r0 with per-channel k, q, r0.
-    const double M = static_cast<double>(N * P);
-    std::vector<acc_t> k(C), q(C), r0(C);
+    const acc_t* ip = is_.const_data_ptr<acc_t>();
+    acc_t* k = kqr.data_ptr<acc_t>();
+    acc_t* q = k + C;
+    acc_t* r0 = k + 2 * C;
     T* gwp = gw.data_ptr<T>();
     T* gbp = gb.data_ptr<T>();
+    // gx = weight * invstd * (gy - mean(gy) - xhat * mean(gy * xhat)), xhat = (x - mean) * invstd,
+    // written as k * gy + (x - mean) * q + r0 with per-channel k, q, r0.
+    const double M = static_cast<double>(input.numel() / C);
     for (int64_t c = 0; c < C; ++c) {
       const double kc = static_cast<double>(wp[c]) * ip[c], is = ip[c];
       const double qc = -kc * is * is * sums[C + c] / M;
@@ -503,11 +496,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
       gwp[c] = static_cast<T>(sums[C + c] * is);
       gbp[c] = static_cast<T>(sums[c]);
     }
+  });
+  return {kqr, gw, gb};
+}
+
+void input_grad_rows(const float* g, const float* x, float* gx, int64_t rows, int64_t C, const float* ab,
+                     const float* mean, const float* kqr) {
+  ::asl::input_grad_rows<float, float>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C);
+}
+
+void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows, int64_t C, const double* ab,
+                     const double* mean, const double* kqr) {
+  ::asl::input_grad_rows<double, double>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
+                                                                    const at::Tensor& weight, const at::Tensor& bias,
+                                                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                                                    const std::vector<double>& sums) {
+  const bool cl = use_channels_last(input);
+  const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
+  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format_of(input)));
+  auto [kqr, gw, gb] = grad_coefficients(input, weight, mean, invstd, sums);
+  const at::Tensor ab = affine(weight, bias, mean, invstd), mean_c = mean.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_input_grad_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* gp = grad.const_data_ptr<T>();
+    const T* xp = input.const_data_ptr<T>();
+    T* op_ = gx.data_ptr<T>();
+    const acc_t* mp = mean_c.const_data_ptr<acc_t>();
+    const acc_t* a = ab.const_data_ptr<acc_t>();
+    const acc_t* b = a + C;
+    const acc_t* k = kqr.const_data_ptr<acc_t>();
+    const acc_t* q = k + C;
+    const acc_t* r0 = k + 2 * C;
     elementwise(
         N, C, P, cl,
         [&](int64_t rr, int64_t rows) {
-          input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a.data(), b.data(), mp,
-                                    k.data(), q.data(), r0.data());
+          ::asl::input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a, b, mp, k, q, r0);
         },
         [&](int64_t n, int64_t c) {
           const int64_t i = (n * C + c) * P;

@@ -24,6 +24,16 @@ at::Tensor affine(const at::Tensor& weight, const at::Tensor& bias, const at::Te
 // relu(input a + b) per channel, ab as from affine: batch_norm_relu's output (input contiguous in
 // its memory format, the result in the same).
 at::Tensor relu_affine(const at::Tensor& input, const at::Tensor& ab);
+// The backward's second pass as per-channel coefficients, gx = k gy + (x - mean) q + r0 with
+// kqr = (k, q, r0) (3C, accumulation dtype), and (grad_weight, grad_bias), from its sums (below).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_coefficients(const at::Tensor& input, const at::Tensor& weight,
+                                                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                                                 const std::vector<double>& sums);
+// That pass over `rows` channels_last rows of C: gy = g where x a + b > 0 (ab = (a, b)).
+void input_grad_rows(const float* g, const float* x, float* gx, int64_t rows, int64_t C, const float* ab,
+                     const float* mean, const float* kqr);
+void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows, int64_t C, const double* ab,
+                     const double* mean, const double* kqr);
 // (grad_input, grad_weight, grad_bias) from grad_output and the backward's per-channel sums
 // (sum gy, then sum gy (x - mean); gy = grad_output where relu's argument is positive). grad and
 // input contiguous in input's memory format.

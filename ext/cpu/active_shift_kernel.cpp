@@ -721,6 +721,19 @@ Fused fused_bn_shift_path(const Geometry& g, const typename K::Stencil& st, cons
   return ge > 0 && (ge + xe) * static_cast<int64_t>(sizeof(T)) <= kPaddedBytes ? Fused::padded : Fused::none;
 }
 
+// Calls fn(k, st, ch, path) with the kernels of the CPU's instruction set (k, as with_kernels),
+// the call's channels as taps (ch), their stencil in channels_last (st) and the fused kernels'
+// path for it.
+template <typename T, typename Fn>
+void with_fused_path(const at::Tensor& shift, const Geometry& g, bool backward, const Fn& fn) {
+  const auto ch = channel_taps<T>(shift, g);
+  with_kernels<T>([&](auto k) {
+    using K = decltype(k);
+    const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
+    fn(k, st, ch, fused_bn_shift_path<K, T>(g, st, ch, backward));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_cpu(const at::Tensor& input_, const at::Tensor& weight,
                                                                          const at::Tensor& bias, double eps,
                                                                          const at::Tensor& shift, at::IntArrayRef stride,
@@ -735,11 +748,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_cpu(const a
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_shift_cpu", [&] {
     using T = scalar_t;
-    const auto ch = channel_taps<T>(shift, g);
-    with_kernels<T>([&](auto k) {
+    with_fused_path<T>(shift, g, false, [&](auto k, const auto& st, const auto&, Fused path) {
       using K = decltype(k);
-      const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
-      const Fused path = fused_bn_shift_path<K, T>(g, st, ch, false);
       if (path == Fused::none) return;
       const int64_t C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
       out = at::empty({g.N, C, g.Ho, g.Wo}, input.options().memory_format(g.format()));
@@ -778,11 +788,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
   at::Tensor gx, gw, gb, gs;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_shift_backward_cpu", [&] {
     using T = scalar_t;
-    const auto ch = channel_taps<T>(shift, g);
-    with_kernels<T>([&](auto k) {
+    with_fused_path<T>(shift, g, true, [&](auto k, const auto& st, const auto& ch, Fused path) {
       using K = decltype(k);
-      const auto st = g.channels_last ? K::make_stencil(ch, g) : typename K::Stencil();
-      const Fused path = fused_bn_shift_path<K, T>(g, st, ch, true);
       if (path == Fused::none) return;
       const int64_t N = g.N, C = g.C, P = g.H * g.W, Po = g.Ho * g.Wo;
       const T* gp = grad.const_data_ptr<T>();

@@ -231,10 +231,6 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
                                     int64_t i1, const T* zeros, double* corr, const T* ab = nullptr) {       \
       NS::quad_correlate_rows<T>(go, x, st.fq, g.H, g.W, g.C, g.Wo, g.sh, g.sw, i0, i1, zeros, corr, ab);    \
     }                                                                                                        \
-    static void bn_relu_sums_rows(const T* ga, const T* x, const Geometry& g, int64_t r0, int64_t r1, const T* ab, \
-                                  const T* mean, double* out, int64_t ga_row0 = 0) {                         \
-      NS::bn_relu_sums_rows<T>(ga, x, g.W, g.C, r0, r1, ab, mean, out, ga_row0);                             \
-    }                                                                                                        \
     static void quad_input_grad_rows(const T* go, T* gx, const Stencil& st, const Geometry& g, int64_t r0,     \
                                      int64_t r1, const T* zeros, int64_t gx_row0 = 0) {                      \
       if (g.sh == 2) NS::quad_input_grad_s2_rows<T>(go, gx, st.fq, g.Ho, g.Wo, g.C, g.H, g.W, r0, r1, zeros, gx_row0); \
@@ -369,20 +365,9 @@ constexpr int64_t kRowBlock = 8;
 
 int64_t row_blocks(int64_t rows) { return (rows + kRowBlock - 1) / kRowBlock; }
 
-// Calls fn(u, n, i0, i1, last) in parallel for every block of output rows [i0, i1) of every image
-// n: unit u = n row_blocks(Ho) + the block's index, last when it is the image's last block.
-template <typename Fn>
-void for_each_row_block(int64_t N, int64_t Ho, const Fn& fn) {
-  const int64_t blocks = row_blocks(Ho);
-  at::parallel_for(0, N * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t n = u / blocks, blk = u % blocks, i0 = blk * kRowBlock;
-      fn(u, n, i0, std::min(Ho, i0 + kRowBlock), blk + 1 == blocks);
-    }
-  });
-}
-
-// for_each_row_block with fn(u, n, i0, i1, last, buf), buf a scratch of elems elements per task.
+// Calls fn(u, n, i0, i1, last, buf) in parallel for every block of output rows [i0, i1) of every
+// image n: unit u = n row_blocks(Ho) + the block's index, last when it is the image's last block,
+// buf a scratch of elems elements per task.
 template <typename T, typename Fn>
 void for_each_row_block_with_scratch(int64_t N, int64_t Ho, int64_t elems, const Fn& fn) {
   const int64_t blocks = row_blocks(Ho);
@@ -393,6 +378,20 @@ void for_each_row_block_with_scratch(int64_t N, int64_t Ho, int64_t elems, const
       fn(u, n, i0, std::min(Ho, i0 + kRowBlock), blk + 1 == blocks, buf.data());
     }
   });
+}
+
+// for_each_row_block_with_scratch without the scratch: fn(u, n, i0, i1, last).
+template <typename Fn>
+void for_each_row_block(int64_t N, int64_t Ho, const Fn& fn) {
+  for_each_row_block_with_scratch<char>(N, Ho, 0, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last, char*) {
+    fn(u, n, i0, i1, last);
+  });
+}
+
+// The input rows [r0, r1) whose gradient the block of output rows [i0, i1) gives: from the
+// block's first tap row, the image's last block to the end of the image.
+std::pair<int64_t, int64_t> input_rows(const Geometry& g, int64_t i0, int64_t i1, bool last) {
+  return {std::min(g.H, i0 * g.sh), last ? g.H : std::min(g.H, i1 * g.sh)};
 }
 
 // The sum over units of per-unit sums s[(u, k)], k < 2C, in unit order.
@@ -489,14 +488,25 @@ void stencil_shift_grad(const St& st, const std::vector<ChanTaps<T>>& ch, const 
   }
 }
 
+// Each image's shift gradient, as stencil_shift_grad, from the blended rows' correlations
+// corr[(n, block, tap, c)] (`blocks` per image, each channel's own four taps).
+template <typename T>
+void quad_shift_grad(const std::vector<ChanTaps<T>>& ch, const std::vector<double>& corr, int64_t N, int64_t blocks,
+                     int64_t C, std::vector<double>& partial) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      double cc[4] = {0, 0, 0, 0};
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int t = 0; t < 4; ++t) cc[t] += corr[((n * blocks + blk) * 4 + t) * C + c];
+      shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
+    }
+}
+
 // The shift gradient (C, 2) in shift's dtype from each image's (n, c) -> (alpha, beta), summed over
 // the images in order.
-at::Tensor shift_grad_total(const std::vector<double>& partial, int64_t N, int64_t C, const at::Tensor& shift) {
-  at::Tensor total = at::zeros({C, 2}, shift.options().dtype(at::kDouble));
-  double* tp = total.data_ptr<double>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < 2 * C; ++k) tp[k] += partial[n * 2 * C + k];
-  return total.to(shift.scalar_type());
+at::Tensor shift_grad_total(const std::vector<double>& partial, int64_t C, const at::Tensor& shift) {
+  const std::vector<double> total = sum_units(partial, C);
+  return at::tensor(total, shift.options().dtype(at::kDouble)).view({C, 2}).to(shift.scalar_type());
 }
 
 // Both gradients, or one of them (the other comes back undefined). NCHW: each plane's input
@@ -559,20 +569,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
             std::vector<double> sums(quad_shift ? static_cast<size_t>(N * blocks * 4 * C) : 0, 0.0);  // (n, block, tap, c)
             for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
               if (quad_input) {
-                const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = last ? g.H : std::min(g.H, i1 * g.sh);
+                const auto [r0, r1] = input_rows(g, i0, i1, last);
                 K::quad_input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, g, r0, r1, zeros.data());
               }
               if (quad_shift)
                 K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &sums[u * 4 * C]);
             });
-            if (quad_shift)
-              for (int64_t n = 0; n < N; ++n)
-                for (int64_t c = 0; c < C; ++c) {
-                  double cc[4] = {0, 0, 0, 0};
-                  for (int64_t blk = 0; blk < blocks; ++blk)
-                    for (int k = 0; k < 4; ++k) cc[k] += sums[((n * blocks + blk) * 4 + k) * C + c];
-                  shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
-                }
+            if (quad_shift) quad_shift_grad(ch, sums, N, blocks, C, partial);
           }
           const bool stencil_input = want_input && !quad_input, stencil_shift = want_shift && !quad_shift;
           if (!stencil_input && !stencil_shift) return;
@@ -633,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           if (rows_shift) sums_per_image(blocks);
           for_each_row_block(N, g.Ho, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last) {
             if (rows_input) {
-              const int64_t r0 = std::min(g.H, i0 * g.sh), r1 = last ? g.H : std::min(g.H, i1 * g.sh);
+              const auto [r0, r1] = input_rows(g, i0, i1, last);
               K::input_grad_rows(gp + n * Po * C, op_ + n * P * C, st, lists, g, r0, r1);
             }
             if (rows_shift) K::correlate_rows(gp + n * Po * C, xp + n * P * C, st, flists, g, i0, i1, &corr[u * T_ * C]);
@@ -671,7 +674,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
   } else if (want_input) {
     gx.zero_();
   }
-  return {gx, want_shift ? shift_grad_total(partial, N, C, shift) : at::Tensor()};
+  return {gx, want_shift ? shift_grad_total(partial, C, shift) : at::Tensor()};
 }
 
 at::Tensor active_shift_grad_input_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& shift,
@@ -810,9 +813,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
         std::vector<double> corr(static_cast<size_t>(N * blocks * 4 * C), 0.0);
         bsum.assign(static_cast<size_t>(N * blocks * 2 * C), 0.0);
-        const auto rows_of = [&](int64_t i0, int64_t i1, bool last) {
-          return std::make_pair(std::min(g.H, i0 * g.sh), last ? g.H : std::min(g.H, i1 * g.sh));
-        };
         const int64_t most_rows = std::min(g.H, kRowBlock * g.sh + g.H - std::min(g.H, (g.Ho - 1) * g.sh));
         const int64_t scratch = recompute ? most_rows * g.W * C : 0;
         at::Tensor ga;  // the shift's input gradient, when written out
@@ -820,18 +820,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         T* gap = recompute ? nullptr : ga.data_ptr<T>();
         for_each_row_block_with_scratch<T>(N, g.Ho, scratch, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last, T* buf) {
           K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &corr[u * 4 * C], abp);
-          const auto [r0, r1] = rows_of(i0, i1, last);
+          const auto [r0, r1] = input_rows(g, i0, i1, last);
           T* rows = recompute ? buf : gap + (n * P + r0 * g.W) * C;  // input row r0 on
           K::quad_input_grad_rows(gp + n * Po * C, rows, st, g, r0, r1, zeros.data(), r0);
-          K::bn_relu_sums_rows(rows, xp + n * P * C, g, r0, r1, abp, mp, &bsum[u * 2 * C], r0);
+          bn::grad_sums(rows, xp + (n * P + r0 * g.W) * C, (r1 - r0) * g.W, C, abp, mp, &bsum[u * 2 * C]);
         });
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t c = 0; c < C; ++c) {
-            double cc[4] = {0, 0, 0, 0};
-            for (int64_t blk = 0; blk < blocks; ++blk)
-              for (int t = 0; t < 4; ++t) cc[t] += corr[((n * blocks + blk) * 4 + t) * C + c];
-            shift_grad_from_correlations(cc, ch[c], &partial[2 * (n * C + c)]);
-          }
+        quad_shift_grad(ch, corr, N, blocks, C, partial);
         if (!recompute) {
           std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
         } else {
@@ -841,7 +835,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
           T* gxp = gx.data_ptr<T>();
           const T* kp = kqr.const_data_ptr<T>();
           for_each_row_block_with_scratch<T>(N, g.Ho, scratch, [&](int64_t, int64_t n, int64_t i0, int64_t i1, bool last, T* buf) {
-            const auto [r0, r1] = rows_of(i0, i1, last);
+            const auto [r0, r1] = input_rows(g, i0, i1, last);
             K::quad_input_grad_rows(gp + n * Po * C, buf, st, g, r0, r1, zeros.data(), r0);
             bn::input_grad_rows(buf, xp + (n * P + r0 * g.W) * C, gxp + (n * P + r0 * g.W) * C, (r1 - r0) * g.W, C, abp, mp,
                                 kp);
@@ -862,12 +856,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
           K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gbox, xl, xbox, g, buf, buf + ge,
                              &corr[n * T_ * C], abp);
-          K::bn_relu_sums_rows(gap + n * P * C, xp + n * P * C, g, 0, g.H, abp, mp, &bsum[n * 2 * C]);
+          bn::grad_sums(gap + n * P * C, xp + n * P * C, P, C, abp, mp, &bsum[n * 2 * C]);
         });
         stencil_shift_grad(st, ch, corr, N, 1, C, partial);
         std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
       }
-      gs = shift_grad_total(partial, N, C, shift);
+      gs = shift_grad_total(partial, C, shift);
     });
   });
   if (!gx.defined()) {

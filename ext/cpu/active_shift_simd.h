@@ -54,8 +54,6 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   // g where u > 0, else 0 (a NaN u gives 0)
   static reg where_positive(reg u, reg g) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u, zero(), _CMP_GT_OQ), g); }
   static reg orbits(reg a, reg b) { return _mm512_or_ps(a, b); }
@@ -86,8 +84,6 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
-  static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
-  static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
   static reg where_positive(reg u, reg g) { return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(u, zero(), _CMP_GT_OQ), g); }
   static reg orbits(reg a, reg b) { return _mm512_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
@@ -132,8 +128,6 @@ struct Vec<float> {
   static void store(uint32_t m, float* p, reg v) { _mm256_maskstore_ps(p, lanes32(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg where_positive(reg u, reg g) { return _mm256_and_ps(g, _mm256_cmp_ps(u, zero(), _CMP_GT_OQ)); }
   static reg orbits(reg a, reg b) { return _mm256_or_ps(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
@@ -160,8 +154,6 @@ struct Vec<double> {
   static void store(uint32_t m, double* p, reg v) { _mm256_maskstore_pd(p, lanes64(m), v); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
-  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
   static reg where_positive(reg u, reg g) { return _mm256_and_pd(g, _mm256_cmp_pd(u, zero(), _CMP_GT_OQ)); }
   static reg orbits(reg a, reg b) { return _mm256_or_pd(a, b); }
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
@@ -191,8 +183,6 @@ struct Vec {  // one lane: the kernels' scalar form
   }
   static reg mul(reg a, reg b) { return a * b; }
   static reg fma(reg a, reg b, reg c) { return std::fma(a, b, c); }
-  static reg add(reg a, reg b) { return a + b; }
-  static reg sub(reg a, reg b) { return a - b; }
   static reg where_positive(reg u, reg g) { return u > T(0) ? g : T(0); }
   static reg orbits(reg a, reg b) { return a + b; }  // one lane: a sum keeps a NaN as well
   static void deinterleave(reg lo, reg hi, reg& even, reg& odd) {
@@ -1368,37 +1358,6 @@ ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stenc
       for (; n < in_hi; ++n) pair(n, true);
       for (; n <= n_hi; ++n) pair(n, false);
     }
-}
-
-// The BatchNorm-ReLU backward's sums over rows [r0, r1) of an image (W x C, channels_last; ga's
-// first row is row ga_row0): with
-// gy = ga where relu's argument x a + b is positive (else 0), out[c] += sum gy and
-// out[C + c] += sum gy (x - mean), summed in T lanes row by row, then added in double.
-template <typename T>
-ASL_FLATTEN void bn_relu_sums_rows(const T* ga, const T* x, int64_t W, int64_t C, int64_t r0, int64_t r1, const T* ab,
-                       const T* mean, double* out, int64_t ga_row0 = 0) {
-  using V = Vec<T>;
-  using reg = typename V::reg;
-  constexpr int N = V::N;
-  alignas(64) T l1[N], l2[N];
-  for (int64_t v = 0; v * N < C; ++v) {
-    const uint32_t lm = lane_range<N>(0, C - v * N);  // a channel tail: only its lanes are read
-    const reg a = V::loadz(lm, ab + v * N), b = V::loadz(lm, ab + C + v * N), m = V::loadz(lm, mean + v * N);
-    reg s1 = V::zero(), s2 = V::zero();
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* gr = ga + (r - ga_row0) * W * C + v * N;
-      const T* xr = x + r * W * C + v * N;
-      for (int64_t j = 0; j < W; ++j) {
-        const reg xv = V::loadz(lm, xr + j * C);
-        const reg gy = V::where_positive(V::fma(xv, a, b), V::loadz(lm, gr + j * C));  // the forward's relu mask
-        s1 = V::add(s1, gy);
-        s2 = V::fma(gy, V::sub(xv, m), s2);
-      }
-    }
-    V::store(l1, s1), V::store(l2, s2);
-    for (int l = 0; l < N && v * N + l < C; ++l)
-      out[v * N + l] += static_cast<double>(l1[l]), out[C + v * N + l] += static_cast<double>(l2[l]);
-  }
 }
 
 // Forward, channels_last, one image through its padded copy buf; lists from forward_lists with the

@@ -349,18 +349,6 @@ void elementwise(int64_t N, int64_t C, int64_t P, bool channels_last, const Rows
   });
 }
 
-// The per-channel a, b of relu(x * a + b): a = weight * invstd, b = bias - mean * a.
-template <typename acc_t>
-void affine_coefficients(const acc_t* w, const acc_t* bi, const acc_t* mean, const acc_t* invstd, int64_t C,
-                         std::vector<acc_t>& a, std::vector<acc_t>& b) {
-  a.resize(static_cast<size_t>(C));
-  b.resize(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    a[c] = w[c] * invstd[c];
-    b[c] = bi[c] - mean[c] * a[c];
-  }
-}
-
 at::MemoryFormat format_of(const at::Tensor& input) {
   return use_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
@@ -435,11 +423,16 @@ at::Tensor affine(const at::Tensor& weight, const at::Tensor& bias, const at::Te
     using acc_t = scalar_t;
     const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
     const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
-    std::vector<acc_t> a, b;
-    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
-                        is.const_data_ptr<acc_t>(), C, a, b);
-    std::copy(a.begin(), a.end(), ab.data_ptr<acc_t>());
-    std::copy(b.begin(), b.end(), ab.data_ptr<acc_t>() + C);
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = bi.const_data_ptr<acc_t>();
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* ip = is.const_data_ptr<acc_t>();
+    acc_t* a = ab.data_ptr<acc_t>();
+    acc_t* b = a + C;
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = wp[c] * ip[c];
+      b[c] = bp[c] - mp[c] * a[c];
+    }
   });
   return ab;
 }
@@ -500,6 +493,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_coefficients(const at::Tenso
   return {kqr, gw, gb};
 }
 
+template <typename T>
+void grad_sums_pixels(const T* g, const T* x, int64_t pixels, int64_t C, const T* ab, const T* mean, double* out) {
+  std::vector<T> s(static_cast<size_t>(2 * C));
+  for (int64_t p0 = 0; p0 < pixels; p0 += kBlock) {  // as channel_sums: kBlock rows in T, then in double
+    std::fill(s.begin(), s.end(), T(0));
+    grad_sums_rows<T, T>(g + p0 * C, x + p0 * C, std::min(kBlock, pixels - p0), C, ab, ab + C, mean, s.data(),
+                         s.data() + C);
+    for (int64_t c = 0; c < 2 * C; ++c) out[c] += static_cast<double>(s[c]);
+  }
+}
+
+void grad_sums(const float* g, const float* x, int64_t pixels, int64_t C, const float* ab, const float* mean,
+               double* out) {
+  grad_sums_pixels<float>(g, x, pixels, C, ab, mean, out);
+}
+
+void grad_sums(const double* g, const double* x, int64_t pixels, int64_t C, const double* ab, const double* mean,
+               double* out) {
+  grad_sums_pixels<double>(g, x, pixels, C, ab, mean, out);
+}
+
 void input_grad_rows(const float* g, const float* x, float* gx, int64_t rows, int64_t C, const float* ab,
                      const float* mean, const float* kqr) {
   ::asl::input_grad_rows<float, float>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C);
@@ -552,23 +566,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_,
   const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(format);
   const bool cl = format == at::MemoryFormat::ChannelsLast;
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
-  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const at::Tensor ab = affine(weight, bias, mean, invstd), mean_c = mean.contiguous();
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
     using T = scalar_t;
     using acc_t = at::opmath_type<T>;
     const T* gp = grad.const_data_ptr<T>();
     const T* xp = input.const_data_ptr<T>();
-    const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
     const acc_t* mp = mean_c.const_data_ptr<acc_t>();
-    const at::Tensor w = weight.to(acc_type).contiguous(), bi = bias.to(acc_type).contiguous();
-    std::vector<acc_t> a, b;
-    affine_coefficients(w.const_data_ptr<acc_t>(), bi.const_data_ptr<acc_t>(), mp, invstd_c.const_data_ptr<acc_t>(), C,
-                        a, b);
+    const acc_t* a = ab.const_data_ptr<acc_t>();
+    const acc_t* b = a + C;
     sums = channel_sums<acc_t>(
         N, C, P, cl,
         [&](int64_t r0, int64_t rows, acc_t* s1, acc_t* s2) {
-          grad_sums_rows<T, acc_t>(gp + r0 * C, xp + r0 * C, rows, C, a.data(), b.data(), mp, s1, s2);
+          grad_sums_rows<T, acc_t>(gp + r0 * C, xp + r0 * C, rows, C, a, b, mp, s1, s2);
         },
         [&](int64_t n, int64_t c, int64_t j, int64_t len, acc_t* o) {
           const int64_t i = (n * C + c) * P + j;

@@ -24,6 +24,13 @@ at::Tensor affine(const at::Tensor& weight, const at::Tensor& bias, const at::Te
 // relu(input a + b) per channel, ab as from affine: batch_norm_relu's output (input contiguous in
 // its memory format, the result in the same).
 at::Tensor relu_affine(const at::Tensor& input, const at::Tensor& ab);
+// The backward's first pass over `pixels` channels_last pixels of C: out[c] += sum gy and
+// out[C + c] += sum gy (x - mean), gy = g where x a + b > 0 (ab = (a, b)); summed as
+// batch_norm_relu_backward sums them, in blocks of pixels in T, then in double.
+void grad_sums(const float* g, const float* x, int64_t pixels, int64_t C, const float* ab, const float* mean,
+               double* out);
+void grad_sums(const double* g, const double* x, int64_t pixels, int64_t C, const double* ab, const double* mean,
+               double* out);
 // The backward's second pass as per-channel coefficients, gx = k gy + (x - mean) q + r0 with
 // kqr = (k, q, r0) (3C, accumulation dtype), and (grad_weight, grad_bias), from its sums (below).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_coefficients(const at::Tensor& input, const at::Tensor& weight,

@@ -1336,23 +1336,39 @@ ASL_FLATTEN void quad_correlate_rows(const T* g, const T* x, const typename Sten
         for (int l = 0; l < N; ++l) out[l] += static_cast<double>(s[l]), s[l] = T(0);
       }
   };
+  // vector v's four sums over row i, kept in registers along the row
+  struct Sums {
+    const T* gr;
+    T* sv;
+    int64_t C;
+    reg a0 = V::load(sv), a1 = V::load(sv + N), a2 = V::load(sv + 2 * N), a3 = V::load(sv + 3 * N);
+    void operator()(int64_t j, reg x00, reg x01, reg x10, reg x11) {
+      const reg gv = V::load(gr + j * C);
+      a0 = V::fma(gv, x00, a0);
+      a1 = V::fma(gv, x01, a1);
+      a2 = V::fma(gv, x10, a2);
+      a3 = V::fma(gv, x11, a3);
+    }
+    void save() const { V::store(sv, a0), V::store(sv + N, a1), V::store(sv + 2 * N, a2), V::store(sv + 3 * N, a3); }
+  };
+  const auto sums_of = [&](int64_t i, int64_t v) { return Sums{g + i * Wo * C + v * N, sums.data() + 4 * v * N, C}; };
   int64_t since = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t v = 0; v < nv; ++v) {
-      const T* gr = g + i * Wo * C + v * N;
-      T* sv = sums.data() + 4 * v * N;
-      reg a0 = V::load(sv), a1 = V::load(sv + N), a2 = V::load(sv + 2 * N), a3 = V::load(sv + 3 * N);
-      auto accumulate = [&](int64_t j, reg x00, reg x01, reg x10, reg x11) {
-        const reg gv = V::load(gr + j * C);
-        a0 = V::fma(gv, x00, a0);
-        a1 = V::fma(gv, x01, a1);
-        a2 = V::fma(gv, x10, a2);
-        a3 = V::fma(gv, x11, a3);
-      };
-      with_transform<T>(ab, C, v, [&](const auto& tf) {
-        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, accumulate, tf);
+    int64_t v = 0;
+    // two vectors at a time as quad_sample_rows (8x64x56x56 1.76 -> 1.42 copies, 224 1.93 -> 1.44)
+    for (; v + 1 < nv; v += 2) {
+      Sums s0 = sums_of(i, v), s1 = sums_of(i, v + 1);
+      with_transform<T, 2>(ab, C, v, [&](const auto& tf0, const auto& tf1) {
+        quad_row_pair_any<T>(x + v * N, qs.q[v], qs.q[v + 1], H, W, C, Wo, sh, sw, i, zeros + v * N, s0, s1, tf0, tf1);
       });
-      V::store(sv, a0), V::store(sv + N, a1), V::store(sv + 2 * N, a2), V::store(sv + 3 * N, a3);
+      s0.save(), s1.save();
+    }
+    for (; v < nv; ++v) {
+      Sums acc = sums_of(i, v);
+      with_transform<T>(ab, C, v, [&](const auto& tf) {
+        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, acc, tf);
+      });
+      acc.save();
     }
     since += Wo;
     if (since >= 256) flush(), since = 0;

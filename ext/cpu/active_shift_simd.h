@@ -1271,6 +1271,31 @@ inline void with_transform(const T* ab, int64_t C, int64_t v, const Body& body) 
   }
 }
 
+// Output row i of every channel vector through the blended rows, adjacent vectors in pairs
+// (quad_row_pair): fn_of(v) gives vector v's per-pixel functor, done(fn) takes it after the row.
+template <typename T, typename Make, typename Done>
+inline void quad_rows_of_vectors(const T* x, const typename Stencil<T>::QuadSet& qs, int64_t H, int64_t W, int64_t C,
+                                 int64_t Wo, int64_t sh, int64_t sw, int64_t i, const T* zeros, const T* ab,
+                                 const Make& fn_of, const Done& done) {
+  constexpr int N = Vec<T>::N;
+  const int64_t nv = static_cast<int64_t>(qs.q.size());
+  int64_t v = 0;
+  for (; v + 1 < nv; v += 2) {
+    auto f0 = fn_of(v), f1 = fn_of(v + 1);
+    with_transform<T, 2>(ab, C, v, [&](const auto& tf0, const auto& tf1) {
+      quad_row_pair_any<T>(x + v * N, qs.q[v], qs.q[v + 1], H, W, C, Wo, sh, sw, i, zeros + v * N, f0, f1, tf0, tf1);
+    });
+    done(f0), done(f1);
+  }
+  for (; v < nv; ++v) {
+    auto f = fn_of(v);
+    with_transform<T>(ab, C, v, [&](const auto& tf) {
+      quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, f, tf);
+    });
+    done(f);
+  }
+}
+
 // Output rows [i0, i1) of every channel vector: y = W0 x00 + W1 x01 + W2 x10 + W3 x11, NCHW's
 // order. Source x (H x W x C), output y (rows of Wo pixels, its first row being row y_row0). The
 // forward pass (fq), and at stride 1 the input gradient (gq on grad_output). ab: see BnRelu.
@@ -1281,7 +1306,6 @@ ASL_FLATTEN void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::Q
   using V = Vec<T>;
   using reg = typename V::reg;
   constexpr int N = V::N;
-  const int64_t nv = static_cast<int64_t>(qs.q.size());
   const int64_t ahead = 2048 / (C * static_cast<int64_t>(sizeof(T))) + 1;  // see stencil_block
   // row by row, every channel vector of a row before the next row (faster than each vector over
   // a block of rows: 128x64x8x8 1.57 -> 1.34 copies, 224 x 224 1.59 -> 1.46)
@@ -1298,21 +1322,9 @@ ASL_FLATTEN void quad_sample_rows(const T* x, T* y, const typename Stencil<T>::Q
       V::store(yr + j * C, acc);
     };
   };
-  for (int64_t i = i0; i < i1; ++i) {
-    int64_t v = 0;
-    for (; v + 1 < nv; v += 2) {
-      auto s0 = blend_store(i, v), s1 = blend_store(i, v + 1);
-      with_transform<T, 2>(ab, C, v, [&](const auto& tf0, const auto& tf1) {
-        quad_row_pair_any<T>(x + v * N, qs.q[v], qs.q[v + 1], H, W, C, Wo, sh, sw, i, zeros + v * N, s0, s1, tf0, tf1);
-      });
-    }
-    for (; v < nv; ++v) {
-      auto store = blend_store(i, v);
-      with_transform<T>(ab, C, v, [&](const auto& tf) {
-        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, store, tf);
-      });
-    }
-  }
+  for (int64_t i = i0; i < i1; ++i)
+    quad_rows_of_vectors<T>(x, qs, H, W, C, Wo, sh, sw, i, zeros, ab, [&](int64_t v) { return blend_store(i, v); },
+                            [](const auto&) {});
 }
 
 // Shift-gradient correlations of output rows [i0, i1): corr[k C + c] += the sum over the rows'
@@ -1354,22 +1366,9 @@ ASL_FLATTEN void quad_correlate_rows(const T* g, const T* x, const typename Sten
   const auto sums_of = [&](int64_t i, int64_t v) { return Sums{g + i * Wo * C + v * N, sums.data() + 4 * v * N, C}; };
   int64_t since = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    int64_t v = 0;
     // two vectors at a time as quad_sample_rows (8x64x56x56 1.76 -> 1.42 copies, 224 1.93 -> 1.44)
-    for (; v + 1 < nv; v += 2) {
-      Sums s0 = sums_of(i, v), s1 = sums_of(i, v + 1);
-      with_transform<T, 2>(ab, C, v, [&](const auto& tf0, const auto& tf1) {
-        quad_row_pair_any<T>(x + v * N, qs.q[v], qs.q[v + 1], H, W, C, Wo, sh, sw, i, zeros + v * N, s0, s1, tf0, tf1);
-      });
-      s0.save(), s1.save();
-    }
-    for (; v < nv; ++v) {
-      Sums acc = sums_of(i, v);
-      with_transform<T>(ab, C, v, [&](const auto& tf) {
-        quad_row_any<T>(x + v * N, qs.q[v], H, W, C, Wo, sh, sw, i, zeros + v * N, acc, tf);
-      });
-      acc.save();
-    }
+    quad_rows_of_vectors<T>(x, qs, H, W, C, Wo, sh, sw, i, zeros, ab, [&](int64_t v) { return sums_of(i, v); },
+                            [](const Sums& a) { a.save(); });
     since += Wo;
     if (since >= 256) flush(), since = 0;
   }

@@ -37,13 +37,15 @@ TORCH_LIBRARY(asl, m) {
       "Tensor invstd) -> (Tensor, Tensor, Tensor)");
   // Training: active_shift(relu(batch_norm(input))) with the batch's statistics, without writing
   // relu(batch_norm(input)); returns (output, mean, invstd). Its backward gives (grad_input,
-  // grad_weight, grad_bias, grad_shift), recomputing relu(batch_norm(input)) from the input.
+  // grad_weight, grad_bias, grad_shift), recomputing relu(batch_norm(input)) from the input;
+  // shift_grad=False skips the shift gradient (fixed shifts), returned undefined (None).
   m.def(
       "batch_norm_relu_shift(Tensor input, Tensor weight, Tensor bias, float eps, Tensor shift, int[2] stride, "
       "int[2] padding) -> (Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_relu_shift_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
-      "Tensor invstd, Tensor shift, int[2] stride, int[2] padding) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor invstd, Tensor shift, int[2] stride, int[2] padding, bool shift_grad=True) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 // An importable module with no Python functions: importing it registers the operators.

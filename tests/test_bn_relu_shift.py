@@ -70,6 +70,53 @@ def test_matches_the_references_and_the_two_operators(case, fmt, dtype):
     assert got[0].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_without_the_shift_gradient(case, fmt):
+    """shift_grad=False (fixed shifts) gives the same input, weight and bias gradients bit for bit,
+    and no shift gradient, in every path (blended rows, padded copies, the two operators) and in
+    the composite that other devices run."""
+    from asl_cli.ops.batch_norm_relu_shift import _composite_backward
+
+    x, w, b, s, st, pd = make(case, fmt=fmt)
+    out, mean, invstd = torch.ops.asl.batch_norm_relu_shift(x, w, b, 1e-5, s, st, pd)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    for op in (torch.ops.asl.batch_norm_relu_shift_backward, _composite_backward):
+        full = op(grad, x, w, b, mean, invstd, s, st, pd)
+        part = op(grad, x, w, b, mean, invstd, s, st, pd, False)
+        assert full[3] is not None and part[3] is None
+        for a, e in zip(part[:3], full[:3]):
+            assert torch.equal(a, e)
+
+
+def test_fixed_shifts_skip_the_shift_gradient():
+    """Autograd asks the backward for the shift gradient only when the shift requires grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flags = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.asl.batch_norm_relu_shift_backward.default:
+                self.flags.append(args[9] if len(args) > 9 else (kwargs or {}).get("shift_grad", True))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, s, st, pd = make(CASES[0])
+    grads = {}
+    for trainable in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)] + [s.detach().clone().requires_grad_(trainable)]
+        with Record() as rec:
+            out, _, _ = torch.ops.asl.batch_norm_relu_shift(leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], st, pd)
+            out.square().sum().backward()
+        assert rec.flags == [trainable]
+        assert (leaves[3].grad is not None) == trainable
+        grads[trainable] = [t.grad for t in leaves[:3]]
+    for a, e in zip(grads[False], grads[True]):
+        assert torch.equal(a, e)
+
+
 @compiled
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]])
 def test_gradcheck_float64(case):
@@ -87,9 +134,10 @@ def test_opcheck(fmt):
         leaves = [t.requires_grad_() for t in (x, w, b, s)]
         torch.library.opcheck(torch.ops.asl.batch_norm_relu_shift, (leaves[0], leaves[1], leaves[2], 1e-5, leaves[3], st, pd))
         _, mean, invstd = torch.ops.asl.batch_norm_relu_shift(x.detach(), w.detach(), b.detach(), 1e-5, s.detach(), st, pd)
-        torch.library.opcheck(torch.ops.asl.batch_norm_relu_shift_backward,
-                              (torch.randn(2, 16, 5, 6, dtype=dtype), x.detach(), w.detach(), b.detach(), mean, invstd,
-                               s.detach(), st, pd))
+        for shift_grad in (True, False):
+            torch.library.opcheck(torch.ops.asl.batch_norm_relu_shift_backward,
+                                  (torch.randn(2, 16, 5, 6, dtype=dtype), x.detach(), w.detach(), b.detach(), mean, invstd,
+                                   s.detach(), st, pd, shift_grad))
 
 
 @compiled

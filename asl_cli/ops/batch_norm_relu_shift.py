@@ -2,7 +2,8 @@
 `torch.ops.asl.batch_norm_relu_shift(input, weight, bias, eps, shift, stride, padding)` is
 active_shift(relu(batch_norm(input))) with the batch's statistics, returning (output, mean,
 invstd) like batch_norm_relu; `batch_norm_relu_shift_backward` gives (grad_input, grad_weight,
-grad_bias, grad_shift).
+grad_bias, grad_shift), grad_shift None with shift_grad=False (fixed shifts: GS, SI, SR), which
+then is not computed.
 
 On the CPU, channels_last with shifts within a pixel at stride 1 or 2, the kernel
 (ext/cpu/active_shift_kernel.cpp) applies the BatchNorm and its ReLU to each pixel as the shift
@@ -47,9 +48,13 @@ def _composite(input, weight, bias, eps, shift, stride, padding):
     return torch.ops.asl.active_shift(out, shift, stride, padding), mean, invstd
 
 
-def _composite_backward(grad, input, weight, bias, mean, invstd, shift, stride, padding):
+def _composite_backward(grad, input, weight, bias, mean, invstd, shift, stride, padding, shift_grad=True):
     check_batch_norm_relu_shift(input, weight, bias, 0.0, shift, stride, padding, grad, mean, invstd)
-    ga, gs = torch.ops.asl.active_shift_backward(grad, _bn_relu(input, weight, bias, mean, invstd), shift, stride, padding)
+    x = _bn_relu(input, weight, bias, mean, invstd)
+    if shift_grad:
+        ga, gs = torch.ops.asl.active_shift_backward(grad, x, shift, stride, padding)
+    else:
+        ga, gs = torch.ops.asl.active_shift_grad_input(grad, x, shift, stride, padding), None
     gx, gw, gb = torch.ops.asl.batch_norm_relu_backward(ga, input, weight, bias, mean, invstd)
     return gx, gw, gb, gs
 
@@ -70,9 +75,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_mean, _grad_invstd):
     input, weight, bias, mean, invstd, shift = ctx.saved_tensors
-    gx, gw, gb, gs = torch.ops.asl.batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shift,
-                                                                   ctx.stride, ctx.padding)
     need = ctx.needs_input_grad
+    gx, gw, gb, gs = torch.ops.asl.batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shift,
+                                                                   ctx.stride, ctx.padding, need[4])
     return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None,
             gs if need[4] else None, None, None)
 

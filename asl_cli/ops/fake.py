@@ -76,7 +76,7 @@ def _batch_norm_relu_shift(input, weight, bias, eps, shift, stride, padding):
 
 
 @torch.library.register_fake("asl::batch_norm_relu_shift_backward")
-def _batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shift, stride, padding):
+def _batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shift, stride, padding, shift_grad=True):
     check_batch_norm_relu_shift(input, weight, bias, 0.0, shift, stride, padding, grad, mean, invstd)
     return (torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight), torch.empty_like(bias),
-            shift.new_empty(shift.shape))
+            shift.new_empty(shift.shape) if shift_grad else None)

@@ -34,7 +34,7 @@ FALLBACK_SCHEMAS = {
                               "int[2] stride, int[2] padding) -> (Tensor, Tensor, Tensor)"),
     "batch_norm_relu_shift_backward": ("batch_norm_relu_shift_backward(Tensor grad_output, Tensor input, Tensor weight, "
                                        "Tensor bias, Tensor mean, Tensor invstd, Tensor shift, int[2] stride, "
-                                       "int[2] padding) -> (Tensor, Tensor, Tensor, Tensor)"),
+                                       "int[2] padding, bool shift_grad=True) -> (Tensor, Tensor, Tensor, Tensor)"),
 }
 
 EXTENSION_ERROR: Exception | None = None

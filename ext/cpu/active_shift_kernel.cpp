@@ -780,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_cpu(const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift_backward_cpu(
     const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& shift, at::IntArrayRef stride,
-    at::IntArrayRef padding) {
+    at::IntArrayRef padding, bool want_shift) {
   const char* op = "batch_norm_relu_shift_backward";
   bn::check_training(input_, weight, bias, op);
   bn::check_stats(input_, mean, invstd, op);
@@ -811,7 +811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         const bool recompute = g.sh == 2;
         const int64_t blocks = row_blocks(g.Ho);
         const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
-        std::vector<double> corr(static_cast<size_t>(N * blocks * 4 * C), 0.0);
+        std::vector<double> corr(want_shift ? static_cast<size_t>(N * blocks * 4 * C) : 0, 0.0);
         bsum.assign(static_cast<size_t>(N * blocks * 2 * C), 0.0);
         const int64_t most_rows = std::min(g.H, kRowBlock * g.sh + g.H - std::min(g.H, (g.Ho - 1) * g.sh));
         const int64_t scratch = recompute ? most_rows * g.W * C : 0;
@@ -819,13 +819,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         if (!recompute) ga = at::empty(input.sizes(), input.options().memory_format(g.format()));
         T* gap = recompute ? nullptr : ga.data_ptr<T>();
         for_each_row_block_with_scratch<T>(N, g.Ho, scratch, [&](int64_t u, int64_t n, int64_t i0, int64_t i1, bool last, T* buf) {
-          K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &corr[u * 4 * C], abp);
+          if (want_shift)
+            K::quad_correlate_rows(gp + n * Po * C, xp + n * P * C, st, g, i0, i1, zeros.data(), &corr[u * 4 * C], abp);
           const auto [r0, r1] = input_rows(g, i0, i1, last);
           T* rows = recompute ? buf : gap + (n * P + r0 * g.W) * C;  // input row r0 on
           K::quad_input_grad_rows(gp + n * Po * C, rows, st, g, r0, r1, zeros.data(), r0);
           bn::grad_sums(rows, xp + (n * P + r0 * g.W) * C, (r1 - r0) * g.W, C, abp, mp, &bsum[u * 2 * C]);
         });
-        quad_shift_grad(ch, corr, N, blocks, C, partial);
+        if (want_shift) quad_shift_grad(ch, corr, N, blocks, C, partial);
         if (!recompute) {
           std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
         } else {
@@ -851,21 +852,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         const auto gl = K::input_grad_lists_pitch(st, gbox.left + g.Wo + gbox.right, g);
         const auto xl = K::forward_lists_pitch(st, xbox.left + g.W + xbox.right, g);
         const int64_t T_ = static_cast<int64_t>(st.taps.size());
-        std::vector<double> corr(static_cast<size_t>(N * T_ * C), 0.0);
+        std::vector<double> corr(want_shift ? static_cast<size_t>(N * T_ * C) : 0, 0.0);
         bsum.assign(static_cast<size_t>(N * 2 * C), 0.0);
-        for_each_image_with_scratch<T>(N, ge + xe, [&](int64_t n, T* buf) {
-          K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gbox, xl, xbox, g, buf, buf + ge,
-                             &corr[n * T_ * C], abp);
+        for_each_image_with_scratch<T>(N, want_shift ? ge + xe : ge, [&](int64_t n, T* buf) {
+          if (want_shift)
+            K::backward_padded(gp + n * Po * C, xp + n * P * C, gap + n * P * C, st, gl, gbox, xl, xbox, g, buf, buf + ge,
+                               &corr[n * T_ * C], abp);
+          else  // the shift's input gradient needs grad_output alone
+            K::input_grad_padded(gp + n * Po * C, gap + n * P * C, st, gl, gbox, g, buf);
           bn::grad_sums(gap + n * P * C, xp + n * P * C, P, C, abp, mp, &bsum[n * 2 * C]);
         });
-        stencil_shift_grad(st, ch, corr, N, 1, C, partial);
+        if (want_shift) stencil_shift_grad(st, ch, corr, N, 1, C, partial);
         std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
       }
-      gs = shift_grad_total(partial, C, shift);
+      if (want_shift) gs = shift_grad_total(partial, C, shift);
     });
   });
   if (!gx.defined()) {
-    auto [gi, gsh] = backward_cpu(grad, bn::relu_affine(input, ab), shift, stride, padding, true, true, op);
+    auto [gi, gsh] = backward_cpu(grad, bn::relu_affine(input, ab), shift, stride, padding, true, want_shift, op);
     std::tie(gx, gw, gb) = bn::backward(gi, input, weight, bias, mean, invstd);
     gs = gsh;
   }

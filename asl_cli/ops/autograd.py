@@ -125,9 +125,7 @@ def _autograd_kernel(input, shift, stride, padding):
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError("torch.ops.asl.active_shift cannot be called directly under torch.func transforms (grad, jvp, "
                            "jacrev, jacfwd, vmap); call asl_cli.ops.active_shift (or asl_cli.nn.ActiveShift2d), which supports them")
-    if not _differentiated(input, shift):  # inference, benchmarks: without the Function's ~10-40 us
-        return _forward(input, shift, stride, padding)
-    return EagerActiveShiftFunction.apply(input, shift, stride, padding)
+    return apply_active_shift(input, shift, stride, padding)
 
 
 _AUTOGRAD_LIB = torch.library.Library("asl", "IMPL")

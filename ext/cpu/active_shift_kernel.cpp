@@ -850,7 +850,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         const auto gbox = K::input_grad_pad(st, lists, g), xbox = K::forward_pad(st, g);
         const int64_t ge = padded_elems<T>(gbox, g.Ho, g.Wo, C), xe = padded_elems<T>(xbox, g.H, g.W, C);
         const auto gl = K::input_grad_lists_pitch(st, gbox.left + g.Wo + gbox.right, g);
-        const auto xl = K::forward_lists_pitch(st, xbox.left + g.W + xbox.right, g);
+        const auto xl = want_shift ? K::forward_lists_pitch(st, xbox.left + g.W + xbox.right, g) : typename K::Lists();
         const int64_t T_ = static_cast<int64_t>(st.taps.size());
         std::vector<double> corr(want_shift ? static_cast<size_t>(N * T_ * C) : 0, 0.0);
         bsum.assign(static_cast<size_t>(N * 2 * C), 0.0);

@@ -210,6 +210,15 @@ void fill_channel_nan(T* p, const Geometry& g, int64_t H, int64_t W, int64_t c) 
     static Plan grad_plan(const PlaneMap& m, const T* w) { return NS::input_grad_plan<T>(m, w); }            \
     static Plan grad_plan_like(const Plan& like, const T* w) { return NS::input_grad_plan_like<T>(like, w); } \
     static void forward_plane(const T* x, T* y, const Plan& fw) { NS::forward_plane<T>(x, y, fw); }          \
+    static void forward_planes(const T* x, T* y, int64_t P, int64_t Po, const std::vector<Plan>& fw, int64_t b,  \
+                               int64_t e) {                                                                  \
+      NS::forward_planes<T>(x, y, P, Po, fw, b, e);                                                          \
+    }                                                                                                        \
+    template <typename Fn>                                                                                   \
+    static void backward_planes(const T* g, const T* x, T* gx, int64_t P, int64_t Po, const std::vector<Plan>& fw, \
+                                const std::vector<Plan>& gr, int64_t b, int64_t e, bool want_shift, const Fn& f) { \
+      NS::backward_planes<T>(g, x, gx, P, Po, fw, gr, b, e, want_shift, f);                                  \
+    }                                                                                                        \
     static void input_grad_plane(const T* g, T* gx, const Plan& fw, const Plan& gr) {                        \
       NS::input_grad_plane<T>(g, gx, fw, gr);                                                                \
     }                                                                                                        \
@@ -444,9 +453,7 @@ at::Tensor active_shift_cpu(const at::Tensor& input_, const at::Tensor& shift, a
       const auto fw = channel_plans<K>(g, ch, false);
       if (!g.channels_last) {
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po));
-        at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) K::forward_plane(xp + i * P, yp + i * Po, fw[i % C]);
-        });
+        at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) { K::forward_planes(xp, yp, P, Po, fw, b, e); });
         return;
       }
       // channels_last with many distinct offsets: each image through planes
@@ -543,15 +550,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
         if (!g.channels_last) {
           const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Po + P));
           at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-            for (int64_t i = b; i < e; ++i) {
-              const int64_t c = i % C;
-              if (want_input) K::input_grad_plane(gp + i * Po, op_ + i * P, fw[c], gr[c]);
-              if (want_shift) {
-                double corr[4];
-                K::correlations_plane(gp + i * Po, xp + i * P, fw[c], corr);
-                shift_grad_from_correlations(corr, ch[c], &partial[2 * i]);
-              }
-            }
+            K::backward_planes(gp, xp, op_, P, Po, fw, gr, b, e, want_shift, [&](int64_t i, int64_t c, const double* corr) {
+              shift_grad_from_correlations(corr, ch[c], &partial[2 * i]);
+            });
           });
           return;
         }

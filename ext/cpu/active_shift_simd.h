@@ -694,6 +694,31 @@ void forward_plane(const T* x, T* y, const PlanePlan<T>& fw) {
   else sample_plane_scalar<T>(x, y, fw.map, fw.w);
 }
 
+// The planes [b, e) of an NCHW tensor (plane i of channel i % C, C = fw.size()), in one loop here
+// so that the per-plane kernels inline into it, and the channel counted rather than divided for:
+// at 8 x 8 planes a call and a division per plane were a tenth of the forward's time.
+template <typename T>
+void forward_planes(const T* x, T* y, int64_t P, int64_t Po, const std::vector<PlanePlan<T>>& fw, int64_t b, int64_t e) {
+  const int64_t C = static_cast<int64_t>(fw.size());
+  for (int64_t i = b, c = b % C; i < e; ++i, c = c + 1 == C ? 0 : c + 1) forward_plane<T>(x + i * P, y + i * Po, fw[c]);
+}
+
+// The backward of the planes [b, e): each one's input gradient (when gx is given, with the plans
+// gr) and, when want_shift, its four correlations, passed to on_corr(i, c, corr).
+template <typename T, typename Fn>
+void backward_planes(const T* g, const T* x, T* gx, int64_t P, int64_t Po, const std::vector<PlanePlan<T>>& fw,
+                     const std::vector<PlanePlan<T>>& gr, int64_t b, int64_t e, bool want_shift, const Fn& on_corr) {
+  const int64_t C = static_cast<int64_t>(fw.size());
+  for (int64_t i = b, c = b % C; i < e; ++i, c = c + 1 == C ? 0 : c + 1) {
+    if (gx != nullptr) input_grad_plane<T>(g + i * Po, gx + i * P, fw[c], gr[c]);
+    if (want_shift) {
+      double corr[4];
+      correlations_plane<T>(g + i * Po, x + i * P, fw[c], corr);
+      on_corr(i, c, corr);
+    }
+  }
+}
+
 // The input gradient's plan: at stride 1 the forward sampling of grad_output at the mirrored
 // offsets with the weights reversed (taps in reverse order).
 template <typename T>

@@ -216,6 +216,31 @@ def test_shift_gradient_is_deterministic_across_threads(channels_last, reach):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+def test_nchw_planes_split_between_threads(stride):
+    """NCHW planes are shared out between threads in runs that start mid-channel (65 x 33 planes
+    of 8 x 8: two threads split them at plane 1073, channel 17): every output and gradient against
+    the reference, and the same bits at one and two threads."""
+    x = torch.randn(65, 33, 8, 8, dtype=torch.float64, requires_grad=True)
+    s = rand_shift(33, 1.0).requires_grad_(True)
+    y_ref = reference_active_shift(x, s, stride)
+    g = torch.randn_like(y_ref)
+    gx_ref, gs_ref = torch.autograd.grad(y_ref, (x, s), g)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            xf, sf = x.detach().float(), s.detach().float()
+            y = torch.ops.asl.active_shift(xf, sf, [stride, stride], [0, 0])
+            outs.append((y, *torch.ops.asl.active_shift_backward(g.float(), xf, sf, [stride, stride], [0, 0])))
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    for got, want in zip(outs[1], (y_ref, gx_ref, gs_ref)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channels_last_small_and_large_images(stride, dtype):
     """On the CPU a channels_last image whose zero-bordered copy fits in 256 KiB goes through that

@@ -1470,6 +1470,16 @@ ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stenc
       if (n >= n_lo && n <= n_hi) pair(n, false);
     }
   };
+  // the cursors' pairs together, column by column: the columns inside every cursor's row without
+  // checks, the others where each has them
+  const auto walk = [](auto&... k) {
+    const int64_t lo = std::min({k.n_lo...}), hi = std::max({k.n_hi...});
+    const int64_t ilo = std::max({k.in_lo...}), ihi = std::max(ilo, std::min({k.in_hi...}));
+    int64_t n = lo;
+    for (; n < ilo; ++n) (k.pair_if(n), ...);
+    for (; n < ihi; ++n) (k.pair(n, true), ...);
+    for (; n <= hi; ++n) (k.pair_if(n), ...);
+  };
   for (int64_t r = r0; r < r1; ++r) {
     T* gx_row = gx + (r - gx_row0) * W * C;
     int64_t v = 0;
@@ -1477,19 +1487,11 @@ ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stenc
     // 8x64x56x56 0.98 -> 0.84)
     for (; v + 1 < nv; v += 2) {
       Cursor k0(g, gx_row, fq.q[v], wp, v, r, Ho, Wo, C, W, zeros), k1(g, gx_row, fq.q[v + 1], wp, v + 1, r, Ho, Wo, C, W, zeros);
-      const int64_t lo = std::min(k0.n_lo, k1.n_lo), hi = std::max(k0.n_hi, k1.n_hi);
-      const int64_t ilo = std::max(k0.in_lo, k1.in_lo), ihi = std::max(ilo, std::min(k0.in_hi, k1.in_hi));
-      int64_t n = lo;
-      for (; n < ilo; ++n) k0.pair_if(n), k1.pair_if(n);
-      for (; n < ihi; ++n) k0.pair(n, true), k1.pair(n, true);
-      for (; n <= hi; ++n) k0.pair_if(n), k1.pair_if(n);
+      walk(k0, k1);
     }
     for (; v < nv; ++v) {
       Cursor k(g, gx_row, fq.q[v], wp, v, r, Ho, Wo, C, W, zeros);
-      int64_t n = k.n_lo;
-      for (; n < k.in_lo; ++n) k.pair(n, false);
-      for (; n < k.in_hi; ++n) k.pair(n, true);
-      for (; n <= k.n_hi; ++n) k.pair(n, false);
+      walk(k);
     }
   }
 }

@@ -17,9 +17,12 @@ compiled = pytest.mark.skipif(backends()["cpu"] != "compiled C++", reason="needs
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 # (N, C, H, W, stride, padding, shift scale): scale 1 keeps every channel within a pixel (the
-# blended rows where C fills vectors), 2 spreads them over a few pixels (the padded copies), 12
-# past the image (the two operators in turn); C 20 and 24 leave a channel tail.
+# blended rows where C fills vectors), PAST_A_PIXEL moves a few of those one pixel further each way
+# (three offsets per axis, still the blended rows), 2 spreads them over a few pixels (the padded
+# copies), 12 past the image (the two operators in turn); C 20 and 24 leave a channel tail.
+PAST_A_PIXEL = "past a pixel"
 CASES = [(2, 32, 7, 9, 1, 0, 1.0), (2, 16, 8, 8, 2, 0, 1.0), (1, 48, 6, 5, 2, 1, 1.0), (2, 16, 5, 7, (2, 1), 1, 1.0),
+         (2, 32, 7, 9, 1, 0, PAST_A_PIXEL), (2, 16, 9, 8, 2, 1, PAST_A_PIXEL), (1, 48, 6, 5, 2, 0, PAST_A_PIXEL),
          (2, 32, 7, 9, 1, 1, 2.0), (2, 16, 8, 8, 2, 0, 2.0), (2, 20, 6, 6, 1, 0, 1.0), (2, 24, 9, 8, 2, 1, 2.0),
          (2, 16, 6, 6, 1, 0, 12.0), (3, 16, 2, 2, 1, 0, 1.0)]
 
@@ -30,7 +33,12 @@ def make(case, dtype=torch.float32, fmt=torch.channels_last, seed=0):
     x = (torch.randn(N, C, H, W, generator=g, dtype=dtype) * 2 + 1).contiguous(memory_format=fmt)
     w = torch.randn(C, generator=g, dtype=dtype)
     b = torch.randn(C, generator=g, dtype=dtype) * 0.5
-    s = (torch.rand(C, 2, generator=g, dtype=dtype) * 2 - 1) * scale
+    if scale == PAST_A_PIXEL:
+        s = torch.rand(C, 2, generator=g, dtype=dtype) * 2 - 1
+        s[3::5, 0] += 1.0
+        s[2::7, 1] -= 1.0
+    else:
+        s = (torch.rand(C, 2, generator=g, dtype=dtype) * 2 - 1) * scale
     st = [stride, stride] if isinstance(stride, int) else list(stride)
     return x, w, b, s, st, [padding, padding]
 

@@ -775,14 +775,16 @@ struct Stencil {
   std::vector<uint32_t> m;  // [tap][nv]
   std::vector<int> per_vector;  // taps used by each channel vector
   int most = 0;  // the most taps any channel vector uses
-  // When every channel vector's channels take at most two adjacent integer offsets per axis
-  // (shifts within a pixel) and the channels fill whole vectors, each lane picks its own four
-  // taps by blends (see quad_row): per vector, the smallest offsets and the lanes one past
-  // them, and the weights w[(v 4 + k) N + lane] of tap k; fq samples the forward pass, gq the
-  // stride-1 input gradient (grad_output at the mirrored offsets, the weights reversed).
+  // When every channel vector's channels take at most three adjacent integer offsets per axis
+  // (shifts within a pixel, and those a step of training has carried a little past one) and the
+  // channels fill whole vectors, each lane picks its own four taps by blends (see quad_row): per
+  // vector, the smallest offsets, the lanes one or more past them (rm, cm) and those two past
+  // them (rm2, cm2, within rm and cm), and the weights w[(v 4 + k) N + lane] of tap k; fq
+  // samples the forward pass, gq the stride-1 input gradient (grad_output at the mirrored
+  // offsets, the weights reversed).
   struct Quad {
     int64_t r0, c0;
-    uint32_t rm, cm;
+    uint32_t rm, cm, rm2, cm2;
   };
   struct QuadSet {
     std::vector<Quad> q;
@@ -803,14 +805,14 @@ struct Stencil {
 };
 
 // The Stencil's quads (forward, or mirrored for the input gradient); false when some channel
-// vector's offsets are not within two adjacent values per axis.
+// vector's offsets are not within three adjacent values per axis.
 template <typename T>
 bool make_quads(const std::vector<ChanTaps<T>>& ch, bool mirrored, typename Stencil<T>::QuadSet& out) {
   constexpr int N = Vec<T>::N;
   const int64_t nv = static_cast<int64_t>(ch.size()) / N;
   const auto offr = [&](int64_t c) { return mirrored ? -ch[c].offr - 1 : ch[c].offr; };
   const auto offc = [&](int64_t c) { return mirrored ? -ch[c].offc - 1 : ch[c].offc; };
-  out.q.assign(nv, {0, 0, 0u, 0u});
+  out.q.assign(nv, {0, 0, 0u, 0u, 0u, 0u});
   out.w.assign(nv * 4 * N, T(0));
   for (int64_t v = 0; v < nv; ++v) {
     auto& q = out.q[v];
@@ -821,10 +823,12 @@ bool make_quads(const std::vector<ChanTaps<T>>& ch, bool mirrored, typename Sten
     }
     for (int64_t c = v * N; c < (v + 1) * N; ++c) {
       const int64_t dr = offr(c) - q.r0, dc = offc(c) - q.c0;
-      if (dr > 1 || dc > 1) return false;
+      if (dr > 2 || dc > 2) return false;
       for (int k = 0; k < 4; ++k) out.w[(v * 4 + k) * N + c % N] = ch[c].w[mirrored ? 3 - k : k];
-      q.rm |= static_cast<uint32_t>(dr) << (c % N);
-      q.cm |= static_cast<uint32_t>(dc) << (c % N);
+      q.rm |= static_cast<uint32_t>(dr >= 1) << (c % N);
+      q.cm |= static_cast<uint32_t>(dc >= 1) << (c % N);
+      q.rm2 |= static_cast<uint32_t>(dr >= 2) << (c % N);
+      q.cm2 |= static_cast<uint32_t>(dc >= 2) << (c % N);
     }
   }
   return true;
@@ -1136,48 +1140,56 @@ PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64
   return b;
 }
 
-// The blended rows' state along one output row of one channel vector (see quad_row).
-template <typename T, bool DR, bool DC, int SW, typename Tf>
+// The blended rows' state along one output row of one channel vector (see quad_row): DR, DC
+// (0, 1 or 2) are the vector's spreads, how far past r0, c0 its lanes' offsets reach.
+template <typename T, int DR, int DC, int SW, typename Tf>
 struct QuadCursor {
   static_assert(SW == 1 || SW == 2, "column stride 1 or 2");
+  static_assert(DR >= 0 && DR <= 2 && DC >= 0 && DC <= 2, "spreads of at most two");
   using V = Vec<T>;
   using reg = typename V::reg;
-  const T* rows[3];
-  bool inside_row[3];
+  static constexpr int R = DR + 2;  // source rows read
+  const T* rows[R];
+  bool inside_row[R];
   int64_t C, W, lead, j_lo, j_hi;
-  uint32_t rm, cm;
+  uint32_t rm, cm, rm2, cm2;
   Tf tf;
-  reg la = V::zero(), lb = V::zero(), lc = V::zero(), x00 = V::zero(), x10 = V::zero();
+  reg p1[R], p2[R];  // per row the last column loaded and the one before
+  reg x00 = V::zero(), x10 = V::zero();
 
   QuadCursor(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W_, int64_t C_, int64_t Wo,
              int64_t sh, int64_t i, const T* zeros, const Tf& tf_)
-      : C(C_), W(W_), lead(q.c0 + 1 + DC), rm(q.rm), cm(q.cm), tf(tf_) {
+      : C(C_), W(W_), lead(q.c0 + 1 + DC), rm(q.rm), cm(q.cm), rm2(q.rm2), cm2(q.cm2), tf(tf_) {
     // output j's new columns, lead + SW j - (SW - 1) to lead + SW j, lie inside the image for j
     // in [j_lo, j_hi)
     j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, -floor_div(lead - SW + 1, SW)));
     j_hi = std::max(j_lo, std::min<int64_t>(Wo, floor_div(W - 1 - lead, SW) + 1));
-    for (int t = 0; t < 3; ++t) {
+    for (int t = 0; t < R; ++t) {
       const int64_t r = i * sh + q.r0 + t;
       inside_row[t] = r >= 0 && r < H;
       rows[t] = inside_row[t] ? x + r * W * C : zeros;
+      p1[t] = p2[t] = V::zero();
     }
-    if (DC) column(q.c0, false, x00, x10);
-    if (SW == 1) column(q.c0 + DC, false, x00, x10);
+    // the columns before the first pixel's: c0 .. lead - 1 at stride 1 (the last gives the
+    // first pixel's left taps), c0 .. lead - 2 at stride 2 (whose pixels load their left column)
+    for (int64_t k = 0; k < DC + (SW == 1 ? 1 : 0); ++k) column(q.c0 + k, false, x00, x10);
   }
-  // the taps of the column of pixels qc: each lane's pair of columns picked from the last
-  // column loaded (la, lb, lc) and qc, its rows from those
+  // the taps of the column of pixels qc: each lane's column picked from qc and the last columns
+  // loaded, its rows from those
   inline void column(int64_t qc, bool inside, reg& top, reg& bottom) {
-    reg na = V::zero(), nb = V::zero(), nc = V::zero();
-    if (inside || (qc >= 0 && qc < W)) {
-      na = tf(V::load(rows[0] + qc * C), inside_row[0]);
-      nb = tf(V::load(rows[1] + qc * C), inside_row[1]);
-      if (DR) nc = tf(V::load(rows[2] + qc * C), inside_row[2]);
+    reg n[R], A[R];
+    const bool any = inside || (qc >= 0 && qc < W);
+    for (int t = 0; t < R; ++t) n[t] = any ? tf(V::load(rows[t] + qc * C), inside_row[t]) : V::zero();
+    for (int t = 0; t < R; ++t) {
+      if constexpr (DC == 0) A[t] = n[t];
+      else if constexpr (DC == 1) A[t] = V::blend(cm, p1[t], n[t]);
+      else A[t] = V::blend(cm2, V::blend(cm, p2[t], p1[t]), n[t]);
+      if constexpr (DC == 2) p2[t] = p1[t];
+      p1[t] = n[t];
     }
-    const reg A0 = DC ? V::blend(cm, la, na) : na, A1 = DC ? V::blend(cm, lb, nb) : nb;
-    const reg A2 = DR ? (DC ? V::blend(cm, lc, nc) : nc) : A1;
-    la = na, lb = nb, lc = nc;
-    top = DR ? V::blend(rm, A0, A1) : A0;
-    bottom = DR ? V::blend(rm, A1, A2) : A1;
+    top = A[0], bottom = A[1];
+    if constexpr (DR >= 1) top = V::blend(rm, top, A[1]), bottom = V::blend(rm, bottom, A[2]);
+    if constexpr (DR >= 2) top = V::blend(rm2, top, A[2]), bottom = V::blend(rm2, bottom, A[3]);
   }
   // output pixel j: fn(j, x00, x01, x10, x11)
   template <typename Fn>
@@ -1194,15 +1206,15 @@ struct QuadCursor {
 // channels_last at column stride SW (1 or 2) with a stencil's quads (quad_ok): output row i of one
 // channel vector, each lane's own four taps of output pixel j passed to fn(j, x00, x01, x10, x11).
 // The taps are picked by blends from the pixels of rows r0..r0 + 1 + DR and columns
-// c0..c0 + 1 + DC around the output (r0, c0 the vector's smallest offsets; lanes rm one row
-// further, cm one column further), and at stride 1 the blends of a column are reused by the
-// next pixel: three loads and five blends a pixel where the stencil makes nine loads and nine
-// multiply-adds (at stride 2 twice the loads and blends), and no lane reads another channel's tap
-// (so no non-finite check either). Taps outside the image read zeros: rows outside point at
-// `zeros` (W C values), columns outside are zero vectors. x is the vector's first channel of the
-// source (H x W x C), source rows i sh + r0 ... DR, DC may be set for a quad whose rm, cm are
-// empty (the same taps, one more row or column read).
-template <typename T, bool DR, bool DC, int SW, typename Fn, typename Tf>
+// c0..c0 + 1 + DC around the output (r0, c0 the vector's smallest offsets; lanes rm one row or
+// more further, rm2 two, and cm, cm2 likewise for columns), and at stride 1 the blends of a
+// column are reused by the next pixel: with spreads of 1, three loads and five blends a pixel
+// where the stencil makes nine loads and nine multiply-adds (at stride 2 twice the loads and
+// blends), and no lane reads another channel's tap (so no non-finite check either). Taps
+// outside the image read zeros: rows outside point at `zeros` (W C values), columns outside are
+// zero vectors. x is the vector's first channel of the source (H x W x C), source rows i sh + r0
+// ... DR, DC may exceed a quad's own spreads (the same taps, more rows or columns read).
+template <typename T, int DR, int DC, int SW, typename Fn, typename Tf>
 inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
                      int64_t sh, int64_t i, const T* zeros, Fn& fn, const Tf& tf) {
   QuadCursor<T, DR, DC, SW, Tf> k(x, q, H, W, C, Wo, sh, i, zeros, tf);
@@ -1215,7 +1227,7 @@ inline void quad_row(const T* x, const typename Stencil<T>::Quad& q, int64_t H, 
 // pixel by pixel, so that the row is read and written in runs of two vectors rather than one
 // vector in every C channels (forward, 64 channels: 8x64x56x56 1.49 -> 1.39 copies, 1x64x224x224
 // 1.63 -> 1.42).
-template <typename T, bool DR, bool DC, int SW, typename Fn0, typename Fn1, typename Tf>
+template <typename T, int DR, int DC, int SW, typename Fn0, typename Fn1, typename Tf>
 inline void quad_row_pair(const T* x, const typename Stencil<T>::Quad& q0, const typename Stencil<T>::Quad& q1,
                           int64_t H, int64_t W, int64_t C, int64_t Wo, int64_t sh, int64_t i, const T* zeros,
                           Fn0& fn0, Fn1& fn1, const Tf& tf0, const Tf& tf1) {
@@ -1228,14 +1240,15 @@ inline void quad_row_pair(const T* x, const typename Stencil<T>::Quad& q0, const
   for (int64_t j = hi; j < Wo; ++j) k0.pixel(j, false, fn0), k1.pixel(j, false, fn1);
 }
 
-// Calls body(std::bool_constant<DR>(), std::bool_constant<DC>()) for a quad's row and column
-// spreads.
+// Calls body(std::integral_constant<int, S>(), std::integral_constant<int, S>()) with S (0, 1 or
+// 2) the larger of a quad's row and column spreads: three forms of each quad loop rather than
+// nine (a vector that spreads over one axis alone reads one more row or column, as rare as its
+// channels' shifts agreeing to the pixel).
 template <typename Q, typename Body>
 inline void with_quad(const Q& q, const Body& body) {
-  if (q.rm && q.cm) body(std::true_type(), std::true_type());
-  else if (q.rm) body(std::true_type(), std::false_type());
-  else if (q.cm) body(std::false_type(), std::true_type());
-  else body(std::false_type(), std::false_type());
+  if (q.rm2 | q.cm2) body(std::integral_constant<int, 2>(), std::integral_constant<int, 2>());
+  else if (q.rm | q.cm) body(std::integral_constant<int, 1>(), std::integral_constant<int, 1>());
+  else body(std::integral_constant<int, 0>(), std::integral_constant<int, 0>());
 }
 
 // The pixels a quad row reads, as they are (Plain), or as relu(x a + b) with per-channel a, b
@@ -1259,7 +1272,7 @@ template <typename T, typename Fn, typename Tf = Plain<T>>
 inline void quad_row_any(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W, int64_t C, int64_t Wo,
                          int64_t sh, int64_t sw, int64_t i, const T* zeros, Fn& fn, const Tf& tf = Tf()) {
   with_quad(q, [&](auto dr, auto dc) {
-    constexpr bool DR = decltype(dr)::value, DC = decltype(dc)::value;
+    constexpr int DR = decltype(dr)::value, DC = decltype(dc)::value;
     if (sw == 2) quad_row<T, DR, DC, 2>(x, q, H, W, C, Wo, sh, i, zeros, fn, tf);
     else quad_row<T, DR, DC, 1>(x, q, H, W, C, Wo, sh, i, zeros, fn, tf);
   });
@@ -1271,9 +1284,9 @@ template <typename T, typename Fn0, typename Fn1, typename Tf>
 inline void quad_row_pair_any(const T* x, const typename Stencil<T>::Quad& q0, const typename Stencil<T>::Quad& q1,
                               int64_t H, int64_t W, int64_t C, int64_t Wo, int64_t sh, int64_t sw, int64_t i,
                               const T* zeros, Fn0& fn0, Fn1& fn1, const Tf& tf0, const Tf& tf1) {
-  const typename Stencil<T>::Quad u{0, 0, q0.rm | q1.rm, q0.cm | q1.cm};
+  const typename Stencil<T>::Quad u{0, 0, q0.rm | q1.rm, q0.cm | q1.cm, q0.rm2 | q1.rm2, q0.cm2 | q1.cm2};
   with_quad(u, [&](auto dr, auto dc) {
-    constexpr bool DR = decltype(dr)::value, DC = decltype(dc)::value;
+    constexpr int DR = decltype(dr)::value, DC = decltype(dc)::value;
     if (sw == 2) quad_row_pair<T, DR, DC, 2>(x, q0, q1, H, W, C, Wo, sh, i, zeros, fn0, fn1, tf0, tf1);
     else quad_row_pair<T, DR, DC, 1>(x, q0, q1, H, W, C, Wo, sh, i, zeros, fn0, fn1, tf0, tf1);
   });
@@ -1416,35 +1429,39 @@ ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stenc
   constexpr int N = V::N;
   const int64_t nv = static_cast<int64_t>(fq.q.size());
   // wp[((v 2 + pu) 2 + pv) N + lane]: the weight of the tap that input rows of parity pu
-  // (of r - r0) and columns of parity pv (of c - c0) take, tap (a, b) = (pu ^ rm, pv ^ cm)
+  // (of r - r0) and columns of parity pv (of c - c0) take, tap (a, b) = (pu ^ dr, pv ^ dc) with
+  // dr, dc the parities of the lane's offsets past r0, c0 (one past: rm and not rm2)
   std::vector<T> wp(static_cast<size_t>(nv * 4 * N));
-  for (int64_t v = 0; v < nv; ++v)
+  for (int64_t v = 0; v < nv; ++v) {
+    const uint32_t odd_r = fq.q[v].rm ^ fq.q[v].rm2, odd_c = fq.q[v].cm ^ fq.q[v].cm2;
     for (int pu = 0; pu < 2; ++pu)
       for (int pv = 0; pv < 2; ++pv)
         for (int l = 0; l < N; ++l) {
-          const int a = pu ^ static_cast<int>((fq.q[v].rm >> l) & 1u), b = pv ^ static_cast<int>((fq.q[v].cm >> l) & 1u);
+          const int a = pu ^ static_cast<int>((odd_r >> l) & 1u), b = pv ^ static_cast<int>((odd_c >> l) & 1u);
           wp[((v * 2 + pu) * 2 + pv) * N + l] = fq.w[(v * 4 + 2 * a + b) * N + l];
         }
+  }
   using Wp = std::vector<T>;
-  // input row r of channel vector v: its output columns n (lanes cm: n - 1) to input columns
-  // c0 + 2 n and c0 + 2 n + 1
+  // input row r of channel vector v: its output columns n (lanes cm: n - 1) to input column
+  // c0 + 2 n, and n (lanes cm2: n - 1) to c0 + 2 n + 1
   struct Cursor {
     const T* ga;
     const T* gb;
     T* out;
     int64_t C, Wo, W, c0, n_lo, n_hi, in_lo, in_hi;
-    int pu;
-    uint32_t rm, cm;
+    uint32_t sel, cm, cm2;
     reg w0, w1, prev;
     Cursor(const T* g, T* gx_row, const typename Stencil<T>::Quad& q, const Wp& wp, int64_t v, int64_t r, int64_t Ho,
            int64_t Wo_, int64_t C_, int64_t W_, const T* zeros)
-        : C(C_), Wo(Wo_), W(W_), c0(q.c0), rm(q.rm), cm(q.cm) {
-      // lanes rm read output row m - 1 when r - r0 = 2 m is even, row m otherwise
+        : C(C_), Wo(Wo_), W(W_), c0(q.c0), cm(q.cm), cm2(q.cm2) {
+      // a lane dr rows past r0 reads output row floor((r - r0 - dr) / 2): with r - r0 = 2 m + pu,
+      // row m - 1 for lanes rm when pu = 0 and for lanes rm2 when pu = 1, row m otherwise
       const int64_t u = r - q.r0, m = floor_div(u, 2);
-      pu = static_cast<int>(u - 2 * m);
+      const int pu = static_cast<int>(u - 2 * m);
+      sel = pu == 0 ? q.rm : q.rm2;
       const auto row = [&](int64_t i) { return i >= 0 && i < Ho ? g + i * Wo * C + v * N : zeros + v * N; };
       ga = row(m);
-      gb = pu == 0 ? row(m - 1) : ga;
+      gb = sel ? row(m - 1) : ga;
       w0 = V::load(wp.data() + ((v * 2 + pu) * 2) * N), w1 = V::load(wp.data() + ((v * 2 + pu) * 2 + 1) * N);
       out = gx_row + v * N;
       n_lo = floor_div(-c0, 2), n_hi = floor_div(W - 1 - c0, 2);
@@ -1457,13 +1474,13 @@ ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stenc
     reg column(int64_t n, bool inside) const {
       if (!inside && (n < 0 || n >= Wo)) return V::zero();
       const reg a = V::load(ga + n * C);
-      return pu == 0 ? V::blend(rm, a, V::load(gb + n * C)) : a;
+      return sel ? V::blend(sel, a, V::load(gb + n * C)) : a;
     }
     void pair(int64_t n, bool inside) {
       const reg cur = column(n, inside);
       const int64_t c = c0 + 2 * n;
       if (inside || c >= 0) V::store(out + c * C, V::mul(w0, V::blend(cm, cur, prev)));
-      if (inside || c + 1 < W) V::store(out + (c + 1) * C, V::mul(w1, cur));
+      if (inside || c + 1 < W) V::store(out + (c + 1) * C, V::mul(w1, cm2 ? V::blend(cm2, cur, prev) : cur));
       prev = cur;
     }
     void pair_if(int64_t n) {

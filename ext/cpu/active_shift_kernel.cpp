@@ -557,11 +557,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           return;
         }
         if (st.most <= kStencilTaps) {
-          // shifts within a pixel: each lane's own taps by blends, for the input gradient at stride
-          // 1 (quad_row) and 2 (quad_input_grad_s2_rows) and the correlations at column stride 1,
-          // both per block of output rows (the block's grad_output read from cache the second
-          // time). At column stride 2 the correlations stay on the stencil, which was faster
-          // there (128x32x32x32: 1.24 ms against 1.44 blended).
+          // shifts within a pixel or a little past one: each lane's own taps by blends, for the
+          // input gradient at stride 1 (quad_row) and 2 (quad_input_grad_s2_rows) and the
+          // correlations at column stride 1, both per block of output rows (the block's
+          // grad_output read from cache the second time). At column stride 2 the correlations
+          // stay on the stencil, which was faster there (128x32x32x32: 1.24 ms against 1.44
+          // blended).
           const bool quad_input = want_input && st.quad_ok && g.sh == g.sw && g.sh <= 2;
           const bool quad_shift = want_shift && st.quad_ok && g.sw == 1;
           if (quad_input || quad_shift) {
@@ -697,7 +698,8 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cpu(const at::Tensor& g
 
 // ---------------------------------------------------------------------------------------------
 // Training: active_shift(relu(batch_norm(input))), a block's BatchNorm-ReLU and its shift, in one
-// operator. channels_last with shifts within a pixel at stride 1 or 2 (both axes alike): the
+// operator. channels_last with shifts within a pixel or a little past one (at most three integer
+// offsets per axis in each channel vector) at stride 1 or 2 (both axes alike): the
 // forward applies the BatchNorm and its ReLU to each pixel as it reads it (BnRelu in quad_row), so
 // relu(batch_norm(input)) is neither written nor read back; the backward recomputes it the same
 // way for the correlations, and sums the BatchNorm backward's per-channel sums over the shift's
@@ -706,9 +708,10 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cpu(const at::Tensor& g
 // relu(batch_norm(input)) first).
 // ---------------------------------------------------------------------------------------------
 
-// How the fused kernels take a call: blended rows (shifts within a pixel; the backward at equal
-// strides of 1 or 2), through the padded copies (stencils of cache-sized images, the padded copy
-// of the input transformed as it is made), or not at all (the two operators in turn).
+// How the fused kernels take a call: blended rows (shifts within a pixel or a little past one;
+// the backward at equal strides of 1 or 2), through the padded copies (stencils of cache-sized
+// images, the padded copy of the input transformed as it is made), or not at all (the two
+// operators in turn).
 enum class Fused { none, quad, padded };
 
 template <typename K, typename T>

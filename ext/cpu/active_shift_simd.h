@@ -10,7 +10,8 @@
 // NCHW: each (n, c) plane is blended row by row straight from the input (planes narrower than a
 // vector are taken several rows per vector; at stride 2, AVX-512 takes planes of up to 64 floats
 // whole, each tap of the output one permute); the shift gradient sums grad_output times each tap
-// (four correlations) while the plane is in cache. channels_last, shifts within a pixel: each
+// (four correlations) while the plane is in cache. channels_last, shifts within a pixel or a
+// little past one (three integer offsets per axis in a channel vector): each
 // lane blends its own four taps from the pixels around it (see quad_row; at stride 2 the input
 // gradient takes each lane's one tap, see quad_input_grad_s2_rows). Otherwise each output
 // pixel's C channels are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse

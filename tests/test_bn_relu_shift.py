@@ -18,8 +18,10 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 # (N, C, H, W, stride, padding, shift scale): scale 1 keeps every channel within a pixel (the
 # blended rows where C fills vectors), PAST_A_PIXEL moves a few of those one pixel further each way
-# (three offsets per axis, still the blended rows), 2 spreads them over a few pixels (the padded
-# copies), 12 past the image (the two operators in turn); C 20 and 24 leave a channel tail.
+# (three offsets per axis, still the blended rows), 2 spreads them over four offsets (the blended
+# rows at stride 1 and in the forward; in the backward at stride 2 and for a channel tail the
+# padded copies or the two operators), 12 past the image (the two operators in turn); C 20 and 24
+# leave a channel tail.
 PAST_A_PIXEL = "past a pixel"
 CASES = [(2, 32, 7, 9, 1, 0, 1.0), (2, 16, 8, 8, 2, 0, 1.0), (1, 48, 6, 5, 2, 1, 1.0), (2, 16, 5, 7, (2, 1), 1, 1.0),
          (2, 32, 7, 9, 1, 0, PAST_A_PIXEL), (2, 16, 9, 8, 2, 1, PAST_A_PIXEL), (1, 48, 6, 5, 2, 0, PAST_A_PIXEL),

@@ -767,17 +767,18 @@ def test_stride_two_small_planes_match_the_reference(H, W):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride", [1, 2, (2, 1), (1, 2)])
-@pytest.mark.parametrize("spread", ["within a pixel", "rows", "columns", "both"])
+@pytest.mark.parametrize("spread", ["within a pixel", "rows", "columns", "both", "two pixels"])
 def test_channels_last_blended_offsets(stride, dtype, spread):
-    """channels_last with every channel vector's integer offsets within three adjacent values per
+    """channels_last with every channel vector's integer offsets within four adjacent values per
     axis (channels a multiple of the vector): each lane blends its own four taps at column stride
-    1 and 2 (forward; input gradient at strides 1 and 2, where each lane takes one tap;
-    correlations at column stride 1). Shifts within a pixel (two offsets per axis), and with a
-    few channels one pixel further in rows, columns or both (three, the reach of shifts that
-    training has carried past a pixel; in both directions, so a vector's smallest offset moves
-    too). Values and both gradients against the reference at odd sizes and paddings, integer
-    shifts among them, the forward and input gradient equal to NCHW's bit for bit, and an inf
-    reaching only the outputs that tap it."""
+    1 and 2 (forward; input gradient at strides 1 and 2, where each lane takes one tap, stride 2
+    up to three offsets; correlations at column stride 1). Shifts within a pixel (two offsets per
+    axis), with a few channels one pixel further in rows, columns or both (three, the reach of
+    shifts that training has carried past a pixel; in both directions, so a vector's smallest
+    offset moves too), and with some two pixels further in both (four). Values and both
+    gradients against the reference at odd sizes and paddings, integer shifts among them, the
+    forward and input gradient equal to NCHW's bit for bit, and an inf reaching only the
+    outputs that tap it."""
     sp = [stride, stride] if isinstance(stride, int) else list(stride)
     for N, C, H, W, pad in [(2, 32, 7, 9, 0), (1, 16, 12, 5, 1), (2, 64, 8, 8, 0), (1, 48, 3, 3, 2), (1, 16, 1, 1, 0)]:
         x = torch.randn(N, C, H, W, dtype=dtype)
@@ -786,6 +787,9 @@ def test_channels_last_blended_offsets(stride, dtype, spread):
             s[4::7, 0] += 1.0
         if spread in ("rows", "both"):
             s[5::6, 1] -= 1.0
+        if spread == "two pixels":
+            s[4::7, 0] += 2.0
+            s[5::6, 1] -= 2.0
         s[1] = torch.tensor([1.0, 0.0])
         s[2] = torch.tensor([-1.0, -1.0])
         x[0, 3, H // 2, W // 2] = float("inf")

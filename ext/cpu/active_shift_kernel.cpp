@@ -556,15 +556,19 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_, const a
           });
           return;
         }
-        if (st.most <= kStencilTaps) {
-          // shifts within a pixel or a little past one: each lane's own taps by blends, for the
+        // the blended rows at stride 2 take spreads up to 2 (quad_input_grad_s2_rows)
+        const bool quad_input =
+            want_input && st.quad_ok && g.sh == g.sw && (g.sh == 1 || (g.sh == 2 && st.spread <= 2));
+        const bool quad_shift = want_shift && st.quad_ok && g.sw == 1;
+        // offsets spread over four values can use more taps than the stencil takes: the blended
+        // rows alone, or planes
+        if (st.most <= kStencilTaps || ((quad_input || !want_input) && (quad_shift || !want_shift))) {
+          // shifts within a pixel or a pixel or so past one: each lane's own taps by blends, for the
           // input gradient at stride 1 (quad_row) and 2 (quad_input_grad_s2_rows) and the
           // correlations at column stride 1, both per block of output rows (the block's
           // grad_output read from cache the second time). At column stride 2 the correlations
           // stay on the stencil, which was faster there (128x32x32x32: 1.24 ms against 1.44
           // blended).
-          const bool quad_input = want_input && st.quad_ok && g.sh == g.sw && g.sh <= 2;
-          const bool quad_shift = want_shift && st.quad_ok && g.sw == 1;
           if (quad_input || quad_shift) {
             const std::vector<T> zeros(static_cast<size_t>(std::max(g.W, g.Wo) * C), T(0));
             const int64_t blocks = row_blocks(g.Ho);
@@ -698,8 +702,9 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cpu(const at::Tensor& g
 
 // ---------------------------------------------------------------------------------------------
 // Training: active_shift(relu(batch_norm(input))), a block's BatchNorm-ReLU and its shift, in one
-// operator. channels_last with shifts within a pixel or a little past one (at most three integer
-// offsets per axis in each channel vector) at stride 1 or 2 (both axes alike): the
+// operator. channels_last with shifts within a pixel or a pixel or so past one (at most four
+// integer offsets per axis in each channel vector, three for the backward at stride 2) at stride 1
+// or 2 (both axes alike): the
 // forward applies the BatchNorm and its ReLU to each pixel as it reads it (BnRelu in quad_row), so
 // relu(batch_norm(input)) is neither written nor read back; the backward recomputes it the same
 // way for the correlations, and sums the BatchNorm backward's per-channel sums over the shift's
@@ -708,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor> active_shift_backward_cpu(const at::Tensor& g
 // relu(batch_norm(input)) first).
 // ---------------------------------------------------------------------------------------------
 
-// How the fused kernels take a call: blended rows (shifts within a pixel or a little past one;
+// How the fused kernels take a call: blended rows (shifts within a pixel or a pixel or so past one;
 // the backward at equal strides of 1 or 2), through the padded copies (stencils of cache-sized
 // images, the padded copy of the input transformed as it is made), or not at all (the two
 // operators in turn).
@@ -718,7 +723,8 @@ template <typename K, typename T>
 Fused fused_bn_shift_path(const Geometry& g, const typename K::Stencil& st, const std::vector<ChanTaps<T>>& ch,
                           bool backward) {
   if (!g.channels_last || g.N == 0 || g.H == 0 || g.W == 0 || any_non_finite(ch)) return Fused::none;
-  if (st.quad_ok && (backward ? g.sh == g.sw && g.sh <= 2 : g.sw <= 2)) return Fused::quad;
+  if (st.quad_ok && (backward ? g.sh == g.sw && (g.sh == 1 || (g.sh == 2 && st.spread <= 2)) : g.sw <= 2))
+    return Fused::quad;
   if (st.most > kStencilTaps) return Fused::none;
   const int64_t xe = padded_elems<T>(K::forward_pad(st, g), g.H, g.W, g.C);
   if (xe <= 0) return Fused::none;

@@ -11,7 +11,7 @@
 // vector are taken several rows per vector; at stride 2, AVX-512 takes planes of up to 64 floats
 // whole, each tap of the output one permute); the shift gradient sums grad_output times each tap
 // (four correlations) while the plane is in cache. channels_last, shifts within a pixel or a
-// little past one (three integer offsets per axis in a channel vector): each
+// pixel or so past one (four integer offsets per axis in a channel vector): each
 // lane blends its own four taps from the pixels around it (see quad_row; at stride 2 the input
 // gradient takes each lane's one tap, see quad_input_grad_s2_rows). Otherwise each output
 // pixel's C channels are a weighted sum over the few distinct pixel offsets the channels' taps use (a sparse
@@ -776,16 +776,17 @@ struct Stencil {
   std::vector<uint32_t> m;  // [tap][nv]
   std::vector<int> per_vector;  // taps used by each channel vector
   int most = 0;  // the most taps any channel vector uses
-  // When every channel vector's channels take at most three adjacent integer offsets per axis
-  // (shifts within a pixel, and those a step of training has carried a little past one) and the
+  // When every channel vector's channels take at most four adjacent integer offsets per axis
+  // (shifts within a pixel, and those training has carried a pixel or so past one) and the
   // channels fill whole vectors, each lane picks its own four taps by blends (see quad_row): per
-  // vector, the smallest offsets, the lanes one or more past them (rm, cm) and those two past
-  // them (rm2, cm2, within rm and cm), and the weights w[(v 4 + k) N + lane] of tap k; fq
-  // samples the forward pass, gq the stride-1 input gradient (grad_output at the mirrored
-  // offsets, the weights reversed).
+  // vector, the smallest offsets, the lanes one or more past them (rm, cm), two or more (rm2,
+  // cm2) and three (rm3, cm3), each set within the one before, and the weights
+  // w[(v 4 + k) N + lane] of tap k; fq samples the forward pass, gq the stride-1 input gradient
+  // (grad_output at the mirrored offsets, the weights reversed). spread: the most any vector's
+  // offsets reach past its smallest (the stride-2 input gradient takes up to 2).
   struct Quad {
     int64_t r0, c0;
-    uint32_t rm, cm, rm2, cm2;
+    uint32_t rm, cm, rm2, cm2, rm3, cm3;
   };
   struct QuadSet {
     std::vector<Quad> q;
@@ -793,6 +794,7 @@ struct Stencil {
   };
   QuadSet fq, gq;
   bool quad_ok = false;
+  int spread = 0;
 
   const T* weights(size_t t, int64_t v) const { return w.data() + (t * nv + v) * N; }
   uint32_t mask(size_t t, int64_t v) const { return m[t * nv + v]; }
@@ -806,14 +808,14 @@ struct Stencil {
 };
 
 // The Stencil's quads (forward, or mirrored for the input gradient); false when some channel
-// vector's offsets are not within three adjacent values per axis.
+// vector's offsets are not within four adjacent values per axis. spread: the most any reaches.
 template <typename T>
-bool make_quads(const std::vector<ChanTaps<T>>& ch, bool mirrored, typename Stencil<T>::QuadSet& out) {
+bool make_quads(const std::vector<ChanTaps<T>>& ch, bool mirrored, typename Stencil<T>::QuadSet& out, int& spread) {
   constexpr int N = Vec<T>::N;
   const int64_t nv = static_cast<int64_t>(ch.size()) / N;
   const auto offr = [&](int64_t c) { return mirrored ? -ch[c].offr - 1 : ch[c].offr; };
   const auto offc = [&](int64_t c) { return mirrored ? -ch[c].offc - 1 : ch[c].offc; };
-  out.q.assign(nv, {0, 0, 0u, 0u, 0u, 0u});
+  out.q.assign(nv, {0, 0, 0u, 0u, 0u, 0u, 0u, 0u});
   out.w.assign(nv * 4 * N, T(0));
   for (int64_t v = 0; v < nv; ++v) {
     auto& q = out.q[v];
@@ -824,12 +826,15 @@ bool make_quads(const std::vector<ChanTaps<T>>& ch, bool mirrored, typename Sten
     }
     for (int64_t c = v * N; c < (v + 1) * N; ++c) {
       const int64_t dr = offr(c) - q.r0, dc = offc(c) - q.c0;
-      if (dr > 2 || dc > 2) return false;
+      if (dr > 3 || dc > 3) return false;
+      spread = static_cast<int>(std::max<int64_t>({spread, dr, dc}));
       for (int k = 0; k < 4; ++k) out.w[(v * 4 + k) * N + c % N] = ch[c].w[mirrored ? 3 - k : k];
       q.rm |= static_cast<uint32_t>(dr >= 1) << (c % N);
       q.cm |= static_cast<uint32_t>(dc >= 1) << (c % N);
       q.rm2 |= static_cast<uint32_t>(dr >= 2) << (c % N);
       q.cm2 |= static_cast<uint32_t>(dc >= 2) << (c % N);
+      q.rm3 |= static_cast<uint32_t>(dr >= 3) << (c % N);
+      q.cm3 |= static_cast<uint32_t>(dc >= 3) << (c % N);
     }
   }
   return true;
@@ -873,7 +878,7 @@ Stencil<T> make_stencil(const std::vector<ChanTaps<T>>& ch, int64_t H, int64_t W
     for (int64_t v = 0; v < st.nv; ++v)
       if (st.m[t * st.nv + v]) ++st.per_vector[v];
   for (int n : st.per_vector) st.most = std::max(st.most, n);
-  st.quad_ok = C % N == 0 && make_quads<T>(ch, false, st.fq) && make_quads<T>(ch, true, st.gq);
+  st.quad_ok = C % N == 0 && make_quads<T>(ch, false, st.fq, st.spread) && make_quads<T>(ch, true, st.gq, st.spread);
   return st;
 }
 
@@ -1142,25 +1147,25 @@ PadBox forward_pad(const Stencil<T>& st, int64_t H, int64_t W, int64_t Ho, int64
 }
 
 // The blended rows' state along one output row of one channel vector (see quad_row): DR, DC
-// (0, 1 or 2) are the vector's spreads, how far past r0, c0 its lanes' offsets reach.
+// (0 to 3) are the vector's spreads, how far past r0, c0 its lanes' offsets reach.
 template <typename T, int DR, int DC, int SW, typename Tf>
 struct QuadCursor {
   static_assert(SW == 1 || SW == 2, "column stride 1 or 2");
-  static_assert(DR >= 0 && DR <= 2 && DC >= 0 && DC <= 2, "spreads of at most two");
+  static_assert(DR >= 0 && DR <= 3 && DC >= 0 && DC <= 3, "spreads of at most three");
   using V = Vec<T>;
   using reg = typename V::reg;
   static constexpr int R = DR + 2;  // source rows read
   const T* rows[R];
   bool inside_row[R];
   int64_t C, W, lead, j_lo, j_hi;
-  uint32_t rm, cm, rm2, cm2;
+  uint32_t rm, cm, rm2, cm2, rm3, cm3;
   Tf tf;
-  reg p1[R], p2[R];  // per row the last column loaded and the one before
+  reg p1[R], p2[R], p3[R];  // per row the last three columns loaded, the last first
   reg x00 = V::zero(), x10 = V::zero();
 
   QuadCursor(const T* x, const typename Stencil<T>::Quad& q, int64_t H, int64_t W_, int64_t C_, int64_t Wo,
              int64_t sh, int64_t i, const T* zeros, const Tf& tf_)
-      : C(C_), W(W_), lead(q.c0 + 1 + DC), rm(q.rm), cm(q.cm), rm2(q.rm2), cm2(q.cm2), tf(tf_) {
+      : C(C_), W(W_), lead(q.c0 + 1 + DC), rm(q.rm), cm(q.cm), rm2(q.rm2), cm2(q.cm2), rm3(q.rm3), cm3(q.cm3), tf(tf_) {
     // output j's new columns, lead + SW j - (SW - 1) to lead + SW j, lie inside the image for j
     // in [j_lo, j_hi)
     j_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, -floor_div(lead - SW + 1, SW)));
@@ -1169,7 +1174,7 @@ struct QuadCursor {
       const int64_t r = i * sh + q.r0 + t;
       inside_row[t] = r >= 0 && r < H;
       rows[t] = inside_row[t] ? x + r * W * C : zeros;
-      p1[t] = p2[t] = V::zero();
+      p1[t] = p2[t] = p3[t] = V::zero();
     }
     // the columns before the first pixel's: c0 .. lead - 1 at stride 1 (the last gives the
     // first pixel's left taps), c0 .. lead - 2 at stride 2 (whose pixels load their left column)
@@ -1182,15 +1187,19 @@ struct QuadCursor {
     const bool any = inside || (qc >= 0 && qc < W);
     for (int t = 0; t < R; ++t) n[t] = any ? tf(V::load(rows[t] + qc * C), inside_row[t]) : V::zero();
     for (int t = 0; t < R; ++t) {
+      // the column DC past the lane's own: the newest for lanes DC past c0, one older each step less
       if constexpr (DC == 0) A[t] = n[t];
       else if constexpr (DC == 1) A[t] = V::blend(cm, p1[t], n[t]);
-      else A[t] = V::blend(cm2, V::blend(cm, p2[t], p1[t]), n[t]);
-      if constexpr (DC == 2) p2[t] = p1[t];
+      else if constexpr (DC == 2) A[t] = V::blend(cm2, V::blend(cm, p2[t], p1[t]), n[t]);
+      else A[t] = V::blend(cm3, V::blend(cm2, V::blend(cm, p3[t], p2[t]), p1[t]), n[t]);
+      if constexpr (DC == 3) p3[t] = p2[t];
+      if constexpr (DC >= 2) p2[t] = p1[t];
       p1[t] = n[t];
     }
     top = A[0], bottom = A[1];
     if constexpr (DR >= 1) top = V::blend(rm, top, A[1]), bottom = V::blend(rm, bottom, A[2]);
     if constexpr (DR >= 2) top = V::blend(rm2, top, A[2]), bottom = V::blend(rm2, bottom, A[3]);
+    if constexpr (DR >= 3) top = V::blend(rm3, top, A[3]), bottom = V::blend(rm3, bottom, A[4]);
   }
   // output pixel j: fn(j, x00, x01, x10, x11)
   template <typename Fn>
@@ -1241,13 +1250,14 @@ inline void quad_row_pair(const T* x, const typename Stencil<T>::Quad& q0, const
   for (int64_t j = hi; j < Wo; ++j) k0.pixel(j, false, fn0), k1.pixel(j, false, fn1);
 }
 
-// Calls body(std::integral_constant<int, S>(), std::integral_constant<int, S>()) with S (0, 1 or
-// 2) the larger of a quad's row and column spreads: three forms of each quad loop rather than
-// nine (a vector that spreads over one axis alone reads one more row or column, as rare as its
+// Calls body(std::integral_constant<int, S>(), std::integral_constant<int, S>()) with S (0 to 3)
+// the larger of a quad's row and column spreads: four forms of each quad loop rather than
+// sixteen (a vector that spreads over one axis alone reads one more row or column, as rare as its
 // channels' shifts agreeing to the pixel).
 template <typename Q, typename Body>
 inline void with_quad(const Q& q, const Body& body) {
-  if (q.rm2 | q.cm2) body(std::integral_constant<int, 2>(), std::integral_constant<int, 2>());
+  if (q.rm3 | q.cm3) body(std::integral_constant<int, 3>(), std::integral_constant<int, 3>());
+  else if (q.rm2 | q.cm2) body(std::integral_constant<int, 2>(), std::integral_constant<int, 2>());
   else if (q.rm | q.cm) body(std::integral_constant<int, 1>(), std::integral_constant<int, 1>());
   else body(std::integral_constant<int, 0>(), std::integral_constant<int, 0>());
 }
@@ -1285,7 +1295,8 @@ template <typename T, typename Fn0, typename Fn1, typename Tf>
 inline void quad_row_pair_any(const T* x, const typename Stencil<T>::Quad& q0, const typename Stencil<T>::Quad& q1,
                               int64_t H, int64_t W, int64_t C, int64_t Wo, int64_t sh, int64_t sw, int64_t i,
                               const T* zeros, Fn0& fn0, Fn1& fn1, const Tf& tf0, const Tf& tf1) {
-  const typename Stencil<T>::Quad u{0, 0, q0.rm | q1.rm, q0.cm | q1.cm, q0.rm2 | q1.rm2, q0.cm2 | q1.cm2};
+  const typename Stencil<T>::Quad u{0,           0,           q0.rm | q1.rm,   q0.cm | q1.cm,
+                                    q0.rm2 | q1.rm2, q0.cm2 | q1.cm2, q0.rm3 | q1.rm3, q0.cm3 | q1.cm3};
   with_quad(u, [&](auto dr, auto dc) {
     constexpr int DR = decltype(dr)::value, DC = decltype(dc)::value;
     if (sw == 2) quad_row_pair<T, DR, DC, 2>(x, q0, q1, H, W, C, Wo, sh, i, zeros, fn0, fn1, tf0, tf1);
@@ -1420,7 +1431,8 @@ ASL_FLATTEN void quad_correlate_rows(const T* g, const T* x, const typename Sten
 // (r - offr - a) / 2, and likewise b and the column. So each lane takes one product: the
 // grad_output of its own output pixel, picked by blends from at most two rows and two columns,
 // times the weight of its tap, which depends on the parities of r - r0 and c - c0 alone (rows
-// outside point at `zeros`, Wo C values; columns outside are zero vectors).
+// outside point at `zeros`, Wo C values; columns outside are zero vectors). Quads of spreads up
+// to 2 (Stencil::spread), whose lanes' outputs lie within two rows and two columns.
 template <typename T>
 ASL_FLATTEN void quad_input_grad_s2_rows(const T* g, T* gx, const typename Stencil<T>::QuadSet& fq, int64_t Ho, int64_t Wo,
                              int64_t C, int64_t H, int64_t W, int64_t r0, int64_t r1, const T* zeros,

@@ -53,7 +53,8 @@ def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:
     followed by an Identity in an nn.Sequential, as fuse_bn_relu leaves it) that takes its fused
     path and shift an ActiveShift2d; otherwise the two modules in turn. The same parameters,
     running statistics and result either way; fused, relu(norm(x)) is neither written nor kept
-    for the backward (on the CPU in channels_last with shifts within a pixel or a pixel or so past one)."""
+    for the backward (on the CPU in channels_last with shifts within a pixel or a pixel or so past
+    one)."""
     bn = norm
     if isinstance(norm, nn.Sequential) and len(norm) == 2 and isinstance(norm[1], nn.Identity):
         bn = norm[0]

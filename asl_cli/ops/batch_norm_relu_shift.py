@@ -8,9 +8,9 @@ then is not computed.
 On the CPU, channels_last with shifts within a pixel or a pixel or so past one (at most four
 integer offsets per axis in each vector of channels, three for the backward at stride 2) at stride
 1 or 2, the kernel (ext/cpu/active_shift_kernel.cpp) applies the BatchNorm and its ReLU to each
-pixel as the shift reads it, so relu(batch_norm(input)) is never written, kept for the backward or read back; the
-backward recomputes it the same way and sums the BatchNorm's backward sums while the shift's input
-gradient is in cache. Elsewhere, and on every other device, the composition below: the two
+pixel as the shift reads it, so relu(batch_norm(input)) is never written, kept for the backward or
+read back; the backward recomputes it the same way and sums the BatchNorm's backward sums while
+the shift's input gradient is in cache. Elsewhere, and on every other device, the composition below: the two
 operators in turn, the backward recomputing relu(batch_norm(input)) first. The layer that uses it
 is `asl_cli.nn.bn_relu_shift` (each ASL block's BN-ReLU and shift).
 """

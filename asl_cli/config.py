@@ -349,7 +349,8 @@ KEY_HELP = {
     "train.channels_last": ("channels_last (NHWC) activations and weights (auto: on the CPU, where oneDNN's 1x1 convolutions "
                             "and BatchNorm run faster on them; NCHW on CUDA)"),
     "train.fuse_bn_relu": ("run each BatchNorm2d followed by a ReLU as one operator in training (asl_cli.nn.BatchNormReLU2d; five passes "
-                           "over the activations instead of about eight; auto: on the CPU in channels_last)"),
+                           "over the activations instead of about eight), and each residual block's addition in its last convolution's call "
+                           "(asl_cli.nn.ResidualConv2d); auto: on the CPU in channels_last"),
     "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
                              "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",

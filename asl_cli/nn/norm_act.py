@@ -3,7 +3,8 @@
 of about eight, no ReLU mask kept) and is the plain pair everywhere else.
 
 `fuse_bn_relu(model)` turns every BatchNorm2d that a ReLU follows in an nn.Sequential into a
-`BatchNormReLU2d` (same parameters, buffers and state-dict keys; the ReLU becomes an Identity).
+`BatchNormReLU2d` (same parameters, buffers and state-dict keys; the ReLU becomes an Identity),
+and has every `ResidualConv2d` add its residual in the convolution's own call.
 `bn_relu_shift(norm, shift, x)` runs such a layer and the ActiveShift2d after it as one
 `batch_norm_relu_shift` call where that is fused.
 """
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.asl.batch_norm_relu)
+from .residual import ResidualConv2d
 from .shift import ActiveShift2d
 
 __all__ = ["BatchNormReLU2d", "bn_relu_shift", "fuse_bn_relu"]
@@ -70,8 +72,12 @@ def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:
 def fuse_bn_relu(model: nn.Module) -> int:
     """In place: each nn.BatchNorm2d directly followed by an nn.ReLU in an nn.Sequential becomes a
     BatchNormReLU2d (the same object, so parameters, buffers, hooks and state-dict keys stay) and
-    the ReLU an nn.Identity. Returns how many pairs were fused."""
+    the ReLU an nn.Identity; each ResidualConv2d gets `fuse_add` (its addition in the
+    convolution's call where it can be). Returns how many BatchNorm-ReLU pairs were fused."""
     count = 0
+    for m in model.modules():
+        if isinstance(m, ResidualConv2d):
+            m.fuse_add = True
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue

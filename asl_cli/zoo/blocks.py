@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nn import ActiveShift2d, bn_relu_shift, grouped_shift
+from ..nn import ActiveShift2d, ResidualConv2d, bn_relu_shift, grouped_shift
 from ..ops import active_shift
 
 SPATIAL = {
@@ -45,15 +45,15 @@ class PreActBlock(nn.Module):
         self.conv1 = conv1x1(cin, mid)
         self.bn1 = bn_relu(mid)
         self.spatial = spatial_layer(spatial, mid, stride, shift_mode, generator)
-        self.conv2 = conv1x1(mid, cout)
+        self.conv2 = ResidualConv2d(mid, cout, 1, bias=False)  # adds the shortcut (one call where fused)
         if project is None:
             project = stride != 1 or cin != cout
         self.shortcut = conv1x1(cin, cout, stride) if project else None
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.preact(x)
-        out = self.conv2(bn_relu_shift(self.bn1, self.spatial, self.conv1(pre)))  # spatial(bn1(.)), fused where it can be
-        return out + (self.shortcut(pre) if self.shortcut is not None else x)
+        h = bn_relu_shift(self.bn1, self.spatial, self.conv1(pre))  # spatial(bn1(.)), fused where it can be
+        return self.conv2(h, self.shortcut(pre) if self.shortcut is not None else x)
 
 
 class GroupedShift2d(nn.Module):

@@ -30,11 +30,13 @@ TORCH_LIBRARY(asl, m) {
   m.def("conv1x1(Tensor input, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_bias, bool relu) -> Tensor");
   // Training: relu(batch_norm(input)) with the batch's statistics; returns (output, mean, invstd)
   // per channel (running statistics are the caller's). Its backward gives (grad_input,
-  // grad_weight, grad_bias), recomputing the ReLU's mask from the input.
+  // grad_weight, grad_bias), recomputing the ReLU's mask from the input; grad_residual, a
+  // gradient reaching the input by another path (a residual connection), is added to grad_input
+  // as it is written.
   m.def("batch_norm_relu(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
-      "Tensor invstd) -> (Tensor, Tensor, Tensor)");
+      "Tensor invstd, Tensor? grad_residual=None) -> (Tensor, Tensor, Tensor)");
   // Training: active_shift(relu(batch_norm(input))) with the batch's statistics, without writing
   // relu(batch_norm(input)); returns (output, mean, invstd). Its backward gives (grad_input,
   // grad_weight, grad_bias, grad_shift), recomputing relu(batch_norm(input)) from the input;

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from asl_cli.nn import BatchNormReLU2d, fuse_bn_relu
+from asl_cli.nn import BatchNormReLU2d, bn_relu_skip, fuse_bn_relu
 from asl_cli.ops import reference_batch_norm_relu, reference_batch_norm_relu_backward
 from asl_cli.ops import backends
 from conftest import HANG_GUARD_S
@@ -51,6 +51,27 @@ def test_forward_and_backward_match_the_reference(shape, fmt, dtype):
     assert got[0].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("shape", SHAPES[:2] + SHAPES[-1:])
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("residual_fmt", ["same", "other"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_residual_is_added_as_autograd_adds_it(impl, shape, fmt, residual_fmt, dtype):
+    """grad_input with grad_residual is grad_input without it, plus grad_residual: the same bits as
+    autograd's sum of a tensor's two gradients, in any layout of grad_residual."""
+    fn = torch.ops.asl.batch_norm_relu_backward if impl == "op" else reference_batch_norm_relu_backward
+    x, w, b = inputs(shape, dtype, fmt)
+    _, mean, invstd = torch.ops.asl.batch_norm_relu(x, w, b, 1e-5)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(shape, dtype=dtype, generator=gen).contiguous(memory_format=fmt)
+    other = torch.contiguous_format if fmt == torch.channels_last else torch.channels_last
+    r = torch.randn(shape, dtype=dtype, generator=gen).contiguous(memory_format=fmt if residual_fmt == "same" else other)
+    gx, gw, gb = fn(g, x, w, b, mean, invstd)
+    gx_r, gw_r, gb_r = fn(g, x, w, b, mean, invstd, r)
+    assert torch.equal(gx_r, gx + r) and torch.equal(gw_r, gw) and torch.equal(gb_r, gb)
+    assert gx_r.is_contiguous(memory_format=fmt)
+
+
 @compiled
 @pytest.mark.parametrize("simd", ["scalar", "avx2"])
 def test_lower_instruction_sets_match_the_reference(simd):
@@ -66,8 +87,8 @@ for shape in [(2, 16, 5, 7), (2, 80, 4, 5)]:
     got = torch.ops.asl.batch_norm_relu(x, w, b, 1e-5)
     want = reference_batch_norm_relu(x, w, b, 1e-5)
     g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    got += torch.ops.asl.batch_norm_relu_backward(g, x, w, b, got[1], got[2])
-    want += reference_batch_norm_relu_backward(g, x, w, b, got[1], got[2])
+    got += torch.ops.asl.batch_norm_relu_backward(g, x, w, b, got[1], got[2], x)
+    want += reference_batch_norm_relu_backward(g, x, w, b, got[1], got[2], x)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 print("ok")
@@ -104,6 +125,8 @@ def test_opcheck(fmt):
     torch.library.opcheck(torch.ops.asl.batch_norm_relu, (x, w, b, 1e-5))
     _, mean, invstd = torch.ops.asl.batch_norm_relu(x.detach(), w.detach(), b.detach(), 1e-5)
     torch.library.opcheck(torch.ops.asl.batch_norm_relu_backward, (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, invstd))
+    torch.library.opcheck(torch.ops.asl.batch_norm_relu_backward,
+                          (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, invstd, torch.randn_like(x)))
 
 
 @compiled
@@ -117,7 +140,8 @@ def test_result_does_not_depend_on_the_thread_count(fmt):
         for n in (1, 2):
             torch.set_num_threads(n)
             out, mean, invstd = torch.ops.asl.batch_norm_relu(x, w, b, 1e-5)
-            results.append((out, mean, invstd, *torch.ops.asl.batch_norm_relu_backward(g, x, w, b, mean, invstd)))
+            results.append((out, mean, invstd, *torch.ops.asl.batch_norm_relu_backward(g, x, w, b, mean, invstd),
+                            torch.ops.asl.batch_norm_relu_backward(g, x, w, b, mean, invstd, x)[0]))
     finally:
         torch.set_num_threads(threads)
     for a, e in zip(*results):
@@ -204,6 +228,10 @@ def test_backward_rejects_a_gradient_of_another_shape_and_wrong_statistics(impl)
         fn(torch.randn_like(x), x, w, b, mean[:3], invstd)
     with pytest.raises(TypeError, match="invstd must be"):
         fn(torch.randn_like(x), x, w, b, mean, invstd.double())
+    with pytest.raises(ValueError, match="grad_residual must have the input's shape"):
+        fn(torch.randn_like(x), x, w, b, mean, invstd, torch.randn(2, 4, 3, 2))
+    with pytest.raises(TypeError, match="grad_residual must be"):
+        fn(torch.randn_like(x), x, w, b, mean, invstd, torch.randn_like(x).double())
 
 
 def test_train_fuses_on_the_cpu_in_channels_last_by_default():
@@ -213,3 +241,30 @@ def test_train_fuses_on_the_cpu_in_channels_last_by_default():
     assert use_fused_bn_relu("auto", cpu, True)
     assert not use_fused_bn_relu("auto", cpu, False) and not use_fused_bn_relu("auto", cuda, True)
     assert use_fused_bn_relu(True, cuda, False) and not use_fused_bn_relu(False, cpu, True)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
+def test_bn_relu_skip_gives_the_input_both_gradients_as_autograd_would(fmt):
+    """pre, skip = bn_relu_skip(bn, x); loss of pre and skip: the same bits for x, weight and bias
+    as bn(x) and x itself (autograd summing x's two gradients), and the same running statistics."""
+    torch.manual_seed(0)
+    bn = BatchNormReLU2d(16)
+    x = (torch.randn(4, 16, 6, 6) * 2 + 1).contiguous(memory_format=fmt)
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(bn)
+        xi = x.clone().requires_grad_()
+        pre, skip = bn_relu_skip(m, xi) if fused else (m(xi), xi)
+        if fused:
+            assert skip is not xi and torch.equal(skip, xi) and skip.grad_fn is not None
+        (pre * torch.linspace(-1, 1, pre.numel()).view_as(pre) + skip.square()).sum().backward()
+        results.append((pre.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
+def test_bn_relu_skip_of_a_plain_pair_is_the_pair_and_the_input_itself():
+    seq = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(2, 4, 3, 3)
+    pre, skip = bn_relu_skip(seq, x)
+    assert skip is x and torch.equal(pre, seq(x))

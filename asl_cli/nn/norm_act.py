@@ -6,7 +6,8 @@ of about eight, no ReLU mask kept) and is the plain pair everywhere else.
 `BatchNormReLU2d` (same parameters, buffers and state-dict keys; the ReLU becomes an Identity),
 and has every `ResidualConv2d` add its residual in the convolution's own call.
 `bn_relu_shift(norm, shift, x)` runs such a layer and the ActiveShift2d after it as one
-`batch_norm_relu_shift` call where that is fused.
+`batch_norm_relu_shift` call where that is fused; `bn_relu_skip(norm, x)` runs it on a residual
+block's input, whose gradient from the shortcut its backward then adds as it writes its own.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.asl.batch_norm_relu)
 from .residual import ResidualConv2d
 from .shift import ActiveShift2d
 
-__all__ = ["BatchNormReLU2d", "bn_relu_shift", "fuse_bn_relu"]
+__all__ = ["BatchNormReLU2d", "bn_relu_shift", "bn_relu_skip", "fuse_bn_relu"]
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -50,6 +51,46 @@ class BatchNormReLU2d(nn.BatchNorm2d):
                 self.running_var.lerp_(var.to(self.running_var.dtype), m)
 
 
+def _as_bn_relu(norm: nn.Module) -> nn.Module:
+    """A BatchNormReLU2d alone, or followed by the Identity fuse_bn_relu leaves: the BatchNormReLU2d."""
+    if isinstance(norm, nn.Sequential) and len(norm) == 2 and isinstance(norm[1], nn.Identity):
+        return norm[0]
+    return norm
+
+
+class _BatchNormReLUSkip(torch.autograd.Function):
+    """(relu(batch_norm(x)), x, mean, invstd): the input passed on as a second output, so that the
+    gradient reaching it that way (a residual shortcut) is added by batch_norm_relu_backward as it
+    writes grad_input, not by autograd in a pass over the input of its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out, mean, invstd = torch.ops.asl.batch_norm_relu(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, x, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, grad_skip, _grad_mean, _grad_invstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = torch.ops.asl.batch_norm_relu_backward(grad, x, weight, bias, mean, invstd, grad_skip)
+        need = ctx.needs_input_grad
+        return gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None
+
+
+def bn_relu_skip(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(norm(x), x) for a residual block whose input x also goes to its shortcut. Where norm is a
+    BatchNormReLU2d (alone or as fuse_bn_relu leaves it) on its fused path, one autograd node: the
+    gradient that reaches x through the returned x is added in the BatchNorm-ReLU backward's last
+    pass, the same bits as autograd's sum. Otherwise norm(x) and x itself."""
+    bn = _as_bn_relu(norm)
+    if not (isinstance(bn, BatchNormReLU2d) and bn._fused(x)) or torch.compiler.is_compiling():
+        return norm(x), x
+    out, skip, mean, invstd = _BatchNormReLUSkip.apply(x, bn.weight, bn.bias, bn.eps)
+    bn._track(x, mean, invstd)
+    return out, skip
+
+
 def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:
     """shift(norm(x)): one `batch_norm_relu_shift` call when norm is a BatchNormReLU2d (alone, or
     followed by an Identity in an nn.Sequential, as fuse_bn_relu leaves it) that takes its fused
@@ -57,9 +98,7 @@ def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:
     running statistics and result either way; fused, relu(norm(x)) is neither written nor kept
     for the backward (on the CPU in channels_last with shifts within a pixel or a pixel or so past
     one)."""
-    bn = norm
-    if isinstance(norm, nn.Sequential) and len(norm) == 2 and isinstance(norm[1], nn.Identity):
-        bn = norm[0]
+    bn = _as_bn_relu(norm)
     if not (isinstance(bn, BatchNormReLU2d) and type(shift) is ActiveShift2d and bn._fused(x)
             and shift.shift.device == x.device):
         return shift(norm(x))

@@ -29,9 +29,10 @@ def reference_batch_norm_relu(input: Tensor, weight: Tensor, bias: Tensor, eps: 
 
 
 def reference_batch_norm_relu_backward(grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
-                                       invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of reference_batch_norm_relu's output, by the formula."""
-    check_batch_norm_backward(grad, input, weight, bias, mean, invstd)
+                                       invstd: Tensor, grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of reference_batch_norm_relu's output, by the formula;
+    grad_residual (a gradient reaching the input by another path) is added to grad_input."""
+    check_batch_norm_backward(grad, input, weight, bias, mean, invstd, grad_residual)
     acc = accumulation_dtype(input.dtype)
     view = (1, -1, 1, 1)
     x, g = input.to(acc), grad.to(acc)
@@ -40,7 +41,10 @@ def reference_batch_norm_relu_backward(grad: Tensor, input: Tensor, weight: Tens
     s1, s2 = gy.sum((0, 2, 3)), (gy * xhat).sum((0, 2, 3))
     M = input.numel() // input.shape[1]
     gx = (weight.to(acc) * invstd).view(view) * (gy - (s1 / M).view(view) - xhat * (s2 / M).view(view))
-    return gx.to(input.dtype).contiguous(memory_format=memory_format(input)), s2.to(weight.dtype), s1.to(bias.dtype)
+    gx = gx.to(input.dtype)
+    if grad_residual is not None:
+        gx = gx + grad_residual
+    return gx.contiguous(memory_format=memory_format(input)), s2.to(weight.dtype), s1.to(bias.dtype)
 
 
 # The compiled CPU kernel takes precedence over this composite on the CPU.

@@ -135,15 +135,22 @@ def check_batch_norm(op: str, input: Tensor, weight: Tensor, bias: Tensor, eps: 
                       lambda: f"{op}: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}")
 
 
-def check_batch_norm_backward(grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> None:
-    """The backward kernel's checks: the forward's, grad_output's shape and device, and the
-    saved statistics ((C) in the accumulation dtype)."""
+def check_batch_norm_backward(grad: Tensor, input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                              grad_residual: Tensor | None = None) -> None:
+    """The backward kernel's checks: the forward's, grad_output's shape and device, the saved
+    statistics ((C) in the accumulation dtype), and grad_residual's shape, device and dtype."""
     op = "batch_norm_relu_backward"
     check_batch_norm(op, input, weight, bias)
     torch._check_with(ValueError, grad.shape == input.shape and grad.device == input.device,
                       lambda: f"{op}: grad_output must have the input's shape {tuple(input.shape)} on {input.device}, "
                               f"got {tuple(grad.shape)} on {grad.device}")
     check_batch_norm_stats(op, input, mean, invstd)
+    if grad_residual is not None:
+        torch._check_with(ValueError, grad_residual.shape == input.shape and grad_residual.device == input.device,
+                          lambda: f"{op}: grad_residual must have the input's shape {tuple(input.shape)} on {input.device}, "
+                                  f"got {tuple(grad_residual.shape)} on {grad_residual.device}")
+        torch._check_with(TypeError, grad_residual.dtype == input.dtype,
+                          lambda: f"{op}: grad_residual must be {input.dtype} as the input, got {grad_residual.dtype}")
 
 
 def check_batch_norm_relu_shift(input: Tensor, weight: Tensor, bias: Tensor, eps: float, shift: Tensor, stride, padding,

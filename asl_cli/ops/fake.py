@@ -61,8 +61,8 @@ def _batch_norm_relu(input, weight, bias, eps):
 
 
 @torch.library.register_fake("asl::batch_norm_relu_backward")
-def _batch_norm_relu_backward(grad, input, weight, bias, mean, invstd):
-    check_batch_norm_backward(grad, input, weight, bias, mean, invstd)
+def _batch_norm_relu_backward(grad, input, weight, bias, mean, invstd, grad_residual=None):
+    check_batch_norm_backward(grad, input, weight, bias, mean, invstd, grad_residual)
     return torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight), torch.empty_like(bias)
 
 

@@ -113,10 +113,12 @@ ASL_TARGET_AVX512 inline void grad_sums(const float* __restrict g, const float* 
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(s1 + 16 * v, a1[v]), _mm512_storeu_ps(s2 + 16 * v, a2[v]);
 }
 
-template <int NV>
+// add: nullptr, or a tensor of the same layout added to gx (a gradient reaching the input by
+// another path), after gx is rounded as it would be stored.
+template <int NV, bool ADD>
 ASL_TARGET_AVX512 inline void input_grad(const float* __restrict g, const float* __restrict x, float* __restrict gx,
                                          int64_t rows, int64_t C, const float* a, const float* b, const float* mean,
-                                         const float* k, const float* q, const float* r0) {
+                                         const float* k, const float* q, const float* r0, const float* __restrict add) {
   __m512 va[NV], vb[NV], vm[NV], vk[NV], vq[NV], vr[NV];
   for (int v = 0; v < NV; ++v) {
     va[v] = _mm512_loadu_ps(a + 16 * v), vb[v] = _mm512_loadu_ps(b + 16 * v), vm[v] = _mm512_loadu_ps(mean + 16 * v);
@@ -126,7 +128,9 @@ ASL_TARGET_AVX512 inline void input_grad(const float* __restrict g, const float*
     for (int v = 0; v < NV; ++v) {
       const __m512 xv = _mm512_loadu_ps(x + r * C + 16 * v);
       const __m512 gy = masked_grad(xv, _mm512_loadu_ps(g + r * C + 16 * v), va[v], vb[v]);
-      _mm512_storeu_ps(gx + r * C + 16 * v, _mm512_fmadd_ps(vk[v], gy, _mm512_fmadd_ps(_mm512_sub_ps(xv, vm[v]), vq[v], vr[v])));
+      __m512 out = _mm512_fmadd_ps(vk[v], gy, _mm512_fmadd_ps(_mm512_sub_ps(xv, vm[v]), vq[v], vr[v]));
+      if constexpr (ADD) out = _mm512_add_ps(out, _mm512_loadu_ps(add + r * C + 16 * v));
+      _mm512_storeu_ps(gx + r * C + 16 * v, out);
     }
 }
 
@@ -211,19 +215,32 @@ template <typename T, typename acc_t>
 ASL_MULTIVERSION void input_grad_rows(const T* __restrict g, const T* __restrict x, T* __restrict gx, int64_t rows,
                                       int64_t C, const acc_t* __restrict a, const acc_t* __restrict b,
                                       const acc_t* __restrict mean, const acc_t* __restrict k,
-                                      const acc_t* __restrict q, const acc_t* __restrict r0) {
+                                      const acc_t* __restrict q, const acc_t* __restrict r0,
+                                      const T* __restrict add = nullptr) {
 #ifdef ASL_BN_AVX512
   if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>)
     if (rows_avx512<T>(C))
-      return rows512::by_chunks(C, [&](auto nv, int64_t c0) { rows512::input_grad<decltype(nv)::value>(g + c0, x + c0, gx + c0, rows, C, a + c0, b + c0, mean + c0, k + c0, q + c0, r0 + c0); });
+      return rows512::by_chunks(C, [&](auto nv, int64_t c0) {
+        constexpr int NV = decltype(nv)::value;
+        if (add != nullptr)
+          rows512::input_grad<NV, true>(g + c0, x + c0, gx + c0, rows, C, a + c0, b + c0, mean + c0, k + c0, q + c0, r0 + c0, add + c0);
+        else
+          rows512::input_grad<NV, false>(g + c0, x + c0, gx + c0, rows, C, a + c0, b + c0, mean + c0, k + c0, q + c0, r0 + c0, nullptr);
+      });
 #endif
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t xv = static_cast<acc_t>(x[r * C + c]);
-      const acc_t gv = static_cast<acc_t>(g[r * C + c]);  // loaded unconditionally: the loop vectorizes
-      const acc_t gy = affine(xv, a[c], b[c]) > acc_t(0) ? gv : acc_t(0);
-      gx[r * C + c] = static_cast<T>(k[c] * gy + ((xv - mean[c]) * q[c] + r0[c]));
-    }
+  auto loop = [&](auto with_add) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(x[r * C + c]);
+        const acc_t gv = static_cast<acc_t>(g[r * C + c]);  // loaded unconditionally: the loop vectorizes
+        const acc_t gy = affine(xv, a[c], b[c]) > acc_t(0) ? gv : acc_t(0);
+        const T out = static_cast<T>(k[c] * gy + ((xv - mean[c]) * q[c] + r0[c]));
+        if constexpr (decltype(with_add)::value) gx[r * C + c] = out + add[r * C + c];
+        else gx[r * C + c] = out;
+      }
+  };
+  if (add != nullptr) loop(std::true_type{});
+  else loop(std::false_type{});
 }
 
 // The NCHW forms: one channel's contiguous run of n elements, with scalars per channel. The sums
@@ -279,13 +296,20 @@ ASL_MULTIVERSION void forward_run(const T* __restrict x, T* __restrict y, int64_
 
 template <typename T, typename acc_t>
 ASL_MULTIVERSION void input_grad_run(const T* __restrict g, const T* __restrict x, T* __restrict gx, int64_t n,
-                                     acc_t a, acc_t b, acc_t mean, acc_t k, acc_t q, acc_t r0) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t gv = static_cast<acc_t>(g[i]);
-    const acc_t gy = affine(xv, a, b) > acc_t(0) ? gv : acc_t(0);
-    gx[i] = static_cast<T>(k * gy + ((xv - mean) * q + r0));
-  }
+                                     acc_t a, acc_t b, acc_t mean, acc_t k, acc_t q, acc_t r0,
+                                     const T* __restrict add = nullptr) {
+  auto loop = [&](auto with_add) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = static_cast<acc_t>(x[i]);
+      const acc_t gv = static_cast<acc_t>(g[i]);
+      const acc_t gy = affine(xv, a, b) > acc_t(0) ? gv : acc_t(0);
+      const T out = static_cast<T>(k * gy + ((xv - mean) * q + r0));
+      if constexpr (decltype(with_add)::value) gx[i] = out + add[i];
+      else gx[i] = out;
+    }
+  };
+  if (add != nullptr) loop(std::true_type{});
+  else loop(std::false_type{});
 }
 
 // Per-channel (sum of u, sum of v) over the whole tensor, where `rows_fn(r0, rows, s1, s2)` adds a
@@ -527,7 +551,8 @@ void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
                                                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                                                    const std::vector<double>& sums) {
+                                                                    const std::vector<double>& sums,
+                                                                    const at::Tensor& residual) {
   const bool cl = use_channels_last(input);
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
   at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format_of(input)));
@@ -539,6 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
     const T* gp = grad.const_data_ptr<T>();
     const T* xp = input.const_data_ptr<T>();
     T* op_ = gx.data_ptr<T>();
+    const T* add = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
     const acc_t* mp = mean_c.const_data_ptr<acc_t>();
     const acc_t* a = ab.const_data_ptr<acc_t>();
     const acc_t* b = a + C;
@@ -548,11 +574,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
     elementwise(
         N, C, P, cl,
         [&](int64_t rr, int64_t rows) {
-          ::asl::input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a, b, mp, k, q, r0);
+          ::asl::input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a, b, mp, k, q, r0,
+                                           add == nullptr ? nullptr : add + rr * C);
         },
         [&](int64_t n, int64_t c) {
           const int64_t i = (n * C + c) * P;
-          input_grad_run<T, acc_t>(gp + i, xp + i, op_ + i, P, a[c], b[c], mp[c], k[c], q[c], r0[c]);
+          input_grad_run<T, acc_t>(gp + i, xp + i, op_ + i, P, a[c], b[c], mp[c], k[c], q[c], r0[c],
+                                   add == nullptr ? nullptr : add + i);
         });
   });
   return {gx, gw, gb};
@@ -560,10 +588,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_, const at::Tensor& input_,
                                                         const at::Tensor& weight, const at::Tensor& bias,
-                                                        const at::Tensor& mean, const at::Tensor& invstd) {
+                                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                                        const at::Tensor& residual_) {
   const auto format = format_of(input_);
   const at::Tensor input = input_.contiguous(format);
   const at::Tensor grad = grad_.to(input.scalar_type()).contiguous(format);
+  const at::Tensor residual = residual_.defined() ? residual_.contiguous(format) : residual_;
   const bool cl = format == at::MemoryFormat::ChannelsLast;
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
   const at::Tensor ab = affine(weight, bias, mean, invstd), mean_c = mean.contiguous();
@@ -586,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_,
           grad_sums_run<T, acc_t>(gp + i, xp + i, len, a[c], b[c], mp[c], o);
         });
   });
-  return input_grad_from_sums(grad, input, weight, bias, mean, invstd, sums);
+  return input_grad_from_sums(grad, input, weight, bias, mean, invstd, sums, residual);
 }
 
 }  // namespace bn
@@ -605,14 +635,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& mean, const at::Tensor& invstd) {
+    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& grad_residual) {
   const char* op = "batch_norm_relu_backward";
   bn::check_training(input, weight, bias, op);
   TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.device() == input.device(), op,
                     ": grad_output must have the input's shape ", input.sizes(), " on ", input.device(), ", got ",
                     grad.sizes(), " on ", grad.device());
   bn::check_stats(input, mean, invstd, op);
-  return bn::backward(grad, input, weight, bias, mean, invstd);
+  at::Tensor residual;
+  if (grad_residual.has_value() && grad_residual->defined()) {
+    residual = *grad_residual;
+    TORCH_CHECK_VALUE(residual.sizes() == input.sizes() && residual.device() == input.device(), op,
+                      ": grad_residual must have the input's shape ", input.sizes(), " on ", input.device(), ", got ",
+                      residual.sizes(), " on ", residual.device());
+    TORCH_CHECK_TYPE(residual.scalar_type() == input.scalar_type(), op, ": grad_residual must be ",
+                     input.scalar_type(), " as the input, got ", residual.scalar_type());
+  }
+  return bn::backward(grad, input, weight, bias, mean, invstd, residual);
 }
 
 }  // namespace

@@ -43,15 +43,18 @@ void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows,
                      const double* mean, const double* kqr);
 // (grad_input, grad_weight, grad_bias) from grad_output and the backward's per-channel sums
 // (sum gy, then sum gy (x - mean); gy = grad_output where relu's argument is positive). grad and
-// input contiguous in input's memory format.
+// input contiguous in input's memory format; residual, where defined (the same, in input's
+// dtype), is added to grad_input as it is written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
                                                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                                                    const std::vector<double>& sums);
-// batch_norm_relu_backward, arguments already checked.
+                                                                    const std::vector<double>& sums,
+                                                                    const at::Tensor& residual = at::Tensor());
+// batch_norm_relu_backward, arguments already checked (residual: grad_residual or undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& input,
                                                         const at::Tensor& weight, const at::Tensor& bias,
-                                                        const at::Tensor& mean, const at::Tensor& invstd);
+                                                        const at::Tensor& mean, const at::Tensor& invstd,
+                                                        const at::Tensor& residual = at::Tensor());
 
 }  // namespace bn
 }  // namespace asl

@@ -80,6 +80,28 @@ def test_augmentation_is_a_function_of_step_and_rank_slices_agree():
         assert torch.equal(one.batch(k)[0], xb)
 
 
+def test_augmentation_is_the_padded_crop_and_flip_it_draws():
+    """Each image is the h x w window at its drawn offset of the zero-padded image, mirrored where
+    drawn, then normalised: checked image by image against that definition."""
+    x, y = make_synthetic(64, 0)
+    tb = TensorBatches(x, y, 16, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), True, 3, torch.device("cpu"))
+    for k in (0, 7):
+        xb, yb = tb.batch(k)
+        epoch, pos = divmod(k, tb.steps_per_epoch)
+        idx = tb._permutation(epoch)[pos * 16:(pos + 1) * 16]
+        g = torch.Generator().manual_seed(3 * 7_368_787 + k)
+        off = torch.randint(0, 9, (16, 2), generator=g)
+        flip = torch.rand(16, generator=g) < 0.5
+        assert flip.any() and not flip.all()
+        padded = torch.nn.functional.pad(x[idx].float(), (4, 4, 4, 4))
+        for i in range(16):
+            r, c = off[i].tolist()
+            want = padded[i, :, r:r + 32, c:c + 32]
+            want = (want.flip(-1) if flip[i] else want).unsqueeze(0).sub(tb.mean).div(tb.std)[0]
+            assert torch.equal(xb[i], want), (k, i)
+        assert torch.equal(yb, y[idx]) and xb.is_contiguous() and xb.dtype == torch.float32
+
+
 def test_run_folder_contents(tmp_path):
     run = tmp_path / "run"
     out = train(tiny_cfg(run))

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -69,9 +70,12 @@ def squeue_state(jid: str) -> str:
 
 def start_requeued_now(run_dir: Path) -> None:
     """Slurm holds a requeued job for about two minutes before it may start again; this lets it
-    start now (nothing else changes: no call from the user resubmits it)."""
+    start now (nothing else changes: no call from the user resubmits it). Not in the second of
+    the requeue: slurmd compares a credential's creation with the old one's revocation in whole
+    seconds, and a job started within it is killed ("Job credential revoked") and never resumes."""
     jid = job_id(run_dir)
     wait_for(lambda: squeue_state(jid) == "PENDING" or finished(run_dir))
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True, timeout=60)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.checks import memory_format
+
 __all__ = ["ResidualConv2d"]
 
 
@@ -72,8 +74,7 @@ class ResidualConv2d(nn.Conv2d):
         if any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in (x, residual)):
             return False
         # the post-op reads the residual as the output is laid out: the same shape and layout
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
+        fmt = memory_format(x)
         shape = [x.shape[0], self.out_channels] + [
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]

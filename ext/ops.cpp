@@ -37,6 +37,16 @@ TORCH_LIBRARY(asl, m) {
   m.def(
       "batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
       "Tensor invstd, Tensor? grad_residual=None) -> (Tensor, Tensor, Tensor)");
+  // Training: conv2d(relu(batch_norm(input)), conv_weight) for a 1x1 conv_weight (C_out, C, 1, 1)
+  // without bias, stride 1, with the batch's statistics, without writing relu(batch_norm(input));
+  // returns (output, mean, invstd). Its backward gives (grad_input, grad_weight, grad_bias,
+  // grad_conv_weight), recomputing relu(batch_norm(input)); grad_residual as for batch_norm_relu.
+  m.def(
+      "batch_norm_relu_conv1x1(Tensor input, Tensor weight, Tensor bias, float eps, Tensor conv_weight) -> (Tensor, "
+      "Tensor, Tensor)");
+  m.def(
+      "batch_norm_relu_conv1x1_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor invstd, Tensor conv_weight, Tensor? grad_residual=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Training: active_shift(relu(batch_norm(input))) with the batch's statistics, without writing
   // relu(batch_norm(input)); returns (output, mean, invstd). Its backward gives (grad_input,
   // grad_weight, grad_bias, grad_shift), recomputing relu(batch_norm(input)) from the input;

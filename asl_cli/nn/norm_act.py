@@ -7,7 +7,9 @@ of about eight, no ReLU mask kept) and is the plain pair everywhere else.
 and has every `ResidualConv2d` add its residual in the convolution's own call.
 `bn_relu_shift(norm, shift, x)` runs such a layer and the ActiveShift2d after it as one
 `batch_norm_relu_shift` call where that is fused; `bn_relu_skip(norm, x)` runs it on a residual
-block's input, whose gradient from the shortcut its backward then adds as it writes its own.
+block's input, whose gradient from the shortcut its backward then adds as it writes its own, and
+`bn_relu_conv_skip(norm, conv, x)` the same followed by the block's first 1x1 convolution, as one
+`batch_norm_relu_conv1x1` call where that is fused.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.asl.batch_norm_relu)
+from ..ops.checks import memory_format
 from .residual import ResidualConv2d
 from .shift import ActiveShift2d
 
-__all__ = ["BatchNormReLU2d", "bn_relu_shift", "bn_relu_skip", "fuse_bn_relu"]
+__all__ = ["BatchNormReLU2d", "bn_relu_conv_skip", "bn_relu_shift", "bn_relu_skip", "fuse_bn_relu"]
 
 
 class BatchNormReLU2d(nn.BatchNorm2d):
@@ -89,6 +92,55 @@ def bn_relu_skip(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     out, skip, mean, invstd = _BatchNormReLUSkip.apply(x, bn.weight, bn.bias, bn.eps)
     bn._track(x, mean, invstd)
     return out, skip
+
+
+class _BatchNormReLUConvSkip(torch.autograd.Function):
+    """(conv1x1(relu(batch_norm(x))), x, mean, invstd) by batch_norm_relu_conv1x1: x passed on as
+    a second output, as in _BatchNormReLUSkip, so that its gradient from the shortcut is added in
+    the backward's last pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, conv_weight):
+        out, mean, invstd = torch.ops.asl.batch_norm_relu_conv1x1(x, weight, bias, eps, conv_weight)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, conv_weight)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, x, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, grad_skip, _grad_mean, _grad_invstd):
+        x, weight, bias, mean, invstd, conv_weight = ctx.saved_tensors
+        gx, gw, gb, gcw = torch.ops.asl.batch_norm_relu_conv1x1_backward(grad, x, weight, bias, mean, invstd,
+                                                                         conv_weight, grad_skip)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None,
+                gcw if need[4] else None)
+
+
+def _conv_fusable(conv: nn.Module, x: Tensor) -> bool:
+    """Whether conv(x) is what batch_norm_relu_conv1x1's fast CPU kernel computes: a bias-free 1x1
+    nn.Conv2d at stride 1 on a channels_last float32 x, 16 to 64 channels (multiples of 16) in
+    and out."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.weight.dtype == x.dtype == torch.float32 and conv.weight.device == x.device
+            and memory_format(x) == torch.channels_last
+            and all(c % 16 == 0 and 16 <= c <= 64 for c in (conv.in_channels, conv.out_channels)))
+
+
+def bn_relu_conv_skip(norm: nn.Module, conv: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(conv(norm(x)), x) for a pre-activation block whose input x also goes to its shortcut. Where
+    norm is a BatchNormReLU2d on its fused path and conv a 1x1 convolution that the fused kernel
+    serves (see _conv_fusable), one `batch_norm_relu_conv1x1` call (norm(x) is never written) whose
+    backward also adds x's gradient from the shortcut; the results equal the plain path's to float
+    rounding. Otherwise bn_relu_skip, then conv."""
+    bn = _as_bn_relu(norm)
+    if (isinstance(bn, BatchNormReLU2d) and bn._fused(x) and _conv_fusable(conv, x)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        out, skip, mean, invstd = _BatchNormReLUConvSkip.apply(x, bn.weight, bn.bias, bn.eps, conv.weight)
+        bn._track(x, mean, invstd)
+        return out, skip
+    pre, skip = bn_relu_skip(norm, x)
+    return conv(pre), skip
 
 
 def bn_relu_shift(norm: nn.Module, shift: nn.Module, x: Tensor) -> Tensor:

@@ -15,13 +15,15 @@ Modules, in the order they register:
   flops            formulas for torch.utils.flop_counter
   batch_norm_relu  the fused BatchNorm-ReLU training operator
   batch_norm_relu_shift  a block's BatchNorm-ReLU and active shift in training as one operator
+  batch_norm_relu_conv   a block's pre-activation BatchNorm-ReLU and first 1x1 convolution in training
   functional       `active_shift` and `shift_conv1x1`, the functions to call
 """
 from __future__ import annotations
 
 from . import library
-from . import fake, autograd, flops, batch_norm_relu, batch_norm_relu_shift  # noqa: F401  (registration)
+from . import fake, autograd, flops, batch_norm_relu, batch_norm_relu_shift, batch_norm_relu_conv  # noqa: F401  (registration)
 from .batch_norm_relu import reference_batch_norm_relu, reference_batch_norm_relu_backward
+from .batch_norm_relu_conv import reference_batch_norm_relu_conv1x1
 from .batch_norm_relu_shift import reference_batch_norm_relu_shift
 from .checks import output_size
 from .functional import active_shift, shift_conv1x1
@@ -30,4 +32,4 @@ from .reference import grid_sample_shift, reference_active_shift
 
 __all__ = ["active_shift", "shift_conv1x1", "reference_active_shift", "backends", "output_size", "grid_sample_shift",
            "reference_batch_norm_relu", "reference_batch_norm_relu_backward", "reference_batch_norm_relu_shift",
-           "FALLBACK_SCHEMAS"]
+           "reference_batch_norm_relu_conv1x1", "FALLBACK_SCHEMAS"]

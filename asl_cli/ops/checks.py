@@ -164,6 +164,35 @@ def check_batch_norm_relu_shift(input: Tensor, weight: Tensor, bias: Tensor, eps
     check_args(op, input, shift, stride, padding, grad)
 
 
+def check_batch_norm_relu_conv(input: Tensor, weight: Tensor, bias: Tensor, eps: float, conv_weight: Tensor,
+                               grad: Tensor | None = None, mean: Tensor | None = None, invstd: Tensor | None = None,
+                               grad_residual: Tensor | None = None) -> None:
+    """batch_norm_relu_conv1x1's checks (ext/cpu/batch_norm_relu_conv_kernel.cpp), or with grad,
+    mean and invstd its backward's: the BatchNorm's, the 1x1 weight's, then the statistics',
+    grad_output's and grad_residual's."""
+    op = "batch_norm_relu_conv1x1" if grad is None else "batch_norm_relu_conv1x1_backward"
+    check_batch_norm(op, input, weight, bias, eps)
+    C = input.shape[1]
+    torch._check_with(ValueError, conv_weight.dim() == 4 and conv_weight.shape[1:] == (C, 1, 1)
+                      and conv_weight.device == input.device,
+                      lambda: f"{op}: conv_weight must be (C_out, {C}, 1, 1) on {input.device}, "
+                              f"got {tuple(conv_weight.shape)} on {conv_weight.device}")
+    torch._check_with(TypeError, conv_weight.dtype == input.dtype,
+                      lambda: f"{op}: conv_weight dtype {conv_weight.dtype} differs from input dtype {input.dtype}")
+    if grad is None:
+        return
+    check_batch_norm_stats(op, input, mean, invstd)
+    shape = (input.shape[0], conv_weight.shape[0], *input.shape[2:])
+    torch._check_with(ValueError, grad.shape == shape and grad.device == input.device,
+                      lambda: f"{op}: grad_output must be {shape} on {input.device}, got {tuple(grad.shape)} on {grad.device}")
+    if grad_residual is not None:
+        torch._check_with(ValueError, grad_residual.shape == input.shape and grad_residual.device == input.device,
+                          lambda: f"{op}: grad_residual must have the input's shape {tuple(input.shape)} on {input.device}, "
+                                  f"got {tuple(grad_residual.shape)} on {grad_residual.device}")
+        torch._check_with(TypeError, grad_residual.dtype == input.dtype,
+                          lambda: f"{op}: grad_residual must be {input.dtype} as the input, got {grad_residual.dtype}")
+
+
 def check_batch_norm_stats(op: str, input: Tensor, mean: Tensor, invstd: Tensor) -> None:
     """The saved statistics: (C) on the input's device, in its accumulation dtype."""
     C, acc = input.shape[1], accumulation_dtype(input.dtype)

@@ -6,7 +6,7 @@ import torch
 
 from . import library  # noqa: F401  (the operators must be declared first)
 from .checks import (accumulation_dtype, check_args, check_batch_norm, check_batch_norm_backward,
-                     check_batch_norm_relu_shift, check_conv1x1, check_pointwise, check_scale_bias, memory_format,
+                     check_batch_norm_relu_conv, check_batch_norm_relu_shift, check_conv1x1, check_pointwise, check_scale_bias, memory_format,
                      output_shape)
 
 
@@ -80,3 +80,19 @@ def _batch_norm_relu_shift_backward(grad, input, weight, bias, mean, invstd, shi
     check_batch_norm_relu_shift(input, weight, bias, 0.0, shift, stride, padding, grad, mean, invstd)
     return (torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight), torch.empty_like(bias),
             shift.new_empty(shift.shape) if shift_grad else None)
+
+
+@torch.library.register_fake("asl::batch_norm_relu_conv1x1")
+def _batch_norm_relu_conv1x1(input, weight, bias, eps, conv_weight):
+    check_batch_norm_relu_conv(input, weight, bias, eps, conv_weight)
+    shape = (input.shape[0], conv_weight.shape[0], *input.shape[2:])
+    stats = input.new_empty((input.shape[1],), dtype=accumulation_dtype(input.dtype))
+    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format(input))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("asl::batch_norm_relu_conv1x1_backward")
+def _batch_norm_relu_conv1x1_backward(grad, input, weight, bias, mean, invstd, conv_weight, grad_residual=None):
+    check_batch_norm_relu_conv(input, weight, bias, 0.0, conv_weight, grad, mean, invstd, grad_residual)
+    return (torch.empty_like(input, memory_format=memory_format(input)), torch.empty_like(weight),
+            torch.empty_like(bias), torch.empty_like(conv_weight))

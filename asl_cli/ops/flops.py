@@ -45,3 +45,18 @@ def _flops_conv1x1(input_shape, weight_shape, *args, out_shape=None, **kwargs) -
 @register_flop_formula(torch.ops.asl.active_shift_backward)
 def _flops_backward(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * 4 * _numel(input_shape) + 2 * 8 * _numel(grad_shape)
+
+
+@register_flop_formula(torch.ops.asl.batch_norm_relu_conv1x1)
+def _flops_batch_norm_relu_conv1x1(input_shape, weight_shape, bias_shape, eps, conv_weight_shape, *args, out_shape=None,
+                                   **kwargs) -> int:
+    """The convolution's multiply-adds (the BatchNorm-ReLU's, like ATen's batch norm, are not counted)."""
+    N, C, H, W = input_shape
+    return 2 * N * H * W * C * conv_weight_shape[0]
+
+
+@register_flop_formula(torch.ops.asl.batch_norm_relu_conv1x1_backward)
+def _flops_batch_norm_relu_conv1x1_backward(grad_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
+    """The convolution's input and weight gradients."""
+    N, Co, H, W = grad_shape
+    return 2 * 2 * N * H * W * Co * input_shape[1]

@@ -30,6 +30,11 @@ FALLBACK_SCHEMAS = {
     "batch_norm_relu": "batch_norm_relu(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
     "batch_norm_relu_backward": ("batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor bias, "
                                  "Tensor mean, Tensor invstd, Tensor? grad_residual=None) -> (Tensor, Tensor, Tensor)"),
+    "batch_norm_relu_conv1x1": ("batch_norm_relu_conv1x1(Tensor input, Tensor weight, Tensor bias, float eps, "
+                                "Tensor conv_weight) -> (Tensor, Tensor, Tensor)"),
+    "batch_norm_relu_conv1x1_backward": ("batch_norm_relu_conv1x1_backward(Tensor grad_output, Tensor input, "
+                                         "Tensor weight, Tensor bias, Tensor mean, Tensor invstd, Tensor conv_weight, "
+                                         "Tensor? grad_residual=None) -> (Tensor, Tensor, Tensor, Tensor)"),
     "batch_norm_relu_shift": ("batch_norm_relu_shift(Tensor input, Tensor weight, Tensor bias, float eps, Tensor shift, "
                               "int[2] stride, int[2] padding) -> (Tensor, Tensor, Tensor)"),
     "batch_norm_relu_shift_backward": ("batch_norm_relu_shift_backward(Tensor grad_output, Tensor input, Tensor weight, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nn import ActiveShift2d, ResidualConv2d, bn_relu_shift, bn_relu_skip, grouped_shift
+from ..nn import ActiveShift2d, ResidualConv2d, bn_relu_conv_skip, bn_relu_shift, grouped_shift
 from ..ops import active_shift
 
 SPATIAL = {
@@ -52,11 +52,12 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.shortcut is None:  # x goes on to the addition: its two gradients summed in preact's backward where fused
-            pre, x = bn_relu_skip(self.preact, x)
-        else:
-            pre = self.preact(x)
-        h = bn_relu_shift(self.bn1, self.spatial, self.conv1(pre))  # spatial(bn1(.)), fused where it can be
-        return self.conv2(h, self.shortcut(pre) if self.shortcut is not None else x)
+            t, x = bn_relu_conv_skip(self.preact, self.conv1, x)  # conv1(preact(x)), one call where fused
+            h = bn_relu_shift(self.bn1, self.spatial, t)  # spatial(bn1(.)), fused where it can be
+            return self.conv2(h, x)
+        pre = self.preact(x)
+        h = bn_relu_shift(self.bn1, self.spatial, self.conv1(pre))
+        return self.conv2(h, self.shortcut(pre))
 
 
 class GroupedShift2d(nn.Module):

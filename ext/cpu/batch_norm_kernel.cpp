@@ -539,13 +539,13 @@ void grad_sums(const double* g, const double* x, int64_t pixels, int64_t C, cons
 }
 
 void input_grad_rows(const float* g, const float* x, float* gx, int64_t rows, int64_t C, const float* ab,
-                     const float* mean, const float* kqr) {
-  ::asl::input_grad_rows<float, float>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C);
+                     const float* mean, const float* kqr, const float* add) {
+  ::asl::input_grad_rows<float, float>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C, add);
 }
 
 void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows, int64_t C, const double* ab,
-                     const double* mean, const double* kqr) {
-  ::asl::input_grad_rows<double, double>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C);
+                     const double* mean, const double* kqr, const double* add) {
+  ::asl::input_grad_rows<double, double>(g, x, gx, rows, C, ab, ab + C, mean, kqr, kqr + C, kqr + 2 * C, add);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,

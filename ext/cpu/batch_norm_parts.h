@@ -36,11 +36,12 @@ void grad_sums(const double* g, const double* x, int64_t pixels, int64_t C, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_coefficients(const at::Tensor& input, const at::Tensor& weight,
                                                                  const at::Tensor& mean, const at::Tensor& invstd,
                                                                  const std::vector<double>& sums);
-// That pass over `rows` channels_last rows of C: gy = g where x a + b > 0 (ab = (a, b)).
+// That pass over `rows` channels_last rows of C: gy = g where x a + b > 0 (ab = (a, b)); add,
+// where given (rows of C), is added to gx as it is written.
 void input_grad_rows(const float* g, const float* x, float* gx, int64_t rows, int64_t C, const float* ab,
-                     const float* mean, const float* kqr);
+                     const float* mean, const float* kqr, const float* add = nullptr);
 void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows, int64_t C, const double* ab,
-                     const double* mean, const double* kqr);
+                     const double* mean, const double* kqr, const double* add = nullptr);
 // (grad_input, grad_weight, grad_bias) from grad_output and the backward's per-channel sums
 // (sum gy, then sum gy (x - mean); gy = grad_output where relu's argument is positive). grad and
 // input contiguous in input's memory format; residual, where defined (the same, in input's

@@ -145,12 +145,7 @@ def check_batch_norm_backward(grad: Tensor, input: Tensor, weight: Tensor, bias:
                       lambda: f"{op}: grad_output must have the input's shape {tuple(input.shape)} on {input.device}, "
                               f"got {tuple(grad.shape)} on {grad.device}")
     check_batch_norm_stats(op, input, mean, invstd)
-    if grad_residual is not None:
-        torch._check_with(ValueError, grad_residual.shape == input.shape and grad_residual.device == input.device,
-                          lambda: f"{op}: grad_residual must have the input's shape {tuple(input.shape)} on {input.device}, "
-                                  f"got {tuple(grad_residual.shape)} on {grad_residual.device}")
-        torch._check_with(TypeError, grad_residual.dtype == input.dtype,
-                          lambda: f"{op}: grad_residual must be {input.dtype} as the input, got {grad_residual.dtype}")
+    check_grad_residual(op, input, grad_residual)
 
 
 def check_batch_norm_relu_shift(input: Tensor, weight: Tensor, bias: Tensor, eps: float, shift: Tensor, stride, padding,
@@ -162,6 +157,17 @@ def check_batch_norm_relu_shift(input: Tensor, weight: Tensor, bias: Tensor, eps
     if grad is not None:
         check_batch_norm_stats(op, input, mean, invstd)
     check_args(op, input, shift, stride, padding, grad)
+
+
+def check_grad_residual(op: str, input: Tensor, grad_residual: Tensor | None) -> None:
+    """A gradient reaching the input by another path, where given: the input's shape, device and dtype."""
+    if grad_residual is None:
+        return
+    torch._check_with(ValueError, grad_residual.shape == input.shape and grad_residual.device == input.device,
+                      lambda: f"{op}: grad_residual must have the input's shape {tuple(input.shape)} on {input.device}, "
+                              f"got {tuple(grad_residual.shape)} on {grad_residual.device}")
+    torch._check_with(TypeError, grad_residual.dtype == input.dtype,
+                      lambda: f"{op}: grad_residual must be {input.dtype} as the input, got {grad_residual.dtype}")
 
 
 def check_batch_norm_relu_conv(input: Tensor, weight: Tensor, bias: Tensor, eps: float, conv_weight: Tensor,
@@ -185,12 +191,7 @@ def check_batch_norm_relu_conv(input: Tensor, weight: Tensor, bias: Tensor, eps:
     shape = (input.shape[0], conv_weight.shape[0], *input.shape[2:])
     torch._check_with(ValueError, grad.shape == shape and grad.device == input.device,
                       lambda: f"{op}: grad_output must be {shape} on {input.device}, got {tuple(grad.shape)} on {grad.device}")
-    if grad_residual is not None:
-        torch._check_with(ValueError, grad_residual.shape == input.shape and grad_residual.device == input.device,
-                          lambda: f"{op}: grad_residual must have the input's shape {tuple(input.shape)} on {input.device}, "
-                                  f"got {tuple(grad_residual.shape)} on {grad_residual.device}")
-        torch._check_with(TypeError, grad_residual.dtype == input.dtype,
-                          lambda: f"{op}: grad_residual must be {input.dtype} as the input, got {grad_residual.dtype}")
+    check_grad_residual(op, input, grad_residual)
 
 
 def check_batch_norm_stats(op: str, input: Tensor, mean: Tensor, invstd: Tensor) -> None:

@@ -143,14 +143,7 @@ ASL_TARGET_AVX512 inline void input_grad(const float* __restrict g, const float*
 template <typename T>
 bool rows_avx512(int64_t C) {
 #ifdef ASL_BN_AVX512
-  static const bool cpu = [] {
-    __builtin_cpu_init();
-    const char* want = std::getenv("ASL_CPU_SIMD");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-           (want == nullptr || std::string(want) == "avx512");
-  }();
-  return std::is_same_v<T, float> && C % 16 == 0 && cpu;
+  return std::is_same_v<T, float> && C % 16 == 0 && bn::avx512_rows();
 #else
   (void)C;
   return false;
@@ -380,6 +373,21 @@ at::MemoryFormat format_of(const at::Tensor& input) {
 }  // namespace
 
 namespace bn {
+
+bool avx512_rows() {
+#ifdef ASL_BN_AVX512
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    const char* want = std::getenv("ASL_CPU_SIMD");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           (want == nullptr || std::string(want) == "avx512");
+  }();
+  return cpu;
+#else
+  return false;
+#endif
+}
 
 void check_training(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op) {
   TORCH_CHECK_VALUE(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.sizes());

@@ -11,6 +11,9 @@
 namespace asl {
 namespace bn {
 
+// Whether the channels_last AVX-512 loops run: a CPU with AVX-512 (F, DQ, VL, BW), unless
+// ASL_CPU_SIMD=avx2|scalar turns them off, as for the active shift, to test the other loops.
+bool avx512_rows();
 // Throws for what batch_norm_relu rejects (named as `op`).
 void check_training(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, const char* op);
 // Throws unless mean and invstd are (C) in input's accumulation dtype, on its device.

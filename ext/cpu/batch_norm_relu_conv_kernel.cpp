@@ -23,8 +23,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -194,18 +192,11 @@ void with_rows(int64_t CI, int64_t CO, const Body& body) {
 #endif
 
 // Whether these tensors take the kernels above (see the file's comment); ASL_CPU_SIMD=avx2|scalar
-// turns them off, as for the other CPU kernels, to test the composition.
+// turns them off, as for batch_norm_relu's loops, to test the composition.
 bool fused_rows(const at::Tensor& input, int64_t CO) {
 #ifdef ASL_BRC_AVX512
-  static const bool cpu = [] {
-    __builtin_cpu_init();
-    const char* want = std::getenv("ASL_CPU_SIMD");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-           (want == nullptr || std::string(want) == "avx512");
-  }();
   const int64_t CI = input.size(1);
-  return cpu && input.scalar_type() == at::kFloat && use_channels_last(input) && CI % 16 == 0 && CO % 16 == 0 &&
+  return bn::avx512_rows() && input.scalar_type() == at::kFloat && use_channels_last(input) && CI % 16 == 0 && CO % 16 == 0 &&
          CI <= kMaxChannels && CO <= kMaxChannels;
 #else
   (void)input, (void)CO;

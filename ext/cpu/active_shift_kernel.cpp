@@ -838,7 +838,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
         });
         if (want_shift) quad_shift_grad(ch, corr, N, blocks, C, partial);
         if (!recompute) {
-          std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
+          std::tie(gx, gw, gb) =
+              bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C), {}, true);
         } else {
           at::Tensor kqr;
           std::tie(kqr, gw, gb) = bn::grad_coefficients(input, weight, mean, invstd, sum_units(bsum, C));
@@ -873,7 +874,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_shift
           bn::grad_sums(gap + n * P * C, xp + n * P * C, P, C, abp, mp, &bsum[n * 2 * C]);
         });
         if (want_shift) stencil_shift_grad(st, ch, corr, N, 1, C, partial);
-        std::tie(gx, gw, gb) = bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C));
+        std::tie(gx, gw, gb) =
+            bn::input_grad_from_sums(ga, input, weight, bias, mean, invstd, sum_units(bsum, C), {}, true);
       }
       if (want_shift) gs = shift_grad_total(partial, C, shift);
     });

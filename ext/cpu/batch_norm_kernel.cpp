@@ -560,10 +560,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
                                                                     const at::Tensor& weight, const at::Tensor& bias,
                                                                     const at::Tensor& mean, const at::Tensor& invstd,
                                                                     const std::vector<double>& sums,
-                                                                    const at::Tensor& residual) {
+                                                                    const at::Tensor& residual, bool in_place) {
   const bool cl = use_channels_last(input);
   const int64_t N = input.size(0), C = input.size(1), P = input.size(2) * input.size(3);
-  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format_of(input)));
+  at::Tensor gx = in_place ? grad : at::empty(input.sizes(), input.options().memory_format(format_of(input)));
   auto [kqr, gw, gb] = grad_coefficients(input, weight, mean, invstd, sums);
   const at::Tensor ab = affine(weight, bias, mean, invstd), mean_c = mean.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_input_grad_cpu", [&] {
@@ -579,15 +579,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Te
     const acc_t* k = kqr.const_data_ptr<acc_t>();
     const acc_t* q = k + C;
     const acc_t* r0 = k + 2 * C;
+    // in place: each run of grad goes through a cache-sized copy first, so that the loops' input
+    // and output do not alias
+    auto source = [&](int64_t i, int64_t n) -> const T* {
+      if (!in_place) return gp + i;
+      thread_local std::vector<T> copy;
+      copy.assign(gp + i, gp + i + n);
+      return copy.data();
+    };
     elementwise(
         N, C, P, cl,
         [&](int64_t rr, int64_t rows) {
-          ::asl::input_grad_rows<T, acc_t>(gp + rr * C, xp + rr * C, op_ + rr * C, rows, C, a, b, mp, k, q, r0,
-                                           add == nullptr ? nullptr : add + rr * C);
+          ::asl::input_grad_rows<T, acc_t>(source(rr * C, rows * C), xp + rr * C, op_ + rr * C, rows, C, a, b, mp, k,
+                                           q, r0, add == nullptr ? nullptr : add + rr * C);
         },
         [&](int64_t n, int64_t c) {
           const int64_t i = (n * C + c) * P;
-          input_grad_run<T, acc_t>(gp + i, xp + i, op_ + i, P, a[c], b[c], mp[c], k[c], q[c], r0[c],
+          input_grad_run<T, acc_t>(source(i, P), xp + i, op_ + i, P, a[c], b[c], mp[c], k[c], q[c], r0[c],
                                    add == nullptr ? nullptr : add + i);
         });
   });

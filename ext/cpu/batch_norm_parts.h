@@ -48,12 +48,14 @@ void input_grad_rows(const double* g, const double* x, double* gx, int64_t rows,
 // (grad_input, grad_weight, grad_bias) from grad_output and the backward's per-channel sums
 // (sum gy, then sum gy (x - mean); gy = grad_output where relu's argument is positive). grad and
 // input contiguous in input's memory format; residual, where defined (the same, in input's
-// dtype), is added to grad_input as it is written.
+// dtype), is added to grad_input as it is written. in_place: grad_input is written over grad (a
+// buffer the caller owns and no longer needs), whose cache lines the pass has just read.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> input_grad_from_sums(const at::Tensor& grad, const at::Tensor& input,
                                                                     const at::Tensor& weight, const at::Tensor& bias,
                                                                     const at::Tensor& mean, const at::Tensor& invstd,
                                                                     const std::vector<double>& sums,
-                                                                    const at::Tensor& residual = at::Tensor());
+                                                                    const at::Tensor& residual = at::Tensor(),
+                                                                    bool in_place = false);
 // batch_norm_relu_backward, arguments already checked (residual: grad_residual or undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& input,
                                                         const at::Tensor& weight, const at::Tensor& bias,

@@ -350,7 +350,8 @@ KEY_HELP = {
                             "and BatchNorm run faster on them; NCHW on CUDA)"),
     "train.fuse_bn_relu": ("run each BatchNorm2d followed by a ReLU as one operator in training (asl_cli.nn.BatchNormReLU2d; five passes "
                            "over the activations instead of about eight), and each residual block's addition in its last convolution's call "
-                           "(asl_cli.nn.ResidualConv2d); auto: on the CPU in channels_last"),
+                           "(asl_cli.nn.ResidualConv2d) and, in channels_last, each identity block's pre-activation in its first 1x1 "
+                           "convolution (asl_cli.nn.bn_relu_conv_skip); auto: on the CPU in channels_last"),
     "train.malloc_pad_mib": ("MiB of freed memory glibc's malloc keeps instead of returning it to the system after every "
                              "step (auto: 1024 on the CPU unless MALLOC_TOP_PAD_ or the like is set; 0: glibc's default)"),
     "train.sync_bn": "synchronised BatchNorm statistics under DistributedDataParallel",

@@ -299,7 +299,9 @@ def profile_train_speed(
                                                   "on the CPU, where asl train uses channels_last; nchw on CUDA)."),
     bn_relu: Optional[List[BnRelu]] = typer.Option(None, "--bn-relu", help="BatchNorm-ReLU pairs as ATen's two operators "
                                                    "or as asl's fused one, with the residual additions in their "
-                                                   "convolution's call (repeatable; default both on the CPU, where "
+                                                   "convolution's call and, in channels_last, each identity block's "
+                                                   "pre-activation in its first 1x1 convolution (repeatable; default both "
+                                                   "on the CPU, where "
                                                    "asl train fuses them; aten on CUDA)."),
     malloc_pad: int = MALLOC_PAD_OPT,
     rounds: int = typer.Option(5, "--rounds", min=1, help="Rounds of timing that visit every configuration in turn; each "

@@ -141,8 +141,8 @@ struct Rows {
 
   // The backward's first pass: per block of kRows rows, the convolution's input gradient
   // gy = g w (w: CO x CI) in cache, its BatchNorm sums (into sums, 2 CI per block) and the
-  // block's weight gradient g^T relu(x a + b) (into gw, CO x CI per block); gy is kept in gy_out
-  // (rows of CI) for the second pass.
+  // block's weight gradient g^T relu(x a + b) (into gw, CO x CI per block); gy goes to gy_out
+  // (rows of CI), over which the last pass (bn::input_grad_from_sums, in place) writes grad_input.
   ASL_BRC_TARGET static void sums(const float* g, const float* x, int64_t M, const float* ab, const float* mean,
                                   const float* w, double* sums, float* gw, float* gy_out) {
     at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
@@ -151,25 +151,10 @@ struct Rows {
         const int64_t r0 = k * kRows, n = std::min(kRows, M - r0);
         activate<NVI>(x + r0 * CI, buf, n, ab, ab + CI);
         weight_grad<CO, NVI>(g + r0 * CO, buf, gw + k * CO * CI, n);
-        rows_times<CO, NVI>(g + r0 * CO, w, buf, n);
+        float* gy = gy_out + r0 * CI;  // read back by grad_sums while in cache
+        rows_times<CO, NVI>(g + r0 * CO, w, gy, n);
         std::fill(sums + k * 2 * CI, sums + (k + 1) * 2 * CI, 0.0);
-        bn::grad_sums(buf, x + r0 * CI, n, CI, ab, mean, sums + k * 2 * CI);
-        std::copy(buf, buf + n * CI, gy_out + r0 * CI);
-      }
-    });
-  }
-
-  // The second pass: grad_input (+ residual) over gx, which holds the first pass's gy (a block
-  // at a time through cache, so that input and output do not alias).
-  ASL_BRC_TARGET static void input_grad(const float* x, float* gx, int64_t M, const float* ab, const float* mean,
-                                        const float* kqr, const float* add) {
-    at::parallel_for(0, (M + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) float buf[kRows * CI];
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t r0 = k * kRows, n = std::min(kRows, M - r0);
-        std::copy(gx + r0 * CI, gx + (r0 + n) * CI, buf);
-        bn::input_grad_rows(buf, x + r0 * CI, gx + r0 * CI, n, CI, ab, mean, kqr,
-                            add == nullptr ? nullptr : add + r0 * CI);
+        bn::grad_sums(gy, x + r0 * CI, n, CI, ab, mean, sums + k * 2 * CI);
       }
     });
   }
@@ -278,18 +263,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_conv1
     auto [gx, gw, gb] = bn::backward(gpre, input, weight, bias, mean, invstd, residual);
     return {gx, gw, gb, gcw};
   }
-  at::Tensor gx = at::empty(input.sizes(), input.options().memory_format(format));
   at::Tensor gcw = at::empty(conv_weight.sizes(), conv_weight.options().memory_format(conv_weight.suggest_memory_format()));
-  at::Tensor gw, gb;
+  at::Tensor gx, gw, gb;
 #ifdef ASL_BRC_AVX512
   const int64_t M = input.numel() / CI, blocks = (M + kRows - 1) / kRows;
   const at::Tensor w = conv_weight.reshape({CO, CI}).contiguous(), mean_c = mean.contiguous();
   std::vector<double> partial(static_cast<size_t>(blocks * 2 * CI));
   std::vector<float> partial_w(static_cast<size_t>(blocks * CO * CI));
+  const at::Tensor gy = at::empty(input.sizes(), input.options().memory_format(format));  // the convolution's input gradient
   with_rows(CI, CO, [&](auto rows) {
     decltype(rows)::sums(grad.const_data_ptr<float>(), input.const_data_ptr<float>(), M, ab.const_data_ptr<float>(),
                          mean_c.const_data_ptr<float>(), w.const_data_ptr<float>(), partial.data(), partial_w.data(),
-                         gx.data_ptr<float>());
+                         gy.data_ptr<float>());
   });
   // the blocks' sums in block order, whatever thread computed them
   std::vector<double> sums(static_cast<size_t>(2 * CI), 0.0), wsum(static_cast<size_t>(CO * CI), 0.0);
@@ -299,13 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_conv1
   }
   float* gcwp = gcw.data_ptr<float>();  // (C_out, C_in, 1, 1): the same order in either memory format
   for (int64_t i = 0; i < CO * CI; ++i) gcwp[i] = static_cast<float>(wsum[i]);
-  at::Tensor kqr;
-  std::tie(kqr, gw, gb) = bn::grad_coefficients(input, weight, mean, invstd, sums);
-  with_rows(CI, CO, [&](auto rows) {
-    decltype(rows)::input_grad(input.const_data_ptr<float>(), gx.data_ptr<float>(), M, ab.const_data_ptr<float>(),
-                               mean_c.const_data_ptr<float>(), kqr.const_data_ptr<float>(),
-                               residual.defined() ? residual.const_data_ptr<float>() : nullptr);
-  });
+  // the last pass writes grad_input over gy, whose lines it has just read
+  std::tie(gx, gw, gb) = bn::input_grad_from_sums(gy, input, weight, bias, mean, invstd, sums, residual, true);
 #endif
   return {gx, gw, gb, gcw};
 }
